@@ -1,0 +1,184 @@
+"""The `proto4d` command: argument parsing and output only.
+
+Each subcommand reads what it needs (the config, the files under `root`) and prints;
+the daemon's behaviour lives in the modules the `run` command starts. Exit codes are
+part of the contract: 0 ok, 1 the operation failed, 2 usage, 78 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from proto4d import __version__
+from proto4d import config as configmod
+
+EX_OK = 0
+EX_FAILED = 1
+EX_USAGE = 2
+EX_CONFIG = configmod.EX_CONFIG
+
+
+class UsageError(Exception):
+    """A mistake on the command line, reported with exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="the YAML config (default: $PROTO4D_CONFIG, then ./proto4d.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="proto4d",
+        description="Keep one web app alive and update it without anyone noticing: proto4d owns the app's "
+                    "process, watches who is using it, and when an update is asked for it waits for a safe "
+                    "moment, prepares the new release beside the running one, switches over without dropping a "
+                    "request, verifies, and rolls back by itself when the new version is unhealthy.",
+        epilog="Exit codes: 0 ok, 1 the operation failed (e.g. the update was rolled back), 2 usage, "
+               "78 invalid configuration. Start with `proto4d demo` to see the whole story on a sample app.",
+    )
+    parser.add_argument("--version", action="version", version=f"proto4d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (what launchd/systemd start)",
+                       description="Run the daemon in the foreground: start the current release (building the "
+                                   "first one when there is none), sample activity, act on update requests. "
+                                   "SIGHUP reloads the config, SIGUSR1 requests an update to the branch head, "
+                                   "SIGTERM/SIGINT drain the app and exit 0.")
+    _add_config(p)
+
+    p = sub.add_parser("status", help="what the daemon, the app and the update are doing",
+                       description="Show the daemon's last status: app process and release, health, activity "
+                                   "verdict and the update in progress. Says so when the daemon is not running "
+                                   "or its status is stale.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (the status.json contract)")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+
+    p = sub.add_parser("activity", help="who is using the app now, and whether an update may start",
+                       description="Users (distinct client addresses) and their requests in the activity window, "
+                                   "the last request, the tunnel, CPU and memory, and the safety verdict with "
+                                   "its reasons and a recommendation.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("update", help="ask the daemon for an update (writes <root>/update.request)",
+                       description="Ask for an update. The daemon waits for a safe moment (see `activity`), "
+                                   "prepares the release beside the running one, switches with no dropped "
+                                   "request, verifies and rolls back by itself when the new version is not "
+                                   "healthy. Without --wait this returns once the daemon has accepted the "
+                                   "request.")
+    _add_config(p)
+    p.add_argument("--ref", help="a branch, tag or commit to deploy (default: the configured branch's head); "
+                                 "naming a ref also allows one whose history does not descend from what runs")
+    p.add_argument("--force", action="store_true", help="do not wait for a quiet moment (checks still run)")
+    p.add_argument("--reason", help="why, for the logs and the notice")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the update to its end; exit 0 only when the new release serves and is verified")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="with --wait: give up following after SECONDS (the update goes on; exit 1)")
+
+    p = sub.add_parser("rollback", help="switch back to the previous (or a named) release",
+                       description="Switch to the previous retained release (or RELEASE) with its own venv, "
+                                   "using the same zero-gap switch as an update.")
+    _add_config(p)
+    p.add_argument("release", nargs="?", help="release name (see `proto4d releases`); default: the previous one")
+    p.add_argument("--reason", help="why, for the logs")
+    p.add_argument("--wait", action="store_true", help="follow the rollback to its end")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+
+    p = sub.add_parser("releases", help="list retained releases",
+                       description="Retained releases (the backups): name, commit, age, outcome; the current "
+                                   "one is marked.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("check-config", help="validate the config and print the effective values",
+                       description="Validate the config file and print the effective configuration with all "
+                                   "defaults filled in. On an error, print one line naming the file, the key and "
+                                   "what was expected, and exit 78.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print the effective config as JSON instead of YAML")
+
+    p = sub.add_parser("install-service", help="render the launchd plist or systemd unit for this machine",
+                       description="Render the service file that runs `proto4d run` for this config, write it "
+                                   "where launchd or systemd looks, and print the commands that load it.")
+    _add_config(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--launchd", action="store_true", help="a LaunchAgent/LaunchDaemon plist (macOS)")
+    g.add_argument("--systemd", action="store_true", help="a systemd unit (Linux)")
+    p.add_argument("--print", action="store_true", dest="print_only", help="print the file instead of writing it")
+    p.add_argument("--output", metavar="FILE", help="write here instead of the default location")
+
+    sub.add_parser("demo", help="the whole story on a bundled sample app, no set-up",
+                   description="In a temporary directory: a local git origin with a sample app in three versions, "
+                               "the daemon running it, simulated users, an update that waits for quiet and then "
+                               "switches under load with no failed request, a broken version rolled back, and a "
+                               "timeline. Leaves nothing behind.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EX_USAGE
+    handler = _HANDLERS[args.command]
+    try:
+        return handler(args)
+    except configmod.ConfigError as e:
+        print(f"proto4d: invalid configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except UsageError as e:
+        print(f"proto4d {args.command}: {e}", file=sys.stderr)
+        return EX_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace) -> configmod.Config:
+    return configmod.load(args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    data = configmod.to_dict(cfg)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"# {cfg.source}: valid; effective configuration with defaults:")
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100), end="")
+    return EX_OK
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    # Heavy imports (asyncio daemon, httpx, git) only for the commands that need them.
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return getattr(importlib.import_module(module), name)(args)
+    return run
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check-config": cmd_check_config,
+    "run": _lazy("proto4d.supervisor", "cmd_run"),
+    "status": _lazy("proto4d.views", "cmd_status"),
+    "activity": _lazy("proto4d.views", "cmd_activity"),
+    "releases": _lazy("proto4d.views", "cmd_releases"),
+    "update": _lazy("proto4d.requests", "cmd_update"),
+    "rollback": _lazy("proto4d.requests", "cmd_rollback"),
+    "install-service": _lazy("proto4d.service", "cmd_install_service"),
+    "demo": _lazy("proto4d.demo", "cmd_demo"),
+}
