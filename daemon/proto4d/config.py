@@ -47,6 +47,15 @@ class ConfigError(Exception):
         super().__init__(msg)
 
 
+def _plain(value: Any) -> Any:
+    """Plain containers, so a list in a message reads like YAML data rather than Python classes."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _show(value: Any) -> str:
     if isinstance(value, str):
         text = repr(value)
@@ -55,9 +64,9 @@ def _show(value: Any) -> str:
     elif isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, dict):
-        text = "a mapping"
+        text = "a mapping" if value else "an empty mapping"
     elif isinstance(value, list):
-        text = "a list"
+        text = f"a list {_plain(value)!r}" if value else "an empty list"
     else:
         text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -117,11 +126,11 @@ class AppConfig:
 
     @property
     def uses_fd(self) -> bool:
-        return any("{fd}" in arg for arg in self.command)
+        return any("fd" in _placeholders(arg) for arg in self.command)
 
     @property
     def uses_port(self) -> bool:
-        return any("{port}" in arg for arg in self.command)
+        return any("port" in _placeholders(arg) for arg in self.command)
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -234,6 +243,8 @@ class _MarkedDict(dict):
 
 
 def _construct_mapping(loader: _MarkedLoader, node: yaml.MappingNode) -> _MarkedDict:
+    # Keys written twice were refused before construction (_check_duplicates, which names the dotted
+    # key); what repeats here comes from a `<<` merge, where the mapping's own key wins.
     loader.flatten_mapping(node)
     result = _MarkedDict()
     result.lines = {}
@@ -242,15 +253,70 @@ def _construct_mapping(loader: _MarkedLoader, node: yaml.MappingNode) -> _Marked
         if not isinstance(key, str):
             raise yaml.constructor.ConstructorError(
                 None, None, f"keys must be text, found {_show(key)}", key_node.start_mark)
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice", key_node.start_mark)
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
     return result
 
 
 _MarkedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _check_duplicates(root: yaml.Node, file: str) -> None:
+    """Refuse a key written twice in one mapping, naming its dotted key and both lines.
+
+    Walks the composed nodes once each (aliases share nodes: no exponential walk).
+    """
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, prefix = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = key_node.value
+                    line = key_node.start_mark.line + 1
+                    if key in first:
+                        raise ConfigError(file, f"{prefix}{key}",
+                                          f"appears twice (also on line {first[key]}); give each key once",
+                                          line=line, has_got=False)
+                    first[key] = line
+                    stack.append((value_node, f"{prefix}{key}."))
+                else:
+                    stack.append((value_node, prefix))
+        elif isinstance(node, yaml.SequenceNode):
+            base = prefix[:-1] if prefix.endswith(".") else prefix
+            for i, item in enumerate(node.value):
+                stack.append((item, f"{base}[{i}]."))
+
+
+def _load_yaml(text: str, file: str) -> Any:
+    loader = _MarkedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(node, file)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _line_at(text: str | bytes, offset: int) -> int:
+    return text[:offset].count("\n" if isinstance(text, str) else b"\n") + 1
+
+
+def _file_kind(p: Path) -> str:
+    import stat
+    mode = p.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def default_config_path() -> Path:
@@ -263,9 +329,16 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     p = Path(path).expanduser() if path is not None else default_config_path()
     name = str(p)
     if not p.exists():
+        if p.is_symlink():
+            raise ConfigError(name, "", f"expected a YAML file; this is a symbolic link to "
+                              f"{os.readlink(p)!r}, which leads nowhere (missing target or a loop)",
+                              has_got=False)
         raise ConfigError(name, "", "no such file (give --config FILE or set PROTO4D_CONFIG)", has_got=False)
     if p.is_dir():
         raise ConfigError(name, "", "expected a YAML file, this is a directory", has_got=False)
+    if not p.is_file():
+        # never open it: a FIFO with no writer would block the daemon (or a reload) forever
+        raise ConfigError(name, "", f"expected a regular YAML file, this is {_file_kind(p)}", has_got=False)
     try:
         with open(p, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
@@ -281,19 +354,31 @@ def parse(data: bytes | str, name: str = "<config>", base_dir: Path | None = Non
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(name, "", f"UTF-8 text (invalid byte at offset {e.start})", has_got=False) from None
+            raise ConfigError(name, "", f"expected UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start})", line=_line_at(data, e.start), has_got=False) from None
     else:
         text = data
     try:
-        doc = yaml.load(text, Loader=_MarkedLoader)  # noqa: S506 - a SafeLoader subclass
+        doc = _load_yaml(text, name)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
+        if line is None and isinstance(getattr(e, "position", None), int):  # ReaderError: a control character
+            line = _line_at(text, e.position)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(name, "", f"valid YAML ({problem})", line=line, has_got=False) from None
+        context = getattr(e, "context", None)
+        if context and problem.startswith("but "):  # "expected a single document ..., but found another"
+            problem = f"{context}, {problem}"
+        tab = "\\t" in problem or "\t" in problem
+        hint = "YAML indents with spaces, never tabs" if tab else ""
+        raise ConfigError(name, "", f"expected valid YAML ({problem})", line=line, has_got=False,
+                          hint=hint) from None
+    except RecursionError:
+        raise ConfigError(name, "", "expected YAML nested at most a few hundred levels deep", has_got=False) \
+            from None
     if doc is None:
-        raise ConfigError(name, "", "a YAML mapping with at least `root` and `app.repo`; the file is empty",
-                          has_got=False)
+        raise ConfigError(name, "", "expected a YAML mapping with at least `root` and `app.repo`; the file "
+                          "has no settings (it is empty or only comments)", has_got=False)
     if not isinstance(doc, dict):
         raise ConfigError(name, "", "a YAML mapping of keys at the top level", doc)
     return _Builder(name, base_dir or Path.cwd()).build(doc)
@@ -325,7 +410,8 @@ class _Builder:
     def section(self, doc: Mapping[str, Any], name: str, known: set[str], required: bool = False) -> dict:
         if name not in doc or doc[name] is None:
             if required:
-                self.fail(name, "a mapping (this section is required)")
+                self.fail(name, f"missing; expected a mapping with the {name} settings "
+                          "(this section is required)", section=doc)
             empty = _MarkedDict()
             empty.lines = {}
             return empty
@@ -343,7 +429,8 @@ class _Builder:
                     f"known keys here: {', '.join(sorted(known))}"
                 self.fail(f"{prefix}{key}", "not a known key", section=mapping, hint=hint)
 
-    def get(self, sec: Mapping[str, Any], prefix: str, key: str, default: Any, check: Callable[[str, Any], Any]):
+    def get(self, sec: Mapping[str, Any], prefix: str, key: str, default: Any,
+            check: Callable[[str, Any, Mapping], Any]):
         value = sec.get(key, default)
         if value is None and default is not None and key not in sec:
             value = default
@@ -391,13 +478,14 @@ class _Builder:
             self.fail(key, "true or false", value, sec)
         return value
 
-    def relpath(self, allow_empty: bool = True, what: str = "a relative path") -> Callable[[str, Any, Mapping], str]:
+    def relpath(self, allow_empty: bool = True, what: str = "a relative path",
+                inside: str = "the release") -> Callable[[str, Any, Mapping], str]:
         def check(key: str, value: Any, sec: Mapping) -> str:
             raw = self.text(allow_empty, what)(key, value, sec).strip()
             if raw.startswith(("/", "~")):
-                self.fail(key, f"{what} inside the release (not absolute)", raw, sec)
+                self.fail(key, f"{what} inside {inside} (not absolute)", raw, sec)
             if ".." in Path(raw).parts:
-                self.fail(key, f"{what} that stays inside the release (no '..')", raw, sec)
+                self.fail(key, f"{what} that stays inside {inside} (no '..')", raw, sec)
             value = os.path.normpath(raw) if raw else ""
             if value in ("", "."):
                 if not allow_empty:
@@ -464,10 +552,12 @@ class _Builder:
     # -- sections
 
     def build(self, doc: dict) -> Config:
-        top = {"root", "python", "app", "listen", "health", "activity", "safety", "schedule", "update", "notify"}
+        top = {"root", "python", "app", "listen", "health", "activity", "safety", "schedule", "update",
+               "notify"}
         self.unknown(doc, top, "")
         if "root" not in doc:
-            self.fail("root", "a directory where proto4d keeps its state (this key is required)")
+            self.fail("root", "missing; expected a directory where proto4d keeps its state "
+                      "(this key is required)")
         root_text = self.text(False, "a directory path")("root", doc["root"], doc)
         root = self.abspath(root_text)
         if root == Path("/"):
@@ -486,8 +576,8 @@ class _Builder:
         schedule = self.schedule(doc)
         update = self.update(doc)
         notify = self.notify(doc)
-        return Config(self.file, root, python, app, listen, health, activity, safety, schedule, update, notify,
-                      raw=doc)
+        return Config(self.file, root, python, app, listen, health, activity, safety, schedule, update,
+                      notify, raw=doc)
 
     def abspath(self, text: str) -> Path:
         p = Path(os.path.expanduser(text))
@@ -513,7 +603,8 @@ class _Builder:
         sec = self.section(doc, "app", known, required=True)
         p = "app."
         if "repo" not in sec:
-            self.fail("app.repo", "a git URL or a local path to the app's repository (this key is required)")
+            self.fail("app.repo", "missing; expected a git URL or a local path to the app's repository "
+                      "(this key is required)")
         repo = self.text(False, "a git URL or a local path")("app.repo", sec["repo"], sec).strip()
         if not _is_remote_url(repo):
             repo = str(self.abspath(repo))
@@ -569,16 +660,23 @@ class _Builder:
                 self.fail(f"{key}[{i}]", "a text argument", arg, sec)
             arg = str(arg)
             try:
-                fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
+                parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(arg)
+                          if f is not None]
             except ValueError as e:
                 self.fail(f"{key}[{i}]", f"an argument with well-formed placeholders ({e}; write {{{{ for a "
                           "literal brace)", arg, sec)
-            for f in fields:
+            for f, spec, conv in parsed:
                 if f not in PLACEHOLDERS:
+                    close = difflib.get_close_matches(f, sorted(PLACEHOLDERS), n=1)
                     self.fail(f"{key}[{i}]", "placeholders among {" + "}, {".join(sorted(PLACEHOLDERS)) + "}",
-                              arg, sec)
+                              arg, sec, hint="did you mean {" + close[0] + "}?" if close else "")
+                if spec or conv:
+                    self.fail(f"{key}[{i}]", "plain placeholders like {" + f + "} "
+                              "(no !conversion or :format)", arg, sec)
             out.append(arg)
-        if sum("{fd}" in a for a in out) > 1:
+        if not out[0].strip():
+            self.fail(f"{key}[0]", "a program to run (not empty)", value[0], sec)
+        if sum(_placeholders(a).count("fd") for a in out) > 1:
             self.fail(key, "at most one {fd} placeholder", value, sec)
         return tuple(out)
 
@@ -590,7 +688,7 @@ class _Builder:
         out = []
         for name, v in value.items():
             if not _ENV_NAME_RE.match(name):
-                self.fail(f"app.env.{name}", "an environment variable name (letters, digits, _)", name, sec)
+                self.fail(f"app.env.{name}", "an environment variable name (letters, digits, _)", name, value)
             if isinstance(v, bool):
                 v = "true" if v else "false"
             if not isinstance(v, str | int | float):
@@ -607,13 +705,15 @@ class _Builder:
             self.fail("app.shared", "a list of paths relative to the app (kept across releases)", value, sec)
         out = []
         for i, item in enumerate(value):
-            out.append(self.relpath(False, "a path relative to the app")(f"app.shared[{i}]", item, {}))
+            out.append(self.relpath(False, "a path relative to the app")(f"app.shared[{i}]", item, sec))
         if len(set(out)) != len(out):
-            self.fail("app.shared", "paths without duplicates", value, sec)
+            twice = next(a for i, a in enumerate(out) if a in out[:i])
+            self.fail("app.shared", f"paths without duplicates ({twice!r} is listed twice)", value, sec)
         for a in out:
             for b in out:
                 if a != b and (b + "/").startswith(a + "/"):
-                    self.fail("app.shared", f"paths that do not contain each other ({a!r} holds {b!r})", value, sec)
+                    self.fail("app.shared", f"paths that do not contain each other ({a!r} holds {b!r})",
+                              value, sec)
         return tuple(out)
 
     def listen(self, doc: dict) -> ListenConfig:
@@ -623,7 +723,8 @@ class _Builder:
             try:
                 ipaddress.ip_address(host)
             except ValueError:
-                self.fail("listen.host", "an IP address such as 0.0.0.0 or 127.0.0.1 (or localhost)", host, sec)
+                self.fail("listen.host", "an IP address such as 0.0.0.0 or 127.0.0.1 (or localhost)",
+                          host, sec)
         else:
             host = "127.0.0.1"
         port = self.get(sec, "listen.", "port", 8000, self.number(1, 65535, integer=True))
@@ -631,7 +732,8 @@ class _Builder:
         return ListenConfig(host, port, backlog)
 
     def health(self, doc: dict) -> HealthConfig:
-        sec = self.section(doc, "health", {"checks", "external_url", "start_timeout_s", "timeout_s", "interval_s"})
+        sec = self.section(doc, "health", {"checks", "external_url", "start_timeout_s", "timeout_s",
+                                           "interval_s"})
         raw = sec.get("checks", None)
         checks: list[Check] = []
         if raw is None:
@@ -654,14 +756,16 @@ class _Builder:
                     status = [status]
                 if not isinstance(status, list) or not status or any(
                         isinstance(s, bool) or not isinstance(s, int) or not 100 <= s <= 599 for s in status):
-                    self.fail(f"{key}.status", "a list of HTTP status codes (100-599)", item.get("status"), item)
+                    self.fail(f"{key}.status", "a list of HTTP status codes (100-599)", item.get("status"),
+                              item)
                 checks.append(Check(path, tuple(status)))
         return HealthConfig(
             checks=tuple(checks),
             external_url=self.get(sec, "health.", "external_url", "", self.url()),
             start_timeout_s=self.get(sec, "health.", "start_timeout_s", 60,
                                      self.number(0, 3600, strict_min=True, unit="seconds")),
-            timeout_s=self.get(sec, "health.", "timeout_s", 5, self.number(0, 300, strict_min=True, unit="seconds")),
+            timeout_s=self.get(sec, "health.", "timeout_s", 5,
+                               self.number(0, 300, strict_min=True, unit="seconds")),
             interval_s=self.get(sec, "health.", "interval_s", 10,
                                 self.number(0, 3600, strict_min=True, unit="seconds")),
         )
@@ -678,7 +782,8 @@ class _Builder:
         ignore = sec.get("ignore_paths", ["/health"])
         if ignore is None:
             ignore = []
-        if not isinstance(ignore, list) or any(not isinstance(x, str) or not x.startswith("/") for x in ignore):
+        if not isinstance(ignore, list) or any(not isinstance(x, str) or not x.startswith("/")
+                                               for x in ignore):
             self.fail("activity.ignore_paths", "a list of URL paths starting with /", ignore, sec)
         return ActivityConfig(
             interval_s=interval, window_s=window, ignore_paths=tuple(ignore),
@@ -690,7 +795,8 @@ class _Builder:
     def safety(self, doc: dict) -> SafetyConfig:
         sec = self.section(doc, "safety", {"yellow_max_users", "quiet_for_s", "red_rpm"})
         return SafetyConfig(
-            yellow_max_users=self.get(sec, "safety.", "yellow_max_users", 2, self.number(0, 10000, integer=True)),
+            yellow_max_users=self.get(sec, "safety.", "yellow_max_users", 2,
+                                      self.number(0, 10000, integer=True)),
             quiet_for_s=self.get(sec, "safety.", "quiet_for_s", 120, self.number(0, 86400, unit="seconds")),
             red_rpm=self.get(sec, "safety.", "red_rpm", 60, self.number(0, 1e9, unit="requests per minute")),
         )
@@ -715,15 +821,15 @@ class _Builder:
         )
 
     def update(self, doc: dict) -> UpdateConfig:
-        sec = self.section(doc, "update", {"notice_grace_s", "drain_timeout_s", "watch_s", "keep_days", "keep_min",
-                                           "max_5xx_ratio", "min_free_mb", "installer", "canary"})
+        sec = self.section(doc, "update", {"notice_grace_s", "drain_timeout_s", "watch_s", "keep_days",
+                                           "keep_min", "max_5xx_ratio", "min_free_mb", "installer", "canary"})
         p = "update."
         installer = self.get(sec, p, "installer", "auto", self.text(False))
         if installer not in ("auto", "uv", "pip"):
             self.fail("update.installer", "one of auto, uv, pip", installer, sec)
         if installer == "uv" and not find_uv():
-            self.fail("update.installer", "an installer that exists here: uv was not found (pip install uv, or "
-                      "use auto)", installer, sec)
+            self.fail("update.installer", "an installer that exists here: uv was not found "
+                      "(pip install uv, or use auto)", installer, sec)
         return UpdateConfig(
             notice_grace_s=self.get(sec, p, "notice_grace_s", 300, self.number(0, 86400, unit="seconds")),
             drain_timeout_s=self.get(sec, p, "drain_timeout_s", 60,
@@ -732,14 +838,16 @@ class _Builder:
             keep_days=self.get(sec, p, "keep_days", 7, self.number(0, 3650, unit="days")),
             keep_min=self.get(sec, p, "keep_min", 3, self.number(1, 1000, integer=True)),
             max_5xx_ratio=self.get(sec, p, "max_5xx_ratio", 0.2, self.number(0, 1)),
-            min_free_mb=self.get(sec, p, "min_free_mb", 200, self.number(0, 1 << 30, integer=True, unit="MB")),
+            min_free_mb=self.get(sec, p, "min_free_mb", 200,
+                                 self.number(0, 1 << 30, integer=True, unit="MB")),
             installer=installer,
             canary=self.get(sec, p, "canary", True, self.boolean),
         )
 
     def notify(self, doc: dict) -> NotifyConfig:
         sec = self.section(doc, "notify", {"notice_file", "webhook_url", "webhook_timeout_s"})
-        notice = self.get(sec, "notify.", "notice_file", "notice.json", self.relpath(False, "a file path"))
+        notice = self.get(sec, "notify.", "notice_file", "notice.json",
+                          self.relpath(False, "a file path", inside="root"))
         return NotifyConfig(
             notice_file=notice,
             webhook_url=self.get(sec, "notify.", "webhook_url", "", self.url()),
@@ -761,6 +869,14 @@ def _valid_ref_name(name: str) -> bool:
     return bool(name) and not (
         name.startswith(("-", "/")) or name.endswith(("/", ".", ".lock")) or ".." in name or "//" in name
         or "@{" in name or any(c in name for c in " ~^:?*[\\\x7f") or any(ord(c) < 32 for c in name))
+
+
+def _placeholders(arg: str) -> list[str]:
+    """The placeholder names in one command argument ("{{" and "}}" are literal braces)."""
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
+    except ValueError:
+        return []
 
 
 def find_uv() -> str | None:
