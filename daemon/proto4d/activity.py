@@ -1,0 +1,199 @@
+"""Activity sampling: who is using the app right now, and what it costs.
+
+Fed line by line with the app's output (access-log lines become requests in a sliding
+window) and sampled every `activity.interval_s`: established connections on the port held
+by the app's process tree, whether the tunnel process runs, CPU and RSS of the tree. The
+decisions made from a sample live in policy.py; this module only measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from proto4d import accesslog, fsutil, policy
+from proto4d.config import ActivityConfig, SafetyConfig
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+class Sampler:
+    def __init__(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str,
+                 probe_ports: Any) -> None:
+        self.cfg = cfg
+        self.safety = safety
+        self.port = port
+        self.custom = re.compile(custom_regex) if custom_regex else None
+        self.probe_ports = probe_ports  # callable -> set of local ports the daemon's probes used
+        self.window = accesslog.RequestWindow(cfg.window_s, cfg.ignore_paths)
+        self._procs: dict[int, psutil.Process] = {}
+        self._tunnel: psutil.Process | None = None
+        self.last: dict[str, Any] = {}
+        self.last_verdict: policy.Verdict | None = None
+
+    def reconfigure(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str) -> None:
+        self.cfg, self.safety, self.port = cfg, safety, port
+        self.custom = re.compile(custom_regex) if custom_regex else None
+        self.window.reconfigure(cfg.window_s, cfg.ignore_paths)
+
+    # -- access log
+
+    def feed(self, line: str, now: float | None = None) -> accesslog.Request | None:
+        req = accesslog.parse_line(line, self.custom)
+        if req is None:
+            return None
+        if accesslog.is_probe(req, self.probe_ports()):
+            return None
+        self.window.add(now if now is not None else time.time(), req)
+        return req
+
+    def errors_since(self, since: float) -> tuple[int, int]:
+        return self.window.errors_since(since)
+
+    # -- processes
+
+    def _tree(self, roots: Iterable[int]) -> list[psutil.Process]:
+        procs: list[psutil.Process] = []
+        seen: set[int] = set()
+        for pid in roots:
+            try:
+                root = self._cached(pid)
+                members = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in members:
+                if p.pid not in seen:
+                    seen.add(p.pid)
+                    procs.append(self._cached(p.pid, p))
+        for pid in list(self._procs):
+            if pid not in seen:
+                del self._procs[pid]
+        return procs
+
+    def _cached(self, pid: int, proc: psutil.Process | None = None) -> psutil.Process:
+        # cpu_percent() measures since the previous call on the same Process object: keep them.
+        p = self._procs.get(pid)
+        if p is None or not p.is_running():
+            p = proc or psutil.Process(pid)
+            self._procs[pid] = p
+        return p
+
+    def _resources(self, procs: list[psutil.Process]) -> tuple[int, float, int]:
+        conns: set[tuple] = set()
+        cpu = 0.0
+        rss = 0
+        for p in procs:
+            try:
+                with p.oneshot():
+                    cpu += p.cpu_percent(None)
+                    rss += p.memory_info().rss
+                for c in p.net_connections(kind="tcp"):
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port and c.raddr:
+                        conns.add((c.laddr, c.raddr))
+            except psutil.Error:
+                continue
+        return len(conns), cpu, rss
+
+    def _tunnel_running(self) -> bool | None:
+        name = self.cfg.tunnel_process
+        if not name:
+            return None
+        if self._tunnel is not None:
+            with contextlib.suppress(psutil.Error):
+                if self._tunnel.is_running() and self._tunnel.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            self._tunnel = None
+        # psutil restores names Linux truncates to 15 characters, so an exact match is enough.
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] == name:
+                self._tunnel = p
+                return True
+        return False
+
+    # -- the sample
+
+    def sample(self, app_pids: Iterable[int], app_up: bool, now: float | None = None) -> dict[str, Any]:
+        now = now if now is not None else time.time()
+        procs = self._tree(app_pids)
+        connections, cpu, rss = self._resources(procs)
+        stats = self.window.stats(now)
+        tunnel = self._tunnel_running()
+        snap = policy.Snapshot(users=stats.users, requests_window=stats.requests, rpm=stats.rpm,
+                               connections=connections, last_request=stats.last_request, tunnel=tunnel,
+                               app_up=app_up, window_s=self.cfg.window_s,
+                               tunnel_process=self.cfg.tunnel_process)
+        verdict = policy.verdict(snap, self.safety)
+        self.last_verdict = verdict
+        clients = list(stats.clients.items())[:50]  # already busiest first
+        self.last = {
+            "verdict": verdict.color,
+            "reasons": list(verdict.reasons),
+            "users": stats.users,
+            "requests_window": stats.requests,
+            "rpm": round(stats.rpm, 1),
+            "connections": connections,
+            "last_request": iso(stats.last_request),
+            "tunnel": tunnel,
+            "cpu_percent": round(cpu, 1),
+            "rss_bytes": rss,
+            "processes": len(procs),
+            "window_s": self.cfg.window_s,
+            "clients": [{"address": a, "requests": n} for a, n in clients],
+            "errors_5xx": stats.errors_5xx,
+            "sampled_at": iso(now),
+        }
+        return self.last
+
+
+class History:
+    """`state/activity.jsonl`: one line per sample, kept under `history_max_bytes` by dropping the
+    oldest half when it grows past the limit (rewritten via a temp file)."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+
+    def append(self, sample: dict[str, Any]) -> None:
+        row = {k: sample.get(k) for k in ("sampled_at", "verdict", "users", "requests_window", "rpm", "connections",
+                                          "tunnel", "cpu_percent", "rss_bytes")}
+        line = json.dumps(row, separators=(",", ":")) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            size = f.tell()
+        if size > self.max_bytes:
+            self._trim()
+
+    def _trim(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        keep = data[len(data) - self.max_bytes // 2:]
+        nl = keep.find(b"\n")
+        fsutil.atomic_write(self.path, keep[nl + 1:] if nl >= 0 else b"", durable=False)
+
+    def tail(self, n: int) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 400 * n))
+                lines = f.read().splitlines()[-n:]
+        except OSError:
+            return []
+        out = []
+        for raw in lines:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(raw))
+        return out

@@ -1,0 +1,226 @@
+"""One app process: spawn, output capture, readiness by log line, drain, and the restart backoff.
+
+The process runs in its own process group (so a stop reaches uvicorn's workers and
+anything the app spawned), with stdout and stderr merged into one pipe the daemon reads
+line by line: each line goes to `logs/app.log` and to whoever listens (the access-log
+parser, the readiness watcher, the drain-shim announcement).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from proto4d.procs import PidRegistry, kill_group
+
+LineHandler = Callable[[str, "AppProcess"], None]
+
+
+class RotatingLog:
+    """Append-only text log rotated by size (app.log, app.log.1, ...), flushed per batch."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - long-lived handle
+        self._size = self._f.tell()
+
+    def write(self, text: str) -> None:
+        self._f.write(text)
+        self._size += len(text)
+        if self._size >= self.max_bytes:
+            self._rotate()
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._f.flush()
+
+    def _rotate(self) -> None:
+        self._f.close()
+        if self.backups > 0:
+            for i in range(self.backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+        self._size = 0
+
+    def reconfigure(self, max_bytes: int, backups: int) -> None:
+        self.max_bytes, self.backups = max_bytes, backups
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._f.close()
+
+
+@dataclass
+class Backoff:
+    """Restart policy after a crash: 1 s doubling to 60 s; a stable run resets it; too many
+    fast failures in a row are fatal (supervisord's FATAL: stop trying, say so in status)."""
+
+    stable_s: float = 60.0
+    max_fast_failures: int = 5
+    initial_s: float = 1.0
+    maximum_s: float = 60.0
+    failures: int = 0
+
+    def on_exit(self, ran_for: float) -> tuple[str, float]:
+        if ran_for >= self.stable_s:
+            self.failures = 0
+        self.failures += 1
+        if ran_for < self.stable_s and self.failures >= self.max_fast_failures:
+            return "fatal", 0.0
+        return "restart", min(self.initial_s * 2 ** (self.failures - 1), self.maximum_s)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class AppProcess:
+    """A running (or finished) app process of one release."""
+
+    def __init__(self, *, release: str, role: str, argv: Sequence[str], cwd: Path, env: dict[str, str],
+                 pass_fds: Sequence[int], on_line: LineHandler, registry: PidRegistry | None,
+                 ready_pattern: str) -> None:
+        self.release = release
+        self.role = role
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.env = env
+        self.pass_fds = tuple(pass_fds)
+        self.on_line = on_line
+        self.registry = registry
+        self.ready_re = re.compile(ready_pattern)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pid = 0
+        self.started_at = 0.0  # wall clock
+        self.started_mono = 0.0
+        self.ready_at: float | None = None
+        self.ready_line = asyncio.Event()
+        self.exited = asyncio.Event()
+        self.returncode: int | None = None
+        self.stop_requested = False
+        self.drain_note = ""
+        self.tail: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=self.pass_fds,
+            start_new_session=True, limit=1 << 20)
+        self.pid = self.proc.pid
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        if self.registry is not None:
+            self.registry.add(self.pid, self.role, release=self.release)
+        self._reader = asyncio.create_task(self._read(), name=f"read-{self.pid}")
+        self._waiter = asyncio.create_task(self._wait(), name=f"wait-{self.pid}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.exited.is_set()
+
+    @property
+    def ran_for(self) -> float:
+        return time.monotonic() - self.started_mono if self.started_mono else 0.0
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        stream = self.proc.stdout
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the limit: take what there is
+                raw = await stream.read(1 << 20)
+            except (asyncio.CancelledError, ConnectionError):
+                return
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.tail.append(line)
+            if len(self.tail) > 40:
+                del self.tail[:-20]
+            if not self.ready_line.is_set() and self.ready_re.search(line):
+                self.ready_at = time.monotonic()
+                self.ready_line.set()
+            if line.startswith("proto4d-drain:"):
+                self.drain_note = line.split(":", 1)[1].strip()
+            self.on_line(line, self)
+
+    async def _wait(self) -> None:
+        assert self.proc is not None
+        rc = await self.proc.wait()
+        if self._reader is not None:
+            # The pipe can stay open if the app left a grandchild holding it; do not wait forever.
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 2)
+        self.returncode = rc
+        # Whatever the app forked must not outlive it (a crashed master leaves workers behind).
+        kill_group(self.pid, signal.SIGKILL)
+        if self.registry is not None:
+            self.registry.remove(self.pid)
+        self.exited.set()
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.exited.wait(), timeout)
+        return self.returncode
+
+    async def wait_ready_line(self, timeout: float) -> bool:
+        """True once the ready line is seen; False on exit or timeout."""
+        ready = asyncio.create_task(self.ready_line.wait())
+        died = asyncio.create_task(self.exited.wait())
+        try:
+            await asyncio.wait({ready, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            died.cancel()
+        return self.ready_line.is_set() and not self.exited.is_set()
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    async def stop(self, timeout: float) -> int | None:
+        """SIGTERM, let in-flight requests finish for up to `timeout`, then SIGKILL the group."""
+        self.stop_requested = True
+        if not self.alive:
+            return self.returncode
+        self.signal(signal.SIGTERM)
+        if await self.wait(timeout) is None and not self.exited.is_set():
+            kill_group(self.pid, signal.SIGKILL)
+            await self.wait(10)
+        return self.returncode
+
+    def kill(self) -> None:
+        self.stop_requested = True
+        kill_group(self.pid, signal.SIGKILL)
+
+    def exit_description(self) -> str:
+        rc = self.returncode
+        if rc is None:
+            return "running"
+        if rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exited with code {rc}"
+
+    def last_lines(self, n: int = 5) -> str:
+        return " | ".join(line.strip() for line in self.tail[-n:] if line.strip())[-800:]

@@ -1,0 +1,553 @@
+"""Releases on disk: the git mirror, exported trees, venvs, shared links, the `current` switch.
+
+Capistrano's layout: every release is a complete tree under `releases/`, built in a temp
+dir and renamed into place, so a release dir that exists is a release that is whole;
+`current` is a symlink moved by an atomic rename, so rollback is a rename too. Venvs are
+content-addressed by (requirements, python) under `venvs/` and shared by the releases that
+need the same one. Everything here is blocking; the daemon calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+from proto4d import fsutil
+from proto4d.config import Config, find_uv
+from proto4d.paths import Paths
+from proto4d.procs import Cancel, CommandFailed, PidRegistry
+from proto4d.procs import run as run_cmd
+
+RELEASE_PREFIX = "proto4"
+RELEASE_RE = re.compile(rf"^{RELEASE_PREFIX}_(\d{{8}})_(\d{{6}})_([0-9a-f]{{7}})(?:_(\d+))?$")
+VENV_FORMAT = "1"  # bump to force new venvs when the way they are built changes
+Progress = Callable[[str], None]
+
+
+class ReleaseError(Exception):
+    """A step of preparing a release failed; the message is for the operator."""
+
+
+# --------------------------------------------------------------------------- git
+
+
+class Mirror:
+    """A bare clone of `app.repo` under `state/repo.git`, fetched before every update.
+
+    Branches land in refs/remotes/origin/* (pruned), tags in refs/tags/*; each release's
+    commit is pinned under refs/proto4d/ so a force-push upstream never loses what runs.
+    """
+
+    def __init__(self, path: Path, url: str) -> None:
+        self.path = path
+        self.url = url
+        self._repo: git.Repo | None = None
+
+    @property
+    def repo(self) -> git.Repo:
+        if self._repo is None:
+            if not (self.path / "HEAD").exists():
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                fsutil.remove_tree(tmp)
+                git.Repo.init(tmp, bare=True)
+                os.replace(tmp, self.path)
+            self._repo = git.Repo(self.path)
+            self._clear_stale_locks()
+        return self._repo
+
+    def _clear_stale_locks(self) -> None:
+        # A daemon killed mid-fetch leaves *.lock files that would fail every later fetch; only
+        # this daemon (which holds state/daemon.lock) ever touches the mirror, so they are stale.
+        for lock in list(self.path.glob("*.lock")) + list((self.path / "refs").rglob("*.lock")):
+            with contextlib.suppress(OSError):
+                lock.unlink()
+
+    def fetch(self, cancel: Cancel | None = None, timeout: float = 600) -> None:
+        repo = self.repo
+        with repo.config_writer() as cw:
+            cw.set_value('remote "origin"', "url", self.url)
+        try:
+            repo.git.fetch("--prune", "--force", "--no-write-fetch-head", "origin",
+                           "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
+                           kill_after_timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
+        except git.GitCommandError as e:
+            detail = (e.stderr or str(e)).strip().splitlines()
+            tail = detail[-1] if detail else str(e)
+            raise ReleaseError(f"cannot fetch {self.url}: {tail.strip()}") from None
+        if cancel is not None:
+            cancel.check()
+
+    def resolve(self, ref: str) -> str | None:
+        """A branch, tag or (abbreviated) commit -> full commit sha, or None."""
+        if not ref or ref.startswith("-") or any(c.isspace() for c in ref):
+            return None
+        for cand in (f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref):
+            try:
+                return self.repo.git.rev_parse("--verify", "--quiet", "--end-of-options",
+                                               f"{cand}^{{commit}}").strip()
+            except git.GitCommandError:
+                continue
+        return None
+
+    def branch_head(self, branch: str) -> str | None:
+        try:
+            return self.repo.git.rev_parse("--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}").strip()
+        except git.GitCommandError:
+            return None
+
+    def has_commit(self, sha: str) -> bool:
+        try:
+            self.repo.git.cat_file("-e", f"{sha}^{{commit}}")
+            return True
+        except git.GitCommandError:
+            return False
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        try:
+            self.repo.git.merge_base("--is-ancestor", ancestor, descendant)
+            return True
+        except git.GitCommandError:
+            return False
+
+    def log_between(self, old: str | None, new: str, limit: int = 50) -> list[str]:
+        spec = f"{old}..{new}" if old and self.has_commit(old) else new
+        try:
+            out = self.repo.git.log("--format=%h %s (%an, %ad)", "--date=short", f"-{limit}", spec)
+        except git.GitCommandError:
+            return []
+        return [line for line in out.splitlines() if line.strip()]
+
+    def subject(self, sha: str) -> str:
+        try:
+            return self.repo.git.log("-1", "--format=%s", sha).strip()
+        except git.GitCommandError:
+            return ""
+
+    def pin(self, name: str, sha: str) -> None:
+        with contextlib.suppress(git.GitCommandError):
+            self.repo.git.update_ref(f"refs/proto4d/releases/{name}", sha)
+
+    def unpin(self, name: str) -> None:
+        with contextlib.suppress(git.GitCommandError):
+            self.repo.git.update_ref("-d", f"refs/proto4d/releases/{name}")
+
+    def export(self, sha: str, subdir: str, dest: Path, cancel: Cancel | None = None) -> None:
+        """Write the tree of `subdir` at `sha` into the (new, empty) directory `dest`."""
+        treeish = f"{sha}:{subdir}" if subdir else f"{sha}^{{tree}}"
+        try:
+            kind = self.repo.git.cat_file("-t", treeish).strip()
+        except git.GitCommandError:
+            raise ReleaseError(f"app.subdir {subdir!r} does not exist at commit {sha[:7]}") from None
+        if kind != "tree":
+            raise ReleaseError(f"app.subdir {subdir!r} is a file at commit {sha[:7]}, not a directory")
+        proc = self.repo.git.archive("--format=tar", treeish, as_process=True)
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                for member in tar:
+                    if cancel is not None:
+                        cancel.check()
+                    tar.extract(member, dest, filter="data")
+        except tarfile.TarError as e:
+            raise ReleaseError(f"cannot unpack commit {sha[:7]}: {e}") from None
+        except OSError as e:
+            raise ReleaseError(f"cannot write the release tree into {dest}: {e.strerror or e}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                proc.proc.kill() if proc.proc.poll() is None else None
+                proc.wait()
+
+
+# --------------------------------------------------------------------------- venvs
+
+
+def python_identity(python: str) -> tuple[str, str]:
+    """(real path, version) of an interpreter: half of a venv's key."""
+    exe = shutil.which(python) or python
+    try:
+        out = subprocess.run([exe, "-c", "import sys; print(sys.executable); print(sys.version.split()[0])"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ReleaseError(f"python: cannot run {python!r}: {e}") from None
+    return os.path.realpath(out[0].strip() or exe), out[1].strip()
+
+
+def venv_key(requirements: bytes, python_real: str, python_version: str) -> str:
+    h = hashlib.sha256()
+    for part in (VENV_FORMAT.encode(), python_real.encode(), python_version.encode(), requirements):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+@dataclass
+class VenvResult:
+    key: str
+    path: Path
+    reused: bool
+    installer: str
+    seconds: float
+
+
+def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, installer: str, *,
+                progress: Progress, cancel: Cancel | None = None, registry: PidRegistry | None = None) -> VenvResult:
+    """Return the venv for (requirements, python), building it in a temp dir if it is new."""
+    started = time.monotonic()
+    req = requirements_file.read_bytes() if requirements_file is not None else b""
+    real, version = python_identity(python)
+    key = venv_key(req, real, version)
+    final = paths.venvs / key
+    if (final / "venv.json").exists():
+        progress(f"venv {key} reused (same requirements and Python {version})")
+        return VenvResult(key, final, True, "reused", time.monotonic() - started)
+    uv = find_uv() if installer in ("auto", "uv") else None
+    tool = "uv" if uv else "pip"
+    tmp = paths.venvs / f".build-{key}-{os.getpid()}"
+    fsutil.remove_tree(tmp)
+    progress(f"venv {key}: building with {tool} (Python {version}) ...")
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "UV_PYTHON_DOWNLOADS": "never",
+           "VIRTUAL_ENV": str(tmp)}
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONHOME", None)
+
+    def out(line: str) -> None:
+        if line.strip():
+            progress("  | " + line)
+
+    try:
+        if uv:
+            run_cmd([uv, "venv", "--quiet", "--python", real, str(tmp)], cancel=cancel, env=env, on_line=out,
+                    registry=registry, kind="build")
+            if req.strip():
+                run_cmd([uv, "pip", "install", "--python", str(venv_python(tmp)), "-r", str(requirements_file)],
+                        cancel=cancel, env=env, on_line=out, registry=registry, kind="build")
+        else:
+            run_cmd([real, "-m", "venv", str(tmp)], cancel=cancel, env=env, on_line=out, registry=registry,
+                    kind="build")
+            if req.strip():
+                run_cmd([str(venv_python(tmp)), "-m", "pip", "install", "--no-input", "-r", str(requirements_file)],
+                        cancel=cancel, env=env, on_line=out, registry=registry, kind="build")
+        _fix_scripts(tmp, final)
+        info = {"key": key, "python": real, "python_version": version, "installer": tool,
+                "created_at": time.time(), "requirements_sha256": hashlib.sha256(req).hexdigest()}
+        fsutil.atomic_write_json(tmp / "venv.json", info)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if (final / "venv.json").exists():  # another builder won the race: same content, use theirs
+                fsutil.remove_tree(tmp)
+            else:
+                raise
+    except CommandFailed as e:
+        fsutil.remove_tree(tmp)
+        raise ReleaseError(f"installing {requirements_file.name if requirements_file else 'the venv'} failed "
+                           f"({tool}): {_last_error(e.tail)}") from None
+    except BaseException:
+        fsutil.remove_tree(tmp)
+        raise
+    seconds = time.monotonic() - started
+    progress(f"venv {key} built in {seconds:.1f} s")
+    return VenvResult(key, final, False, tool, seconds)
+
+
+def _last_error(tail: str) -> str:
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "not find" in ln.lower() or "no matching" in ln.lower()]
+    pick = errors[-2:] if errors else lines[-2:]
+    return " / ".join(pick)[-600:]
+
+
+def _fix_scripts(tmp: Path, final: Path) -> None:
+    # Console scripts carry their venv's absolute path in the shebang; built in a temp dir and
+    # renamed, they would point at the temp dir. Rewrite them so `bin/pip` etc. keep working.
+    old, new = str(tmp).encode(), str(final).encode()
+    for script in (tmp / "bin").iterdir():
+        if script.is_symlink() or not script.is_file():
+            continue
+        try:
+            data = script.read_bytes()
+        except OSError:
+            continue
+        if old in data[:4096]:
+            mode = script.stat().st_mode
+            script.write_bytes(data.replace(old, new))
+            os.chmod(script, mode)
+    cfg = tmp / "pyvenv.cfg"
+    if cfg.exists():
+        cfg.write_bytes(cfg.read_bytes().replace(old, new))
+
+
+def check_installed(venv: Path, requirements_file: Path | None) -> list[str]:
+    """Names from the requirements file that the venv does not have (the preflight's last look)."""
+    if requirements_file is None:
+        return []
+    names = requirement_names(requirements_file.read_text(errors="replace"))
+    if not names:
+        return []
+    script = ("import sys, importlib.metadata as m\n"
+              "for n in sys.argv[1:]:\n"
+              "    try: m.distribution(n)\n"
+              "    except m.PackageNotFoundError: print(n)\n")
+    try:
+        out = subprocess.run([str(venv_python(venv)), "-c", script, *names], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return [f"(cannot run the venv's python: {e})"]
+    return [n for n in out.split() if n]
+
+
+def requirement_names(text: str) -> list[str]:
+    names = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+        if m and "://" not in line:
+            names.append(m.group(1))
+    return names
+
+
+# --------------------------------------------------------------------------- releases
+
+
+@dataclass
+class Release:
+    name: str
+    path: Path
+    info: dict
+
+    @property
+    def commit(self) -> str:
+        return str(self.info.get("commit", ""))
+
+    @property
+    def venv(self) -> str:
+        return str(self.info.get("venv", ""))
+
+    @property
+    def created_at(self) -> float:
+        return float(self.info.get("created_at") or 0)
+
+    @property
+    def outcome(self) -> str:
+        return str(self.info.get("outcome", "unknown"))
+
+
+def read_release(paths: Paths, name: str) -> Release | None:
+    path = paths.release(name)
+    info = fsutil.read_json(path / "release.json")
+    if not isinstance(info, dict):
+        return None
+    return Release(name, path, info)
+
+
+def list_releases(paths: Paths) -> list[Release]:
+    """Complete releases, newest first (temp dirs of an interrupted build are not releases)."""
+    out = []
+    if not paths.releases.is_dir():
+        return out
+    for entry in paths.releases.iterdir():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        rel = read_release(paths, entry.name)
+        if rel is not None:
+            out.append(rel)
+    out.sort(key=lambda r: (r.created_at, r.name), reverse=True)
+    return out
+
+
+def set_outcome(paths: Paths, name: str, outcome: str, **extra: object) -> None:
+    rel = read_release(paths, name)
+    if rel is None:
+        return
+    rel.info["outcome"] = outcome
+    rel.info.setdefault("history", []).append({"at": time.time(), "outcome": outcome, **extra})
+    rel.info["history"] = rel.info["history"][-20:]
+    fsutil.atomic_write_json(rel.path / "release.json", rel.info)
+
+
+def new_release_name(paths: Paths, sha: str, now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(now if now is not None else time.time()))
+    base = f"{RELEASE_PREFIX}_{stamp}_{sha[:7]}"
+    name, n = base, 1
+    while paths.release(name).exists() or paths.releases.joinpath(f".tmp-{name}").exists():
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def cleanup_partial(paths: Paths) -> list[str]:
+    """Remove temp dirs left by an interrupted export or venv build; return what went."""
+    removed = []
+    for parent, prefix in ((paths.releases, ".tmp-"), (paths.venvs, ".build-")):
+        if not parent.is_dir():
+            continue
+        for entry in parent.iterdir():
+            if entry.name.startswith(prefix):
+                fsutil.remove_tree(entry)
+                removed.append(str(entry))
+    for tmp in paths.root.glob(".current.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(str(tmp))
+    return removed
+
+
+@dataclass
+class Prepared:
+    release: Release
+    venv: VenvResult
+
+
+def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: str, *, progress: Progress,
+                    cancel: Cancel | None = None, registry: PidRegistry | None = None,
+                    timings: dict[str, float] | None = None) -> Prepared:
+    """Export `sha`, build or reuse its venv, link shared paths, preflight; rename into releases/.
+
+    On any failure nothing is left behind: the temp dir goes and the live tree is untouched.
+    """
+    timings = timings if timings is not None else {}
+    name = new_release_name(paths, sha)
+    tmp = paths.releases / f".tmp-{name}"
+    fsutil.ensure_dir(paths.releases)
+    try:
+        t = time.monotonic()
+        tmp.mkdir()
+        progress(f"export {sha[:7]} ({mirror.subject(sha)}) -> releases/{name}")
+        mirror.export(sha, cfg.app.subdir, tmp, cancel)
+        timings["export"] = time.monotonic() - t
+        if cancel is not None:
+            cancel.check()
+
+        t = time.monotonic()
+        req_file = None
+        if cfg.app.requirements:
+            req_file = tmp / cfg.app.requirements
+            if not req_file.is_file():
+                raise ReleaseError(f"app.requirements {cfg.app.requirements!r} is not in the release "
+                                   f"(commit {sha[:7]})")
+        venv = ensure_venv(paths, req_file, cfg.python, cfg.update.installer, progress=progress, cancel=cancel,
+                           registry=registry)
+        timings["venv"] = time.monotonic() - t
+        if cancel is not None:
+            cancel.check()
+
+        t = time.monotonic()
+        link_shared(tmp, paths.shared, cfg.app.shared, progress)
+        workdir = tmp / cfg.app.workdir
+        if not workdir.is_dir():
+            raise ReleaseError(f"app.workdir {cfg.app.workdir!r} is not a directory in the release")
+        problems = preflight(cfg, paths, tmp, venv.path, req_file)
+        if problems:
+            raise ReleaseError("preflight: " + "; ".join(problems))
+        timings["preflight"] = time.monotonic() - t
+
+        py_real, py_version = python_identity(cfg.python)
+        info = {
+            "name": name, "commit": sha, "ref": ref, "branch": cfg.app.branch, "subject": mirror.subject(sha),
+            "created_at": time.time(), "venv": venv.key, "requirements_sha256":
+                hashlib.sha256(req_file.read_bytes()).hexdigest() if req_file else "",
+            "python": py_real, "python_version": py_version, "outcome": "prepared",
+            "history": [{"at": time.time(), "outcome": "prepared"}],
+        }
+        fsutil.atomic_write_json(tmp / "release.json", info)
+        final = paths.release(name)
+        os.rename(tmp, final)
+        fsutil.fsync_dir(paths.releases)
+        mirror.pin(name, sha)
+        progress(f"release {name} ready")
+        return Prepared(Release(name, final, info), venv)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fsutil.remove_tree(tmp)
+        raise
+
+
+def link_shared(release: Path, shared_root: Path, shared: Iterable[str], progress: Progress) -> None:
+    """Replace each shared path in the release by a symlink into `shared/` (seeded on first use)."""
+    for rel in shared:
+        target = shared_root / rel
+        inside = release / rel
+        if not target.exists() and not target.is_symlink():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if inside.exists():
+                # First release to need it: the repo's copy becomes the shared one.
+                shutil.copytree(inside, target, symlinks=True) if inside.is_dir() else shutil.copy2(inside, target)
+                progress(f"shared {rel}: seeded from the release")
+            elif _looks_like_dir(rel):
+                target.mkdir(parents=True)
+                progress(f"shared {rel}: created empty directory")
+            else:
+                progress(f"shared {rel}: absent (nothing to link yet; create shared/{rel} to provide it)")
+                continue
+        if inside.exists() or inside.is_symlink():
+            fsutil.remove_tree(inside)
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, inside)
+
+
+def _looks_like_dir(rel: str) -> bool:
+    name = Path(rel).name
+    return not name.startswith(".") and "." not in name
+
+
+def env_keys(text: str) -> set[str]:
+    keys = set()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key = line.split("=", 1)[0].strip()
+        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            keys.add(key)
+    return keys
+
+
+def preflight(cfg: Config, paths: Paths, release: Path, venv: Path, req_file: Path | None) -> list[str]:
+    problems = []
+    free = fsutil.free_bytes(paths.root)
+    if free < cfg.update.min_free_mb * 1024 * 1024:
+        problems.append(f"only {free // (1024 * 1024)} MB free under {paths.root} "
+                        f"(update.min_free_mb is {cfg.update.min_free_mb})")
+    for rel in cfg.app.shared:
+        if Path(rel).name != ".env":
+            continue
+        example = next((release / (rel + suffix) for suffix in (".example", ".sample")
+                        if (release / (rel + suffix)).is_file()), None)
+        if example is None:
+            continue
+        shared_env = paths.shared / rel
+        have = env_keys(shared_env.read_text(errors="replace")) if shared_env.is_file() else set()
+        missing = sorted(env_keys(example.read_text(errors="replace")) - have)
+        if missing:
+            problems.append(f"keys listed in {rel + example.suffix} are missing from shared/{rel}: "
+                            f"{', '.join(missing)}")
+    missing_pkgs = check_installed(venv, req_file)
+    if missing_pkgs:
+        problems.append(f"requirements not installed in the venv: {', '.join(missing_pkgs)}")
+    return problems
+
+
+def switch_current(paths: Paths, name: str) -> None:
+    fsutil.atomic_symlink(Path("releases") / name, paths.current)
+
+
+def python_for(paths: Paths, release: Release) -> Path:
+    return venv_python(paths.venvs / release.venv)

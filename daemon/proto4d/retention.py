@@ -1,0 +1,37 @@
+"""Which releases and venvs to remove: a pure decision over names, ages and references.
+
+Retained releases are the backups. Never removed: `current`, the release before it, the
+newest `keep_min`, and anything younger than `keep_days`. A venv goes when no retained
+release refers to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReleaseFacts:
+    name: str
+    created_at: float
+    venv: str
+
+
+def plan_releases(releases: Sequence[ReleaseFacts], *, current: str | None, previous: str | None, now: float,
+                  keep_days: float, keep_min: int) -> list[str]:
+    """Names of releases to remove, oldest first."""
+    newest_first = sorted(releases, key=lambda r: (r.created_at, r.name), reverse=True)
+    protected = {r.name for r in newest_first[:keep_min]}
+    protected.update(n for n in (current, previous) if n)
+    cutoff = now - keep_days * 86400
+    doomed = [r for r in newest_first if r.name not in protected and r.created_at < cutoff]
+    return [r.name for r in reversed(doomed)]
+
+
+def plan_venvs(venvs: Iterable[str], kept_releases: Iterable[ReleaseFacts],
+               in_use: Iterable[str] = ()) -> list[str]:
+    """Venv keys no kept release (nor a running process) refers to."""
+    referenced = {r.venv for r in kept_releases} | set(in_use)
+    return sorted(v for v in venvs if v not in referenced)
+

@@ -1,0 +1,335 @@
+"""The serving app process: start, keep alive with backoff, hand the socket over, drain, stop.
+
+States follow supervisord's: stopped, starting, running, backoff, fatal, stopping. During
+an update's switch and watch the runner is *held*: an exit is reported to the update (which
+rolls back) instead of being restarted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from proto4d import drain, log
+from proto4d.child import AppProcess, Backoff
+from proto4d.listener import free_port, open_listener, private_listener
+from proto4d.releases import Release, python_for
+
+if TYPE_CHECKING:
+    from proto4d.health import HealthReport
+    from proto4d.supervisor import Daemon
+
+# The daemon's own plumbing must not leak into the app's environment.
+_SCRUB_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+              "PROTO4D_CONFIG", "PYTHONHOME", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
+
+
+class SwitchFailed(Exception):
+    """The new process did not become ready; the old one still serves."""
+
+
+class Runner:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.log = log.get("proto4d.app")
+        self.state = "stopped"
+        self.proc: AppProcess | None = None
+        self.release: Release | None = None
+        self.listener: socket.socket | None = None
+        self._listener_key: tuple[str, int, int] | None = None
+        self._retired_listeners: list[socket.socket] = []
+        self.draining: set[AppProcess] = set()
+        self.restarts = 0
+        self.healthy: bool | None = None
+        self.since: float | None = None
+        self.last_exit = ""
+        self.message = ""
+        self.drain_kind = ""
+        self.hold = False
+        self.crashed = asyncio.Event()
+        self.backoff = Backoff()
+        self._restart: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.configure()
+
+    def configure(self) -> None:
+        app = self.d.cfg.app
+        self.backoff.stable_s = app.stable_s
+        self.backoff.max_fast_failures = app.max_fast_failures
+
+    # -- building a process
+
+    def production_listener(self) -> socket.socket | None:
+        cfg = self.d.cfg
+        if not cfg.app.uses_fd:
+            return None
+        key = (cfg.listen.host, cfg.listen.port, cfg.listen.backlog)
+        if self.listener is None or self._listener_key != key:
+            if self.listener is not None and self._listener_key and self._listener_key[:2] == key[:2]:
+                return self.listener  # only the backlog changed: keep the socket
+            new = open_listener(*key)
+            if self.listener is not None:
+                self.log.info("listen.changed", old=f"{self._listener_key[0]}:{self._listener_key[1]}",
+                              new=f"{key[0]}:{key[1]}")
+                self._retired_listeners.append(self.listener)
+            self.listener, self._listener_key = new, key
+        return self.listener
+
+    def build(self, release: Release, role: str, sock: socket.socket | None = None,
+              port: int | None = None, host: str | None = None) -> tuple[AppProcess, drain.DrainPlan]:
+        cfg = self.d.cfg
+        python = python_for(self.d.paths, release)
+        if sock is not None:
+            port = int(sock.getsockname()[1])
+        values = {"python": str(python), "fd": str(sock.fileno()) if sock is not None else "",
+                  "port": str(port if port is not None else cfg.listen.port),
+                  "host": host or cfg.listen.host, "release": str(release.path)}
+        argv = [arg.format(**values) for arg in cfg.app.command]
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
+        venv = python.parent.parent
+        env.update({"VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+                    "PYTHONUNBUFFERED": "1", "PROTO4D_RELEASE": release.name})
+        env.update(cfg.app.env_dict)
+        plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
+        env.update(plan.env)
+        proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=release.path / cfg.app.workdir,
+                          env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.d.on_app_line,
+                          registry=self.d.registry, ready_pattern=cfg.app.ready_pattern)
+        return proc, plan
+
+    def _adopt(self, proc: AppProcess, release: Release, plan: drain.DrainPlan) -> None:
+        self.proc = proc
+        self.release = release
+        self.drain_kind = plan.description
+        task = asyncio.create_task(self._watch(proc), name=f"watch-{proc.pid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def production_port(self) -> int:
+        if self.listener is not None:
+            return int(self.listener.getsockname()[1])
+        return self.d.cfg.listen.port
+
+    # -- first start and restarts
+
+    async def start(self, release: Release) -> bool:
+        """Start `release` on the production socket and wait until every health check passes."""
+        cfg = self.d.cfg
+        self.state = "starting"
+        self.healthy = None
+        sock = self.production_listener()
+        proc, plan = self.build(release, "app", sock)
+        self.log.info("app.starting", release=release.name, commit=release.commit[:7], argv=" ".join(proc.argv),
+                      cwd=str(proc.cwd), drain=plan.description)
+        await proc.start()
+        self._adopt(proc, release, plan)
+        report = await self.d.prober.wait_healthy(cfg.listen.probe_host, self.production_port, cfg.health.checks,
+                                                  cfg.health.start_timeout_s, cfg.health.timeout_s,
+                                                  alive=lambda: proc.alive)
+        if proc is not self.proc:
+            return False
+        if report.ok:
+            self.state = "running"
+            self.healthy = True
+            self.since = time.time()
+            self.message = ""
+            self.log.info("app.ready", release=release.name, pid=proc.pid,
+                          seconds=round(time.monotonic() - proc.started_mono, 2), checks=report.summary())
+            return True
+        if proc.alive:
+            why = f"not healthy after {cfg.health.start_timeout_s:g} s: {report.failures()}"
+            self.log.error("app.unhealthy", release=release.name, pid=proc.pid, checks=report.failures())
+            await proc.stop(min(5.0, cfg.update.drain_timeout_s))
+        else:
+            why = f"{proc.exit_description()} during start-up: {proc.last_lines()}"
+        self._failed(proc, why)
+        return False
+
+    async def _watch(self, proc: AppProcess) -> None:
+        await proc.exited.wait()
+        if proc.stop_requested or proc is not self.proc:
+            return
+        self.healthy = False
+        desc = proc.exit_description()
+        self.last_exit = f"{desc} after {proc.ran_for:.1f} s"
+        self.log.error("app.exited", release=proc.release, pid=proc.pid, how=desc,
+                       ran_s=round(proc.ran_for, 1), last_output=proc.last_lines())
+        if self.hold:
+            self.crashed.set()
+            return
+        if self.state == "starting":
+            return  # start() sees the death through wait_healthy and calls _failed itself
+        self._failed(proc, f"{desc}: {proc.last_lines()}")
+
+    def _failed(self, proc: AppProcess, why: str) -> None:
+        if self.d.stopping or self.hold:
+            return
+        self.last_exit = why
+        action, delay = self.backoff.on_exit(proc.ran_for)
+        if action == "fatal":
+            self.state = "fatal"
+            self.healthy = False
+            self.message = (f"gave up after {self.backoff.failures} fast failures in a row "
+                            f"(each under {self.backoff.stable_s:g} s); last: {why}")
+            self.log.critical("app.fatal", release=proc.release, failures=self.backoff.failures, last=why[:500])
+            self.d.on_app_fatal()
+            return
+        self.state = "backoff"
+        self.restarts += 1
+        self.message = f"restarting in {delay:g} s after: {why[:300]}"
+        self.log.warning("app.backoff", release=proc.release, delay_s=delay, failures=self.backoff.failures)
+        self._restart = asyncio.create_task(self._restart_after(delay), name="restart")
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.state != "backoff" or self.d.stopping or self.hold or self.release is None:
+            return
+        await self.start(self.release)
+
+    def stable_check(self) -> None:
+        """Called every sample: a run that outlived `stable_s` resets the backoff."""
+        if self.proc is not None and self.proc.alive and self.proc.ran_for >= self.backoff.stable_s:
+            self.backoff.reset()
+
+    async def revive(self) -> bool:
+        """Leave `fatal` (on SIGHUP or an operator action) and try again from a clean backoff."""
+        if self.state != "fatal" or self.release is None:
+            return False
+        self.backoff.reset()
+        self.log.info("app.revive", release=self.release.name)
+        return await self.start(self.release)
+
+    # -- switching
+
+    async def handoff(self, release: Release) -> AppProcess:
+        """Start `release` on the same listening socket; once it is ready, retire the old process."""
+        cfg = self.d.cfg
+        sock = self.production_listener()
+        proc, plan = self.build(release, "app", sock)
+        self.log.info("switch.start_new", release=release.name, argv=" ".join(proc.argv), drain=plan.description)
+        await proc.start()
+        ok = await proc.wait_ready_line(cfg.health.start_timeout_s)
+        if not ok:
+            why = (f"{proc.exit_description()}: {proc.last_lines()}" if not proc.alive else
+                   f"no ready line ({cfg.app.ready_pattern!r}) within {cfg.health.start_timeout_s:g} s")
+            await proc.stop(5)
+            raise SwitchFailed(f"the new process of {release.name} did not become ready: {why}")
+        old = self.proc
+        self._adopt(proc, release, plan)
+        self.state = "running"
+        self.healthy = None
+        self.since = time.time()
+        self.restarts = 0
+        self.backoff.reset()
+        if old is not None:
+            self.retire(old)
+            await self.wait_stopped_accepting(old, 3.0)
+        return proc
+
+    async def stop_then_start(self, release: Release) -> tuple[AppProcess, float]:
+        """For apps that bind the port themselves: the gap is as long as the new one's start-up."""
+        cfg = self.d.cfg
+        old = self.proc
+        t0 = time.monotonic()
+        if old is not None:
+            await old.stop(cfg.update.drain_timeout_s)
+        proc, plan = self.build(release, "app")
+        await proc.start()
+        self._adopt(proc, release, plan)
+        self.state = "starting"
+        report = await self.d.prober.wait_healthy(cfg.listen.probe_host, cfg.listen.port, cfg.health.checks,
+                                                  cfg.health.start_timeout_s, cfg.health.timeout_s,
+                                                  alive=lambda: proc.alive)
+        gap = time.monotonic() - t0
+        if not report.ok:
+            why = report.failures() if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
+            await proc.stop(5)
+            raise SwitchFailed(f"{release.name} did not become healthy after stop-then-start: {why}")
+        self.state = "running"
+        self.healthy = None
+        self.since = time.time()
+        self.backoff.reset()
+        return proc, gap
+
+    def retire(self, old: AppProcess) -> None:
+        self.draining.add(old)
+        task = asyncio.create_task(self._drain(old), name=f"drain-{old.pid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, old: AppProcess) -> None:
+        t = time.monotonic()
+        timeout = self.d.cfg.update.drain_timeout_s
+        rc = await old.stop(timeout)
+        took = time.monotonic() - t
+        self.log.info("app.drained", release=old.release, pid=old.pid, seconds=round(took, 2),
+                      how=old.exit_description(), killed=took >= timeout, drain=old.drain_note or "SIGTERM")
+        self.draining.discard(old)
+        if not self.draining:
+            for s in self._retired_listeners:
+                s.close()
+            self._retired_listeners.clear()
+        del rc
+
+    async def wait_stopped_accepting(self, old: AppProcess, timeout: float) -> None:
+        """After SIGTERM the old process closes its copy of the listening socket; until then a probe
+        of the port could be answered by it. Wait (briefly) until it no longer listens."""
+        deadline = time.monotonic() + timeout
+        port = self.production_port
+        while old.alive and time.monotonic() < deadline:
+            try:
+                listening = any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                                for c in psutil.Process(old.pid).net_connections(kind="tcp"))
+            except psutil.Error:
+                return
+            if not listening:
+                return
+            await asyncio.sleep(0.02)
+
+    # -- canary
+
+    async def canary(self, release: Release) -> tuple[HealthReport, str]:
+        """Run `release` on a private loopback port and check it; always stopped afterwards."""
+        cfg = self.d.cfg
+        sock = private_listener() if cfg.app.uses_fd else None
+        port = int(sock.getsockname()[1]) if sock is not None else free_port()
+        proc, _plan = self.build(release, "canary", sock, port, host="127.0.0.1")
+        try:
+            await proc.start()
+            report = await self.d.prober.wait_healthy("127.0.0.1", port, cfg.health.checks,
+                                                      cfg.health.start_timeout_s, cfg.health.timeout_s,
+                                                      alive=lambda: proc.alive)
+            died = "" if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
+            return report, died
+        finally:
+            await proc.stop(5)
+            if sock is not None:
+                sock.close()
+
+    # -- stopping
+
+    async def stop_all(self) -> None:
+        """Drain every app process (the serving one and any still draining), then close the sockets."""
+        self.state = "stopping"
+        if self._restart is not None:
+            self._restart.cancel()
+        timeout = self.d.cfg.update.drain_timeout_s
+        procs = [p for p in {self.proc, *self.draining} if p is not None]
+        await asyncio.gather(*(p.stop(timeout) for p in procs), return_exceptions=True)
+        for s in [self.listener, *self._retired_listeners]:
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.close()
+        self.listener = None
+        self._retired_listeners.clear()
+        self.state = "stopped"
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in {self.proc, *self.draining} if p is not None and p.alive]

@@ -1,0 +1,478 @@
+"""The daemon: one asyncio loop that owns the app, samples activity, and acts on requests.
+
+It holds `state/daemon.lock` (one daemon per root), reaps what a killed predecessor left
+behind, settles an unfinished update from the journal, builds the first release when
+there is none, starts the app, and then loops: sample every `activity.interval_s`
+(status.json, activity history, sd_notify STATUS), look for `update.request`, ping the
+watchdog. Signals: HUP reloads the config, USR1 requests an update, TERM/INT/QUIT drain
+the app and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from proto4d import __version__, fsutil, log, releases, update
+from proto4d import config as configmod
+from proto4d.activity import History, Sampler, iso
+from proto4d.child import RotatingLog
+from proto4d.health import Prober
+from proto4d.listener import ListenError
+from proto4d.notices import Webhook
+from proto4d.paths import Paths
+from proto4d.procs import PidRegistry
+from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed
+from proto4d.runner import Runner
+from proto4d.service import Notifier
+
+REQUEST_POLL_S = 0.25
+NO_RELEASE_RETRY_S = 60.0
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, cfg: configmod.Config, config_path: str | None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.paths = Paths(cfg.root)
+        self.log = log.get("proto4d")
+        self.state = "starting"
+        self.stopping = False
+        self.started_at = time.time()
+        self.notifier = Notifier()
+        self.registry = PidRegistry(self.paths.app_pids)
+        self.prober = Prober()
+        self.sampler = Sampler(cfg.activity, cfg.safety, cfg.listen.port, cfg.app.access_log_regex,
+                               self.prober.probe_ports)
+        self.history = History(self.paths.activity, cfg.activity.history_max_bytes)
+        self.mirror = releases.Mirror(self.paths.mirror, cfg.app.repo)
+        self.webhook = Webhook(cfg.notify.webhook_url, cfg.notify.webhook_timeout_s)
+        self.green_since: float | None = None
+        self.release_error = ""
+        self.app_log: RotatingLog | None = None
+        self.runner = Runner(self)
+        self.updates = update.UpdateManager(self)
+        self._stop = asyncio.Event()
+        self._sampled = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._last_status_write = 0.0
+
+    # -- lifecycle
+
+    def acquire_lock(self) -> None:
+        self.paths.make_dirs()
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise AlreadyRunning(f"another proto4d daemon (pid {other or '?'}) already runs for {self.cfg.root}") \
+                from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
+        loop.add_signal_handler(signal.SIGUSR2, lambda: self.log.info("signal.ignored", signal="SIGUSR2"))
+        self.app_log = RotatingLog(self.paths.app_log, self.cfg.app.log_max_bytes, self.cfg.app.log_backups)
+        self.log.info("daemon.starting", pid=os.getpid(), version=__version__, root=str(self.cfg.root),
+                      config=self.cfg.source, python=sys.version.split()[0])
+        try:
+            await self._startup()
+            self.state = "running"
+            self.write_status()
+            self._tasks = [asyncio.create_task(self._sample_loop(), name="sample"),
+                           asyncio.create_task(self._request_loop(), name="requests"),
+                           asyncio.create_task(self._watchdog_loop(), name="watchdog"),
+                           asyncio.create_task(self._weekly_loop(), name="weekly"),
+                           asyncio.create_task(self._no_release_loop(), name="no-release")]
+            self.updates.start()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _startup(self) -> None:
+        orphans = await asyncio.to_thread(self.registry.reap_orphans, self.cfg.update.drain_timeout_s,
+                                          self.log.warning)
+        if orphans:
+            self.log.warning("orphans.ended", count=len(orphans), pids=[o["pid"] for o in orphans])
+        partial = await asyncio.to_thread(releases.cleanup_partial, self.paths)
+        if partial:
+            self.log.warning("partial.removed", paths=partial)
+        self._resubmit_claimed()
+        resume = self.updates.recover()
+        await self._start_current()
+        self.state = "running"
+        self.write_status()
+        if self.runner.state in ("running", "fatal") or self.runner.release is None:
+            self.notifier.ready()
+        if resume is not None:
+            self.updates.submit(resume)
+
+    async def _start_current(self) -> None:
+        """Start the release `current` points at, building the first one when there is none."""
+        if self.paths.current_release() is None:
+            await self._first_release()
+        name = self.paths.current_release()
+        if name is not None and not self.stopping:
+            rel = releases.read_release(self.paths, name)
+            if rel is None:
+                self.release_error = f"releases/{name} has no readable release.json"
+                self.log.error("release.unreadable", release=name)
+            else:
+                if not (self.paths.venvs / rel.venv / "venv.json").exists():
+                    await self._rebuild_venv(rel)
+                self.runner.release = rel
+                try:
+                    await self.runner.start(rel)
+                except ListenError as e:
+                    self.log.critical("listen.failed", error=str(e))
+                    self.runner.state = "fatal"
+                    self.runner.message = str(e)
+
+    async def _first_release(self) -> None:
+        """No `current` yet: fetch the branch head and prepare it exactly as an update would."""
+        cfg = self.cfg
+        self.log.info("first_release.start", repo=cfg.app.repo, branch=cfg.app.branch)
+
+        def progress(text: str) -> None:
+            if not text.startswith("  |"):
+                self.log.info("first_release.progress", text=text)
+
+        try:
+            await asyncio.to_thread(self.mirror.fetch)
+            sha = await asyncio.to_thread(self.mirror.branch_head, cfg.app.branch)
+            if sha is None:
+                raise releases.ReleaseError(f"branch {cfg.app.branch!r} does not exist in {cfg.app.repo}")
+            prepared = await asyncio.to_thread(releases.prepare_release, cfg, self.paths, self.mirror, sha,
+                                               cfg.app.branch, progress=progress, registry=self.registry)
+        except releases.ReleaseError as e:
+            self.release_error = str(e)
+            self.log.error("first_release.failed", error=str(e))
+            return
+        releases.switch_current(self.paths, prepared.release.name)
+        releases.set_outcome(self.paths, prepared.release.name, "serving")
+        self.release_error = ""
+        self.log.info("first_release.ready", release=prepared.release.name, commit=sha[:7])
+
+    async def _rebuild_venv(self, rel: releases.Release) -> None:
+        req = rel.path / self.cfg.app.requirements if self.cfg.app.requirements else None
+        try:
+            result = await asyncio.to_thread(releases.ensure_venv, self.paths, req if req and req.is_file() else None,
+                                             self.cfg.python, self.cfg.update.installer,
+                                             progress=lambda t: self.log.info("venv.progress", text=t),
+                                             registry=self.registry)
+        except releases.ReleaseError as e:
+            self.log.error("venv.rebuild_failed", release=rel.name, error=str(e))
+            return
+        if result.key != rel.venv:
+            rel.info["venv"] = result.key
+            fsutil.atomic_write_json(rel.path / "release.json", rel.info)
+
+    def request_stop(self, sig: int | None = None) -> None:
+        if not self.stopping:
+            self.log.info("daemon.stopping", signal=signal.Signals(sig).name if sig else None)
+        self.stopping = True
+        self.state = "stopping"
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        self.state = "stopping"
+        self.notifier.stopping()
+        with contextlib.suppress(Exception):
+            self.write_status()
+        await self.updates.stop()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.runner.stop_all()
+        await self.webhook.flush()
+        self.state = "stopped"
+        with contextlib.suppress(Exception):
+            self.write_status()
+        if self.app_log is not None:
+            self.app_log.close()
+        self.log.info("daemon.stopped")
+
+    # -- app output
+
+    def on_app_line(self, line: str, proc: Any) -> None:
+        if self.app_log is not None:
+            self.app_log.write(f"{dt.datetime.now().isoformat(timespec='milliseconds')} "
+                               f"{proc.role}[{proc.pid}] {line}\n")
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_later(0.2, self._flush_app_log)
+        if proc.role == "app":
+            self.sampler.feed(line)
+
+    def _flush_app_log(self) -> None:
+        self._flush_handle = None
+        if self.app_log is not None:
+            self.app_log.flush()
+
+    def on_app_fatal(self) -> None:
+        self.notifier.status(f"FATAL: {self.runner.message[:200]}")
+        self.notifier.ready()  # systemd should not kill the daemon for it: status must stay readable
+
+    # -- loops
+
+    async def _sample_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.sample()
+            except Exception:
+                self.log.exception("sample.failed")
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.05, self.cfg.activity.interval_s - elapsed))
+
+    def sample(self) -> None:
+        runner = self.runner
+        runner.stable_check()
+        act = self.sampler.sample(runner.pids(), app_up=runner.state == "running")
+        if act["verdict"] == "green":
+            if self.green_since is None:
+                self.green_since = time.time()
+        else:
+            self.green_since = None
+        with contextlib.suppress(OSError):
+            self.history.append(act)
+        self.write_status()
+        self.notifier.status(self.status_line())
+        self._sampled.set()
+        self._sampled.clear()
+
+    async def wait_sample(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._sampled.wait(), timeout)
+
+    async def _request_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REQUEST_POLL_S)
+            try:
+                self.check_request_file()
+            except Exception:
+                self.log.exception("request.check_failed")
+
+    def check_request_file(self) -> None:
+        paths = self.paths
+        if not os.path.lexists(paths.request):
+            return
+        fallback = new_id()
+        try:
+            claimed = claim(paths)
+        except RequestRejected as e:
+            self.updates.reject(fallback, str(e), "file")
+            return
+        except OSError as e:
+            self.log.error("request.claim_failed", error=str(e))
+            return
+        if claimed is None:
+            return
+        path, data = claimed
+        self._take(path, data, fallback)
+        prune_consumed(paths)
+
+    def _take(self, path: os.PathLike[str] | str, data: bytes, fallback: str) -> None:
+        try:
+            req = parse(data, fallback_id=fallback)
+        except RequestRejected as e:
+            self.updates.reject(fallback, str(e), "file")
+        else:
+            self.log.info("request.received", id=req.id, what=req.describe(), by=req.requested_by or "file",
+                          reason=req.reason)
+            self.updates.submit(req)
+        # Marked taken only once it is in the journal/answers: a crash before this line re-reads it.
+        with contextlib.suppress(OSError):
+            os.rename(path, f"{path}.taken")
+
+    def _resubmit_claimed(self) -> None:
+        """A request claimed by a daemon that died before acting on it is acted on now (exactly once)."""
+        if not self.paths.requests.is_dir():
+            return
+        for p in sorted(self.paths.requests.glob("*.request")):
+            try:
+                data = p.read_bytes()
+            except OSError:
+                continue
+            self.log.info("request.recovered", file=p.name)
+            self._take(p, data, new_id())
+
+    def _on_usr1(self) -> None:
+        req = Request(id=new_id(), source="SIGUSR1", reason="SIGUSR1", requested_by="SIGUSR1")
+        self.log.info("request.received", id=req.id, what=req.describe(), by="SIGUSR1")
+        self.updates.submit(req)
+
+    async def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if not interval:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _no_release_loop(self) -> None:
+        """Without a release nothing serves: retry the first one every minute (an update request
+        or a SIGHUP tries at once) until one starts."""
+        while True:
+            await asyncio.sleep(NO_RELEASE_RETRY_S)
+            if self.runner.release is None and self.updates.run is None and not self.stopping:
+                self.log.info("first_release.retry")
+                await self._start_current()
+
+    async def _weekly_loop(self) -> None:
+        from proto4d import policy
+
+        while True:
+            weekly = self.cfg.schedule.weekly
+            if weekly is None:
+                await asyncio.sleep(60)
+                continue
+            zone = self.cfg.schedule.zone
+            now = dt.datetime.now(zone)
+            due = policy.next_weekly(now, weekly, zone)
+            await asyncio.sleep(min(60.0, max(0.0, (due - dt.datetime.now(zone)).total_seconds())))
+            if dt.datetime.now(zone) >= due and self.cfg.schedule.weekly == weekly:
+                marker = self.paths.state / "weekly.last"
+                stamp = due.isoformat()
+                if (marker.read_text().strip() if marker.exists() else "") != stamp:
+                    fsutil.atomic_write(marker, stamp)
+                    req = Request(id=new_id(), source="weekly", reason=f"weekly schedule ({weekly.text})",
+                                  requested_by="schedule.weekly")
+                    self.log.info("request.received", id=req.id, what=req.describe(), by="schedule.weekly")
+                    self.updates.submit(req)
+
+    # -- reload
+
+    async def reload(self) -> None:
+        self.notifier.reloading()
+        previous_state = self.state
+        self.state = "reloading"
+        path = self.config_path
+        try:
+            new = configmod.load(path)
+            if new.root != self.cfg.root:
+                raise configmod.ConfigError(new.source, "root", f"the same root while running ({self.cfg.root}); "
+                                            "restart the daemon to move it", new.root)
+        except configmod.ConfigError as e:
+            self.log.error("reload.refused", error=str(e), kept=self.cfg.source)
+            self.state = previous_state
+            self.notifier.ready()
+            return
+        now_keys, later_keys = configmod.reload_differences(self.cfg, new)
+        self.cfg = new
+        self.sampler.reconfigure(new.activity, new.safety, new.listen.port, new.app.access_log_regex)
+        self.history.max_bytes = new.activity.history_max_bytes
+        self.mirror.url = new.app.repo
+        self.webhook = Webhook(new.notify.webhook_url, new.notify.webhook_timeout_s)
+        self.runner.configure()
+        if self.app_log is not None:
+            self.app_log.reconfigure(new.app.log_max_bytes, new.app.log_backups)
+        self.log.info("reload.applied", now=now_keys or "nothing", at_next_switch=later_keys or "nothing")
+        if later_keys:
+            self.log.info("reload.pending", keys=later_keys,
+                          msg="these take effect at the next switch (update or rollback)")
+        self.state = previous_state if previous_state != "reloading" else "running"
+        self.notifier.ready()
+        if self.runner.state == "fatal":
+            await self.runner.revive()
+        elif self.runner.release is None and self.updates.run is None:
+            await self._start_current()
+        self.write_status()
+
+    # -- status
+
+    def status_changed(self) -> None:
+        with contextlib.suppress(Exception):
+            self.write_status()
+
+    def status(self) -> dict[str, Any]:
+        runner = self.runner
+        rel = runner.release
+        proc = runner.proc
+        return {
+            "daemon": {"pid": os.getpid(), "version": __version__, "state": self.state,
+                       "started_at": iso(self.started_at), "config": self.cfg.source, "root": str(self.cfg.root),
+                       "interval_s": self.cfg.activity.interval_s},
+            "app": {"pid": proc.pid if proc is not None and proc.alive else 0,
+                    "release": rel.name if rel else "", "commit": rel.commit if rel else "",
+                    "healthy": bool(runner.healthy), "since": iso(runner.since), "restarts": runner.restarts,
+                    "state": runner.state, "message": runner.message or self.release_error,
+                    "last_exit": runner.last_exit, "drain": runner.drain_kind,
+                    "draining": sorted(p.pid for p in runner.draining if p.alive),
+                    "port": runner.production_port},
+            "activity": self.sampler.last or {"verdict": "red", "reasons": ["not sampled yet"], "users": 0,
+                                              "requests_window": 0, "connections": 0, "last_request": None,
+                                              "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
+                                              "sampled_at": None},
+            "update": self.updates.status(),
+            "written_at": iso(time.time()),
+        }
+
+    def write_status(self) -> None:
+        fsutil.atomic_write_json(self.paths.status, self.status(), durable=False)
+
+    def status_line(self) -> str:
+        rel = self.runner.release
+        act = self.sampler.last
+        upd = self.updates.run
+        text = f"{self.runner.state}: {rel.name if rel else 'no release'}"
+        if act:
+            text += f"; {act['verdict']} ({act['users']} users)"
+        if upd is not None:
+            text += f"; update {upd.state}"
+        return text
+
+    def prune(self) -> None:
+        in_use = {r.venv for r in (self.runner.release,) if r is not None}
+        removed, venvs = update.retained(self.paths, self.cfg, sorted(in_use))
+        for name in removed:
+            self.mirror.unpin(name)
+        if removed or venvs:
+            self.log.info("retention.removed", releases=removed, venvs=venvs)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)  # ConfigError -> exit 78 in cli.main
+    paths = Paths(cfg.root)
+    paths.make_dirs()
+    log.setup(paths.daemon_log, stderr=True)
+    daemon = Daemon(cfg, args.config or str(configmod.default_config_path()))
+    try:
+        daemon.acquire_lock()
+    except AlreadyRunning as e:
+        print(f"proto4d: {e}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(daemon.run())
+    except KeyboardInterrupt:
+        return 0
+    except Exception:
+        log.get().exception("daemon.crashed")
+        # Whatever happened, the app must not outlive us.
+        daemon.registry.reap_orphans(5)
+        return 1

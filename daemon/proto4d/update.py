@@ -1,0 +1,739 @@
+"""The update state machine and its journal.
+
+    requested -> waiting -> (yellow: noticed -> grace) -> preparing -> [canary] -> switching
+              -> verifying -> watching -> done
+    preparing/canary fails             -> aborted      (live service never touched)
+    switching/verifying/watching fails -> rolling_back -> rolled_back
+
+`state/journal.json` is rewritten (temp + fsync + rename) before every step, so a daemon
+killed anywhere comes back, reads it, and settles on one verified release: an update that
+had not reached the switch is aborted, one that had is rolled back to the release that
+served before it. A rollback requested by the operator is the same machine aimed at an
+older release, without the waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from proto4d import fsutil, log, notices, policy, releases, retention
+from proto4d.procs import Cancel, Cancelled
+from proto4d.requests import Request, write_answer
+from proto4d.runner import SwitchFailed
+
+if TYPE_CHECKING:
+    from proto4d.supervisor import Daemon
+
+PENDING = ("requested", "waiting", "noticed")
+BEFORE_SWITCH = ("preparing", "canary")
+AFTER_SWITCH = ("switching", "verifying", "watching", "rolling_back")
+FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded")
+
+
+class Rejected(Exception):
+    """The request cannot be acted on (bad ref, unknown release); nothing was touched."""
+
+
+class Aborted(Exception):
+    """Preparing or the canary failed; the live service was never touched."""
+
+
+class RollBack(Exception):
+    """The switch, the verification or the watch failed; go back to the previous release."""
+
+
+class Done(Exception):
+    """Nothing to do (already running that commit): a successful no-op."""
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+
+    def start(self, req: Request, **fields: Any) -> None:
+        self.data = {"id": req.id, "action": req.action, "request": req.to_dict(), "state": "requested",
+                     "steps": [], **fields}
+        self.write("requested")
+
+    def write(self, state: str, **fields: Any) -> None:
+        now = time.time()
+        self.data.update(fields)
+        self.data["state"] = state
+        self.data["updated_at"] = now
+        self.data.setdefault("steps", []).append({"state": state, "at": now})
+        fsutil.atomic_write_json(self.path, self.data)
+
+    def note(self, **fields: Any) -> None:
+        """Record facts within a step (no state change), durably."""
+        self.data.update(fields)
+        fsutil.atomic_write_json(self.path, self.data)
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any] | None:
+        data = fsutil.read_json(path)
+        return data if isinstance(data, dict) and "state" in data else None
+
+
+class UpdateLog:
+    """`logs/update_<stamp>.log`: the human-readable story of one update."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: IO[str] = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the run
+        self._step_started: float | None = None
+
+    def line(self, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with contextlib.suppress(ValueError):
+            self._f.write(f"{stamp}  {log.scrub(text)}\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+
+class UpdateManager:
+    """One update at a time; a request that arrives meanwhile is answered and queued (at most one)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.log = log.get("proto4d.update")
+        self.run: UpdateRun | None = None
+        self.queued: Request | None = None
+        self.last: dict[str, Any] = {}
+        self.last_rejected: dict[str, Any] | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, req: Request) -> None:
+        run = self.run
+        if run is not None and run.state in PENDING and not run.cancelling:
+            # Nothing has been touched yet: the newer request replaces it.
+            run.supersede(req.id)
+            self._replace_queued(req)
+            write_answer(self.d.paths, req.id, "accepted", f"{req.describe()} accepted (replaces {run.req.id})")
+        elif run is not None:
+            self._replace_queued(req)
+            write_answer(self.d.paths, req.id, "queued",
+                         f"{req.describe()} queued: update {run.req.id} is {run.state}; this one starts after it")
+            self.log.info("request.queued", id=req.id, behind=run.req.id, behind_state=run.state)
+        else:
+            self._replace_queued(req)
+            write_answer(self.d.paths, req.id, "accepted", f"{req.describe()} accepted")
+        self._wake.set()
+
+    def _replace_queued(self, req: Request) -> None:
+        if self.queued is not None:
+            write_answer(self.d.paths, self.queued.id, "superseded", f"superseded by request {req.id}")
+            self.log.info("request.superseded", id=self.queued.id, by=req.id)
+        self.queued = req
+
+    def reject(self, req_id: str, why: str, source: str) -> None:
+        self.last_rejected = {"id": req_id, "reason": why, "at": activity_iso(time.time()), "source": source}
+        write_answer(self.d.paths, req_id, "rejected", why)
+        self.log.warning("request.rejected", id=req_id, reason=why, source=source)
+
+    async def loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.queued is not None and not self.d.stopping:
+                req, self.queued = self.queued, None
+                run = UpdateRun(self.d, req)
+                self.run = run
+                try:
+                    await run.execute()
+                except asyncio.CancelledError:
+                    if not run.superseded_by:
+                        raise
+                finally:
+                    self.last = run.summary()
+                    self.run = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.loop(), name="updates")
+
+    async def stop(self) -> None:
+        run = self.run
+        if run is not None:
+            run.cancel_for_stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def status(self) -> dict[str, Any]:
+        if self.run is not None:
+            out = self.run.summary()
+        else:
+            out = {"state": "idle", "id": "", "ref": "", "reason": "", "requested_at": None, "message": "",
+                   "last": self.last or None}
+        out["queued"] = self.queued.to_dict() if self.queued else None
+        out["last_rejected"] = self.last_rejected
+        return out
+
+    # -- after a restart
+
+    def recover(self) -> Request | None:
+        """Settle an update a previous daemon left unfinished. Returns a request to resume, if any."""
+        j = Journal.read(self.d.paths.journal)
+        if j is None or j.get("state") in FINAL:
+            return None
+        state = j["state"]
+        req_id = j.get("id", "?")
+        paths = self.d.paths
+        journal = Journal(paths.journal)
+        journal.data = j
+        if state in PENDING:
+            self.log.info("recover.resume", id=req_id, state=state)
+            return Request.from_dict(j.get("request") or {"id": req_id})
+        new, old = j.get("new_release"), j.get("old_release")
+        if state in BEFORE_SWITCH:
+            if new and new != paths.current_release() and paths.release(new).exists():
+                with contextlib.suppress(OSError):
+                    fsutil.remove_tree(paths.release(new))
+            why = f"interrupted by a daemon restart during {state}; the live service was not touched"
+            journal.write("aborted", message=why, outcome="aborted")
+            write_answer(paths, req_id, "aborted", why)
+            self.log.warning("recover.aborted", id=req_id, state=state)
+        else:
+            back = old if old and paths.release(old).exists() else paths.current_release()
+            if back and paths.current_release() != back:
+                releases.switch_current(paths, back)
+            if new and new != back:
+                releases.set_outcome(paths, new, "rolled_back", why=f"daemon restarted during {state}")
+            why = (f"the daemon restarted during {state}; back on {back} (the new release had not finished "
+                   "its verification)")
+            journal.write("rolled_back", message=why, outcome="rolled_back")
+            write_answer(paths, req_id, "rolled_back", why, release=back)
+            self.log.warning("recover.rolled_back", id=req_id, state=state, release=back)
+        self.last = {"id": req_id, "state": journal.data["state"], "message": journal.data.get("message", "")}
+        return None
+
+
+def activity_iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+class UpdateRun:
+    def __init__(self, daemon: Daemon, req: Request) -> None:
+        self.d = daemon
+        self.req = req
+        self.log = log.get("proto4d.update").bind(id=req.id)
+        self.state = "requested"
+        self.message = ""
+        self.waiting_for = ""
+        self.until: dt.datetime | None = None
+        self.noticed_at: dt.datetime | None = None
+        self.superseded_by = ""
+        self.cancelling = False
+        self.cancel = Cancel()
+        self.target_commit = ""
+        self.new: releases.Release | None = None
+        self.old: releases.Release | None = daemon.runner.release
+        self.switched = False
+        self.timings: dict[str, float] = {}
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        self.log_path = daemon.paths.update_log(stamp)
+        n = 2
+        while self.log_path.exists():
+            self.log_path = daemon.paths.update_log(f"{stamp}_{n}")
+            n += 1
+        self.ulog = UpdateLog(self.log_path)
+        self.journal = Journal(daemon.paths.journal)
+        self._task: asyncio.Task[Any] | None = None
+        self.started = time.monotonic()
+
+    # -- public
+
+    def summary(self) -> dict[str, Any]:
+        r = self.req
+        until = self.until.astimezone(self.d.cfg.schedule.zone).isoformat(timespec="seconds") if self.until else None
+        return {"state": self.state, "id": r.id, "action": r.action, "ref": r.ref or self.d.cfg.app.branch,
+                "reason": r.reason, "requested_at": activity_iso(r.requested_at), "message": self.message,
+                "waiting_for": self.waiting_for, "until": until, "target_commit": self.target_commit,
+                "new_release": self.new.name if self.new else None,
+                "old_release": self.old.name if self.old else None,
+                "log": str(self.log_path.relative_to(self.d.paths.root)), "force": r.force,
+                "timings": {k: round(v, 2) for k, v in self.timings.items()}}
+
+    def supersede(self, by: str) -> None:
+        self.superseded_by = by
+        self.cancelling = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def cancel_for_stop(self) -> None:
+        self.cancelling = True
+        self.cancel.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def execute(self) -> None:
+        self._task = asyncio.current_task()
+        paths = self.d.paths
+        r = self.req
+        self.ulog.line(f"{r.describe()} requested by {r.requested_by or r.source} (id {r.id})"
+                       + (f": {r.reason}" if r.reason else ""))
+        self.journal.start(r, old_release=self.old.name if self.old else None,
+                           old_commit=self.old.commit if self.old else None,
+                           log=str(self.log_path.relative_to(paths.root)))
+        self._answer("accepted", f"{r.describe()} accepted")
+        self.d.webhook.send("requested", self._event())
+        try:
+            await self._resolve()
+            if r.action == "update" and not r.force:
+                await self._wait_for_window()
+            elif r.force:
+                self.ulog.line("forced: not waiting for a quiet moment (health checks still run)")
+            self._post_notice("An update is being applied now.", time.time())
+            self.d.webhook.send("started", self._event())
+            await self._step("preparing", self._prepare)
+            if self._canary_possible():
+                await self._step("canary", self._canary)
+            try:
+                await self._step("switching", self._switch)
+                await self._step("verifying", self._verify)
+                await self._step("watching", self._watch)
+            except (RollBack, SwitchFailed) as e:
+                await self._rollback(str(e))
+                return
+            self._finish("done", f"{self.new.name if self.new else '?'} serves and is verified "
+                                 f"(commit {self.target_commit[:7]})")
+            releases.set_outcome(paths, self.new.name, "verified")
+            await asyncio.to_thread(self.d.prune)
+        except Done as e:
+            self._finish("done", str(e))
+        except Rejected as e:
+            self.d.updates.last_rejected = {"id": r.id, "reason": str(e), "at": activity_iso(time.time()),
+                                            "source": r.source}
+            self._finish("rejected", str(e))
+        except Aborted as e:
+            self._discard_new()
+            self._finish("aborted", str(e))
+        except (asyncio.CancelledError, Cancelled):
+            self._on_cancel()
+            raise
+        except Exception as e:  # a bug must not leave the service half-switched without a word
+            self.log.exception("update.crashed")
+            if self.switched:
+                await self._rollback(f"internal error: {type(e).__name__}: {e}")
+            else:
+                self._discard_new()
+                self._finish("aborted", f"internal error before the switch: {type(e).__name__}: {e}")
+        finally:
+            self.d.runner.hold = False
+            notices.remove_notice(self.d.cfg.notice_path)
+            self.ulog.close()
+
+    # -- steps
+
+    async def _step(self, state: str, fn: Callable[[], Awaitable[None]]) -> None:
+        self._enter(state)
+        t = time.monotonic()
+        await fn()
+        took = time.monotonic() - t
+        self.timings[state] = took
+        self.ulog.line(f"  {state} done in {took:.2f} s")
+        self.log.info("update.step_done", step=state, seconds=round(took, 3))
+
+    def _enter(self, state: str, **fields: Any) -> None:
+        self.journal.write(state, **fields)  # durable before the step does anything
+        self.state = state
+        self.ulog.line(f"{state} ...")
+        self.log.info("update.step", step=state, **{k: v for k, v in fields.items() if isinstance(v, str | int)})
+        self.d.status_changed()
+
+    def _answer(self, state: str, message: str, **extra: Any) -> None:
+        write_answer(self.d.paths, self.req.id, state, message, log=str(self.log_path.relative_to(self.d.paths.root)),
+                     **extra)
+
+    def _event(self, **extra: Any) -> dict[str, Any]:
+        return {"id": self.req.id, "action": self.req.action, "ref": self.req.ref, "state": self.state,
+                "reason": self.req.reason, "new_release": self.new.name if self.new else None,
+                "old_release": self.old.name if self.old else None, "commit": self.target_commit, **extra}
+
+    def _finish(self, outcome: str, message: str) -> None:
+        self.state = outcome
+        self.message = message
+        took = time.monotonic() - self.started
+        self.journal.write(outcome, outcome=outcome, message=message, seconds=round(took, 2))
+        self.ulog.line(f"outcome: {outcome.upper()} after {took:.1f} s: {message}")
+        if self.timings:
+            self.ulog.line("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
+        verified = outcome == "done"
+        self._answer(outcome, message, verified=verified, release=self.d.runner.release.name
+                     if self.d.runner.release else None)
+        level = "info" if outcome == "done" else "warning"
+        getattr(self.log, level)("update.finished", outcome=outcome, message=message, seconds=round(took, 2))
+        if outcome in ("done", "rolled_back", "aborted", "rejected"):
+            self.d.webhook.send(outcome, self._event(message=message))
+        self.d.status_changed()
+
+    def _on_cancel(self) -> None:
+        if self.superseded_by:
+            self._finish("superseded", f"superseded by request {self.superseded_by} before anything was touched")
+        elif self.state in PENDING:
+            # The daemon is stopping while this waits: the journal keeps it, the next start resumes it.
+            self.ulog.line("daemon stopping: the request stays pending and resumes at the next start")
+        elif self.state in BEFORE_SWITCH:
+            self._discard_new()
+            self._finish("aborted", f"the daemon stopped during {self.state}; the live service was not touched")
+        else:
+            self.ulog.line(f"daemon stopping during {self.state}: the next start returns to "
+                           f"{self.old.name if self.old else 'the previous release'}")
+
+    # -- resolve: what exactly will be deployed
+
+    async def _resolve(self) -> None:
+        paths = self.d.paths
+        r = self.req
+        running = self.old.commit if self.old else None
+        if r.action == "rollback":
+            target = self._rollback_target()
+            self.new = target
+            self.target_commit = target.commit
+            self.ulog.line(f"rollback target: {target.name} (commit {target.commit[:7]}, {target.outcome})")
+            return
+        await self._fetch()
+        mirror = self.d.mirror
+        if r.ref:
+            sha = await asyncio.to_thread(mirror.resolve, r.ref)
+            if sha is None:
+                raise Rejected(f"ref {r.ref!r} does not exist in {self.d.cfg.app.repo} (not a branch, tag or commit)")
+        else:
+            sha = await asyncio.to_thread(mirror.branch_head, self.d.cfg.app.branch)
+            if sha is None:
+                raise Rejected(f"branch {self.d.cfg.app.branch!r} does not exist in {self.d.cfg.app.repo}")
+        self.target_commit = sha
+        self.journal.note(target_commit=sha)
+        if running == sha and self.d.runner.state == "running":
+            raise Done(f"already running {sha[:7]} ({self.old.name if self.old else '?'}); nothing to do")
+        commits = await asyncio.to_thread(mirror.log_between, running, sha)
+        self.ulog.line(f"from {running[:7] if running else '(nothing)'} to {sha[:7]}: {len(commits)} commit(s)")
+        for c in commits:
+            self.ulog.line(f"    {c}")
+        del paths
+
+    async def _fetch(self) -> None:
+        t = time.monotonic()
+        try:
+            await asyncio.to_thread(self.d.mirror.fetch, self.cancel)
+        except releases.ReleaseError as e:
+            raise Aborted(str(e)) from None
+        self.timings["fetch"] = self.timings.get("fetch", 0) + time.monotonic() - t
+        self._fetched_at = time.monotonic()
+
+    def _rollback_target(self) -> releases.Release:
+        paths = self.d.paths
+        current = paths.current_release()
+        if self.req.release:
+            rel = releases.read_release(paths, self.req.release)
+            if rel is None:
+                known = ", ".join(r.name for r in releases.list_releases(paths)[:5])
+                raise Rejected(f"release {self.req.release!r} is not retained (see `proto4d releases`: {known})")
+            if rel.name == current and self.d.runner.state == "running":
+                raise Rejected(f"{rel.name} is already the current release")
+            return rel
+        cur = releases.read_release(paths, current) if current else None
+        prev = cur.info.get("previous") if cur else None
+        if prev and paths.release(prev).exists():
+            rel = releases.read_release(paths, prev)
+            if rel is not None:
+                return rel
+        for rel in releases.list_releases(paths):
+            if rel.name != current and rel.outcome in ("verified", "serving") and (
+                    cur is None or rel.created_at < cur.created_at):
+                return rel
+        raise Rejected("there is no previous release to roll back to")
+
+    # -- waiting for a safe moment
+
+    async def _wait_for_window(self) -> None:
+        cfg = self.d.cfg
+        self._enter("waiting")
+        last_reason = ""
+        while True:
+            cfg = self.d.cfg
+            zone = cfg.schedule.zone
+            now = dt.datetime.now(zone)
+            verdict = self.d.sampler.last_verdict or policy.Verdict("red", ("no activity sample yet",))
+            green_since = (dt.datetime.fromtimestamp(self.d.green_since, zone)
+                           if self.d.green_since is not None else None)
+            decision = policy.decide(verdict, now, cfg.safety, cfg.schedule, cfg.update.notice_grace_s,
+                                     green_since=green_since, noticed_at=self.noticed_at, force=self.req.force)
+            self.waiting_for = decision.reason
+            self.until = decision.until
+            if decision.reason != last_reason:
+                self.ulog.line(f"  {verdict.color}: {decision.reason}")
+                self.log.info("update.waiting", verdict=verdict.color, why=decision.reason,
+                              until=decision.until.isoformat(timespec="seconds") if decision.until else None)
+                last_reason = decision.reason
+                self.message = decision.reason
+                self.d.status_changed()
+            if decision.action == "start":
+                self.waiting_for = ""
+                self.until = None
+                return
+            if decision.action == "notice" and self.noticed_at is None:
+                self.noticed_at = now
+                when = time.time() + cfg.update.notice_grace_s
+                grace = policy.duration_words(cfg.update.notice_grace_s)
+                self._post_notice(f"An update will be applied in about {grace}. It should not interrupt you; "
+                                  "requests in progress will finish.", when)
+                self._enter("noticed", noticed_at=now.timestamp())
+                self.d.webhook.send("waiting", self._event(notice_until=activity_iso(when), verdict=verdict.color))
+                continue
+            await self.d.wait_sample(1.0)
+
+    def _post_notice(self, message: str, when: float) -> None:
+        notices.write_notice(self.d.cfg.notice_path, update_id=self.req.id, message=message, when=when,
+                             impact="none expected: the new version takes over without dropping a request")
+
+    # -- preparing
+
+    async def _prepare(self) -> None:
+        cfg, paths = self.d.cfg, self.d.paths
+        if self.req.action == "rollback":
+            await self._prepare_rollback()
+            return
+        if not self.req.ref:
+            if time.monotonic() - getattr(self, "_fetched_at", 0) > 30:
+                await self._fetch()
+            head = await asyncio.to_thread(self.d.mirror.branch_head, cfg.app.branch)
+            if head and head != self.target_commit:
+                self.ulog.line(f"  branch moved while waiting: now {head[:7]}")
+                self.target_commit = head
+        running = self.old.commit if self.old else None
+        if running == self.target_commit and self.d.runner.state == "running":
+            raise Done(f"already running {running[:7]}; nothing to do")
+        mirror = self.d.mirror
+        if (not self.req.ref and running and await asyncio.to_thread(mirror.has_commit, running)
+                and not await asyncio.to_thread(mirror.is_ancestor, running, self.target_commit)):
+            raise Aborted(f"history rewritten: {cfg.app.branch} is now {self.target_commit[:7]}, which does not "
+                          f"descend from the running commit {running[:7]}; to deploy it anyway, name it: "
+                          f"proto4d update --ref {self.target_commit[:12]}")
+        try:
+            prepared = await asyncio.to_thread(
+                releases.prepare_release, cfg, paths, self.d.mirror, self.target_commit,
+                self.req.ref or cfg.app.branch, progress=self._progress, cancel=self.cancel,
+                registry=self.d.registry, timings=self.timings)
+        except releases.ReleaseError as e:
+            raise Aborted(str(e)) from None
+        except OSError as e:
+            raise Aborted(f"preparing failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})") from None
+        self.new = prepared.release
+        self.journal.note(new_release=self.new.name, new_commit=self.target_commit)
+
+    async def _prepare_rollback(self) -> None:
+        target = self.new
+        assert target is not None
+        venv = self.d.paths.venvs / target.venv
+        if not (venv / "venv.json").exists():
+            self.ulog.line(f"  the venv of {target.name} was removed; rebuilding it")
+            req = target.path / self.d.cfg.app.requirements if self.d.cfg.app.requirements else None
+            try:
+                result = await asyncio.to_thread(
+                    releases.ensure_venv, self.d.paths, req if req and req.is_file() else None, self.d.cfg.python,
+                    self.d.cfg.update.installer, progress=self._progress, cancel=self.cancel,
+                    registry=self.d.registry)
+            except releases.ReleaseError as e:
+                raise Aborted(str(e)) from None
+            if result.key != target.venv:
+                target.info["venv"] = result.key
+                fsutil.atomic_write_json(target.path / "release.json", target.info)
+        self.journal.note(new_release=target.name, new_commit=target.commit)
+
+    def _progress(self, text: str) -> None:
+        self.ulog.line("  " + text)
+        if not text.startswith("  |"):
+            self.log.info("update.progress", text=text)
+
+    def _discard_new(self) -> None:
+        """An aborted update's release never served: remove it (a rollback target is kept)."""
+        if self.new is None or self.req.action == "rollback":
+            return
+        if self.d.paths.current_release() == self.new.name:
+            return
+        with contextlib.suppress(OSError):
+            fsutil.remove_tree(self.new.path)
+        self.d.mirror.unpin(self.new.name)
+        self.ulog.line(f"  removed {self.new.name}")
+
+    # -- canary
+
+    def _canary_possible(self) -> bool:
+        cfg = self.d.cfg
+        return cfg.update.canary and (cfg.app.uses_fd or cfg.app.uses_port)
+
+    async def _canary(self) -> None:
+        assert self.new is not None
+        report, died = await self.d.runner.canary(self.new)
+        self.ulog.line(f"  canary checks: {report.summary()}")
+        if not report.ok:
+            raise Aborted(f"the canary of {self.new.name} failed: " + (died or report.failures()))
+
+    # -- switching, verifying, watching
+
+    async def _switch(self) -> None:
+        assert self.new is not None
+        runner = self.d.runner
+        cfg = self.d.cfg
+        runner.hold = True
+        runner.crashed.clear()
+        if cfg.app.uses_fd and runner.proc is not None and runner.proc.alive:
+            await runner.handoff(self.new)
+            self.ulog.line(f"  handoff: {self.new.name} accepts on the same socket; "
+                           f"{self.old.name if self.old else 'the old process'} drains (up to "
+                           f"{cfg.update.drain_timeout_s:g} s) - {runner.drain_kind}")
+        elif cfg.app.uses_fd:
+            await runner.handoff(self.new)  # nothing was serving: a plain start on the socket
+        else:
+            self.switched = True
+            _proc, gap = await runner.stop_then_start(self.new)
+            self.timings["gap"] = gap
+            self.ulog.line(f"  stop-then-start: the port was closed for {gap:.2f} s")
+        self.switched = True
+        releases.switch_current(self.d.paths, self.new.name)
+        self._link_previous()
+        self.journal.note(current=self.new.name, switched_at=time.time())
+        self.switched_at = time.time()
+        releases.set_outcome(self.d.paths, self.new.name, "serving")
+        self.ulog.line(f"  current -> releases/{self.new.name}")
+
+    def _link_previous(self) -> None:
+        """Remember which release this one replaced: `rollback` with no name goes there."""
+        if self.new is None or self.old is None or self.old.name == self.new.name:
+            return
+        rel = releases.read_release(self.d.paths, self.new.name)
+        if rel is not None and self.req.action == "update":
+            rel.info["previous"] = self.old.name
+            fsutil.atomic_write_json(rel.path / "release.json", rel.info)
+
+    async def _verify(self) -> None:
+        cfg = self.d.cfg
+        runner = self.d.runner
+        proc = runner.proc
+        report = await self.d.prober.wait_healthy(
+            cfg.listen.probe_host, runner.production_port, cfg.health.checks, min(cfg.health.start_timeout_s, 15),
+            cfg.health.timeout_s, alive=lambda: proc is not None and proc.alive)
+        self.ulog.line(f"  checks: {report.summary()}")
+        if not report.ok:
+            raise RollBack(f"verification failed on port {runner.production_port}: "
+                           + (report.failures() if proc is not None and proc.alive else
+                              f"the new process {proc.exit_description() if proc else 'is gone'}"))
+        runner.healthy = True
+        if cfg.health.external_url:
+            ext = await self.d.prober.external(cfg.health.external_url, cfg.health.timeout_s)
+            if ext.ok:
+                self.ulog.line(f"  external: {ext.describe()}")
+            else:
+                self.ulog.line(f"  WARNING external check failed (not a reason to roll back): {ext.describe()}")
+                self.log.warning("update.external_failed", check=ext.describe())
+
+    async def _watch(self) -> None:
+        cfg = self.d.cfg
+        runner = self.d.runner
+        end = time.monotonic() + cfg.update.watch_s
+        since = getattr(self, "switched_at", time.time())
+        failures = 0
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            self.until = dt.datetime.now().astimezone() + dt.timedelta(seconds=remaining)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(runner.crashed.wait(), min(cfg.health.interval_s, remaining))
+            proc = runner.proc
+            if runner.crashed.is_set() or proc is None or not proc.alive:
+                how = proc.exit_description() if proc is not None else "is gone"
+                raise RollBack(f"the new release crashed during the watch ({how}): "
+                               f"{proc.last_lines() if proc else ''}")
+            report = await self.d.prober.check(cfg.listen.probe_host, runner.production_port, cfg.health.checks,
+                                               cfg.health.timeout_s)
+            if not report.ok:
+                failures += 1
+                self.ulog.line(f"  watch: check failed ({failures} in a row): {report.failures()}")
+                if failures >= 2:
+                    raise RollBack(f"health checks failed during the watch: {report.failures()}")
+                continue
+            failures = 0
+            total, errors = self.d.sampler.errors_since(since)
+            if total >= 5 and errors / total > cfg.update.max_5xx_ratio:
+                raise RollBack(f"{errors} of {total} requests answered 5xx since the switch "
+                               f"({errors / total:.0%} > update.max_5xx_ratio {cfg.update.max_5xx_ratio:.0%})")
+        self.until = None
+        total, errors = self.d.sampler.errors_since(since)
+        self.ulog.line(f"  watched {cfg.update.watch_s:g} s: no crash, checks passing, {errors}/{total} 5xx")
+
+    async def _rollback(self, why: str) -> None:
+        paths, runner, cfg = self.d.paths, self.d.runner, self.d.cfg
+        self.message = why
+        self.ulog.line(f"FAILED: {why}")
+        self._enter("rolling_back", message=why)
+        self.d.webhook.send("rolling_back", self._event(message=why))
+        back = self.old
+        new = self.new
+        t = time.monotonic()
+        try:
+            if back is not None and (runner.release is None or runner.release.name != back.name
+                                     or runner.proc is None or not runner.proc.alive):
+                runner.hold = True
+                runner.crashed.clear()
+                if cfg.app.uses_fd:
+                    await runner.handoff(back)
+                else:
+                    await runner.stop_then_start(back)
+            if back is not None:
+                releases.switch_current(paths, back.name)
+            report = await self.d.prober.wait_healthy(cfg.listen.probe_host, runner.production_port,
+                                                      cfg.health.checks, min(cfg.health.start_timeout_s, 15),
+                                                      cfg.health.timeout_s,
+                                                      alive=lambda: runner.proc is not None and runner.proc.alive)
+            runner.healthy = report.ok
+            self.ulog.line(f"  back on {back.name if back else '?'}: {report.summary()} "
+                           f"({time.monotonic() - t:.2f} s)")
+            if not report.ok:
+                self.log.error("rollback.unhealthy", release=back.name if back else None, checks=report.failures())
+        except SwitchFailed as e:
+            # Nothing good is serving: let the supervisor's restart loop take over on `current`.
+            self.log.critical("rollback.failed", error=str(e))
+            self.ulog.line(f"  ROLLBACK FAILED: {e}; the supervisor keeps restarting {back.name if back else '?'}")
+            runner.hold = False
+            if back is not None:
+                releases.switch_current(paths, back.name)
+                runner.release = back
+                runner._failed(runner.proc, str(e)) if runner.proc is not None else None
+        finally:
+            runner.hold = False
+        if new is not None and (back is None or new.name != back.name):
+            releases.set_outcome(paths, new.name, "rolled_back", why=why)
+        self.timings["rollback"] = time.monotonic() - t
+        self._finish("rolled_back", f"{why}; back on {back.name if back else '?'}")
+
+
+def retained(paths, cfg, in_use: list[str]) -> tuple[list[str], list[str]]:
+    """Apply retention: remove old releases and unreferenced venvs; return what went."""
+    rels = releases.list_releases(paths)
+    current = paths.current_release()
+    cur = next((r for r in rels if r.name == current), None)
+    previous = cur.info.get("previous") if cur else None
+    facts = [retention.ReleaseFacts(r.name, r.created_at, r.venv) for r in rels]
+    doomed = retention.plan_releases(facts, current=current, previous=previous, now=time.time(),
+                                     keep_days=cfg.update.keep_days, keep_min=cfg.update.keep_min)
+    for name in doomed:
+        fsutil.remove_tree(paths.release(name))
+    kept = [f for f in facts if f.name not in doomed]
+    venvs = [p.name for p in paths.venvs.iterdir() if p.is_dir() and not p.name.startswith(".")] \
+        if paths.venvs.is_dir() else []
+    dead_venvs = retention.plan_venvs(venvs, kept, in_use)
+    for key in dead_venvs:
+        fsutil.remove_tree(paths.venvs / key)
+    return doomed, dead_venvs

@@ -1,0 +1,251 @@
+"""`proto4d status`, `activity` and `releases`: read the files under `root` and print them.
+
+None of these talk to the daemon; they read `state/status.json` (rewritten after every
+sample) and say plainly when the daemon is not running or its status is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from proto4d import config as configmod
+from proto4d import fsutil, policy, releases
+from proto4d.paths import Paths
+
+EX_OK, EX_FAILED = 0, 1
+
+
+def daemon_alive(paths: Paths) -> int | None:
+    """The daemon's pid if one holds this root's lock, else None."""
+    try:
+        pid = int(paths.lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    import fcntl
+
+    # The pid could be recycled: a held lock is the proof.
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return pid
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def load_status(paths: Paths, interval_s: float) -> tuple[dict[str, Any] | None, str]:
+    """(status, problem): problem is "" when the daemon runs and the status is fresh."""
+    status = fsutil.read_json(paths.status)
+    pid = daemon_alive(paths)
+    if pid is None:
+        if status is None:
+            return None, f"the daemon is not running (no status in {paths.status})"
+        return status, f"the daemon is not running; this is its last status, written {_age(status.get('written_at'))}"
+    if status is None:
+        return None, f"the daemon (pid {pid}) is starting: no status written yet"
+    written = _parse_iso(status.get("written_at"))
+    if written is not None and time.time() - written > 3 * interval_s + 10:
+        return status, f"stale: the daemon (pid {pid}) has not written its status for {_dur(time.time() - written)}"
+    return status, ""
+
+
+def _parse_iso(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _age(text: Any) -> str:
+    ts = _parse_iso(text)
+    return f"{_dur(time.time() - ts)} ago" if ts is not None else "at an unknown time"
+
+
+def _dur(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _mb(n: Any) -> str:
+    return f"{(n or 0) / (1 << 20):.1f} MB"
+
+
+# --------------------------------------------------------------------------- status
+
+
+def render_status(status: dict[str, Any], problem: str) -> str:
+    lines = []
+    if problem:
+        lines.append(f"!! {problem}")
+    d, app, act, upd = (status.get(k) or {} for k in ("daemon", "app", "activity", "update"))
+    lines.append(f"daemon   pid {d.get('pid')}  {d.get('state')}  proto4d {d.get('version')}  "
+                 f"since {_age(d.get('started_at'))}")
+    health = "healthy" if app.get("healthy") else "NOT healthy"
+    lines.append(f"app      {app.get('state', '?')}  pid {app.get('pid') or '-'}  {health}  "
+                 f"port {app.get('port', '?')}  restarts {app.get('restarts', 0)}")
+    lines.append(f"release  {app.get('release') or '(none)'}  commit {str(app.get('commit') or '')[:12]}  "
+                 f"serving since {_age(app.get('since'))}")
+    if app.get("message"):
+        lines.append(f"         {app['message']}")
+    if app.get("last_exit"):
+        lines.append(f"         last exit: {app['last_exit']}")
+    if app.get("drain"):
+        lines.append(f"drain    {app['drain']}")
+    lines.append(f"activity {str(act.get('verdict', '?')).upper()}: {act.get('users', 0)} users, "
+                 f"{act.get('requests_window', 0)} requests in window, {act.get('connections', 0)} connections, "
+                 f"tunnel {_tunnel(act.get('tunnel'))}, cpu {act.get('cpu_percent', 0)}%, "
+                 f"rss {_mb(act.get('rss_bytes'))}")
+    for r in act.get("reasons") or []:
+        lines.append(f"         - {r}")
+    state = upd.get("state", "idle")
+    if state == "idle":
+        last = upd.get("last") or {}
+        text = "idle"
+        if last:
+            text += f" (last: {last.get('id')} {last.get('state')}: {last.get('message', '')})"
+        lines.append(f"update   {text}")
+    else:
+        lines.append(f"update   {state}  id {upd.get('id')}  {upd.get('action', 'update')} to {upd.get('ref')}"
+                     + (f"  ({upd.get('reason')})" if upd.get("reason") else ""))
+        if upd.get("waiting_for"):
+            until = f" until {upd['until']}" if upd.get("until") else ""
+            lines.append(f"         waiting for: {upd['waiting_for']}{until}")
+        elif upd.get("message"):
+            lines.append(f"         {upd['message']}")
+        if upd.get("log"):
+            lines.append(f"         log: {upd['log']}")
+    if upd.get("queued"):
+        q = upd["queued"]
+        lines.append(f"queued   {q.get('id')} ({q.get('action')} {q.get('ref') or q.get('release') or ''})")
+    if upd.get("last_rejected"):
+        rj = upd["last_rejected"]
+        lines.append(f"rejected {rj.get('id')} at {rj.get('at')}: {rj.get('reason')}")
+    return "\n".join(lines)
+
+
+def _tunnel(v: Any) -> str:
+    return {True: "up", False: "DOWN", None: "not watched"}.get(v, str(v))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    paths = Paths(cfg.root)
+    if args.watch is not None and args.watch <= 0:
+        print("proto4d status: --watch needs a number of seconds > 0", file=sys.stderr)
+        return 2
+    while True:
+        status, problem = load_status(paths, cfg.activity.interval_s)
+        if args.json:
+            out = json.dumps(status if status is not None else {"error": problem}, indent=None if args.watch else 2)
+            if problem and status is not None:
+                status = {**status, "problem": problem}
+                out = json.dumps(status, indent=None if args.watch else 2)
+        else:
+            out = render_status(status, problem) if status is not None else f"!! {problem}"
+        if args.watch is None:
+            print(out)
+            return EX_OK if status is not None and not problem else EX_FAILED
+        if sys.stdout.isatty() and not args.json:
+            sys.stdout.write("\x1b[H\x1b[2J")
+        print(out, flush=True)
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return EX_OK
+
+
+# --------------------------------------------------------------------------- activity
+
+
+def cmd_activity(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    paths = Paths(cfg.root)
+    status, problem = load_status(paths, cfg.activity.interval_s)
+    if status is None:
+        print(f"!! {problem}", file=sys.stderr)
+        return EX_FAILED
+    act = status.get("activity") or {}
+    verdict = policy.Verdict(act.get("verdict", "red"), tuple(act.get("reasons") or ()))
+    now = dt.datetime.now(cfg.schedule.zone)
+    rec = policy.recommendation(verdict, now, cfg.safety, cfg.schedule, cfg.update.notice_grace_s)
+    window = policy.classify(now, cfg.schedule)
+    if args.json:
+        print(json.dumps({**act, "recommendation": rec, "window": window.kind,
+                          "window_text": str(window.window) if window.window else None, "problem": problem or None},
+                         indent=2))
+        return EX_OK
+    if problem:
+        print(f"!! {problem}")
+    window_s = act.get("window_s", cfg.activity.window_s)
+    print(f"Activity at {now.strftime('%Y-%m-%d %H:%M')} ({cfg.schedule.timezone}), window {_dur(window_s)}")
+    print(f"  users        {act.get('users', 0)}")
+    for c in act.get("clients") or []:
+        print(f"                 {c['address']:<40} {c['requests']} requests")
+    print(f"  requests     {act.get('requests_window', 0)} in the window ({act.get('rpm', 0)}/min)")
+    last = act.get("last_request")
+    print(f"  last request {last + ' (' + _age(last) + ')' if last else 'none in the window'}")
+    print(f"  connections  {act.get('connections', 0)} established on port {cfg.listen.port}")
+    print(f"  tunnel       {_tunnel(act.get('tunnel'))} ({cfg.activity.tunnel_process or 'none configured'})")
+    print(f"  app          cpu {act.get('cpu_percent', 0)}%, memory {_mb(act.get('rss_bytes'))} "
+          f"in {act.get('processes', 0)} process(es)")
+    print(f"  time         {window.kind}" + (f" window {window.window}" if window.window else ""))
+    print(f"verdict: {verdict.color.upper()}")
+    for r in verdict.reasons:
+        print(f"  - {r}")
+    print(f"recommendation: {rec}")
+    return EX_OK
+
+
+# --------------------------------------------------------------------------- releases
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    paths = Paths(cfg.root)
+    current = paths.current_release()
+    rels = releases.list_releases(paths)
+    rows = [{"name": r.name, "commit": r.commit, "subject": r.info.get("subject", ""),
+             "created_at": r.created_at, "age_s": round(time.time() - r.created_at), "outcome": r.outcome,
+             "venv": r.venv, "current": r.name == current, "previous": r.info.get("previous")} for r in rels]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EX_OK
+    if not rows:
+        print(f"no releases under {paths.releases}")
+        return EX_OK
+    print(f"{'':2}{'release':<40} {'commit':<9} {'age':>12}  {'outcome':<12} subject")
+    for row in rows:
+        mark = "* " if row["current"] else "  "
+        print(f"{mark}{row['name']:<40} {row['commit'][:7]:<9} {_dur(row['age_s']):>12}  {row['outcome']:<12} "
+              f"{row['subject'][:50]}")
+    print("(* = current)")
+    return EX_OK
+

@@ -1,0 +1,45 @@
+"""Fixtures for the end-to-end tests: a fresh origin and daemon per test, torn down for sure."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Daemon, Origin  # noqa: E402
+
+# uv (from the test extras) builds release venvs; its cache makes every build after the first fast.
+os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Origin:
+    o = Origin(tmp_path)
+    o.commit("1")
+    return o
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, origin: Origin) -> Iterator:
+    made: list[Daemon] = []
+
+    def make(**overrides) -> Daemon:
+        d = Daemon(tmp_path, origin, **overrides)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+    for d in made:
+        # SIGKILLed processes take a moment to go; anything still there after that outlived the test.
+        deadline = time.monotonic() + 10
+        while d.app_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not d.app_pids(), f"app processes outlived the test: {d.app_pids()}"

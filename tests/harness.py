@@ -1,0 +1,264 @@
+"""Real parts for end-to-end tests: a local git origin with the sample app, and a real daemon.
+
+Nothing is faked: the origin is a bare git repository on disk, the daemon is `python -m
+proto4d run` in its own process group, the app is uvicorn in a venv built by uv, and every
+wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+SAMPLE = Path(__file__).resolve().parents[1] / "daemon" / "proto4d" / "sample"
+GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid", "GIT_COMMITTER_NAME": "Test",
+           "GIT_COMMITTER_EMAIL": "test@example.invalid", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = pred()
+            if value:
+                return value
+        except Exception as e:  # the condition may not be readable yet
+            last_exc = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                                 + (f" (last error: {last_exc})" if last_exc else ""))
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class Origin:
+    """A bare repository plus a work tree that commits versions of the sample app."""
+
+    def __init__(self, base: Path, subdir: str = "") -> None:
+        self.bare = base / "origin.git"
+        self.work = base / "origin-work"
+        self.subdir = subdir
+        git(base, "init", "-q", "--bare", "-b", "main", str(self.bare))
+        git(base, "init", "-q", "-b", "main", str(self.work))
+        git(self.work, "remote", "add", "origin", str(self.bare))
+        self.app = self.work / subdir if subdir else self.work
+        shutil.copytree(SAMPLE, self.app, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+    def commit(self, version: str, mode: str = "healthy", *, files: dict[str, str] | None = None,
+               requirements: str | None = None, push: bool = True, message: str | None = None) -> str:
+        (self.app / "VERSION").write_text(version + "\n")
+        (self.app / "mode.txt").write_text(mode + "\n")
+        if requirements is not None:
+            (self.app / "requirements.txt").write_text(requirements)
+        for name, text in (files or {}).items():
+            p = self.app / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+        git(self.work, "add", "-A")
+        git(self.work, "commit", "-q", "--allow-empty", "-m", message or f"v{version} ({mode})")
+        if push:
+            git(self.work, "push", "-q", "--force", "origin", "HEAD:main")
+        return git(self.work, "rev-parse", "HEAD")
+
+    def rewrite_history(self, version: str) -> str:
+        """Replace the branch with a commit that does not descend from what runs (a force-push)."""
+        git(self.work, "checkout", "-q", "--orphan", f"rewrite-{version}")
+        return self.commit(version, message=f"rewritten history v{version}")
+
+    def tag(self, name: str) -> None:
+        git(self.work, "tag", name)
+        git(self.work, "push", "-q", "origin", name)
+
+
+class Daemon:
+    """`proto4d run` as a real process, with its config, root and logs under one directory."""
+
+    def __init__(self, base: Path, origin: Origin, port: int | None = None, **overrides: Any) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.port = port or free_port()
+        self.config_path = base / "proto4d.yaml"
+        self.origin = origin
+        self.cfg: dict[str, Any] = {
+            "root": str(self.root),
+            "python": sys.executable,
+            "app": {"repo": str(origin.bare), "branch": "main", "subdir": origin.subdir,
+                    "requirements": "requirements.txt",
+                    "command": ["{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"],
+                    "shared": [".env", "data"], "stable_s": 30, "max_fast_failures": 3},
+            "listen": {"host": "127.0.0.1", "port": self.port},
+            "health": {"checks": [{"path": "/health", "status": [200]}, {"path": "/", "status": [200]}],
+                       "start_timeout_s": 20, "interval_s": 0.5, "timeout_s": 3},
+            "activity": {"interval_s": 0.5, "window_s": 5, "tunnel_process": ""},
+            "safety": {"quiet_for_s": 0},
+            "update": {"notice_grace_s": 1, "watch_s": 2, "drain_timeout_s": 15, "min_free_mb": 1},
+            "schedule": {"timezone": "UTC"},
+        }
+        deep_update(self.cfg, overrides)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
+        self.write_config()
+        (self.root / "shared").mkdir(parents=True, exist_ok=True)
+        (self.root / "shared" / ".env").write_text("TUTOR_SECRET=s3cr3t-value-for-tests\n")
+        os.chmod(self.root, 0o755)
+
+    def write_config(self, cfg: dict[str, Any] | None = None, path: Path | None = None) -> Path:
+        path = path or self.config_path
+        path.write_text(yaml.safe_dump(cfg or self.cfg, sort_keys=False))
+        return path
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "daemon.stderr"
+
+    def start(self, env: dict[str, str] | None = None, wait_healthy: bool = True, timeout: float = 90) -> Daemon:
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env.pop("PROTO4D_CONFIG", None)
+        self.env.pop("NOTIFY_SOCKET", None)
+        if env:
+            self.env.update(env)
+        with open(self.log_path, "ab") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "proto4d", "run", "--config", str(self.config_path)],
+                                         stdout=err, stderr=err, stdin=subprocess.DEVNULL, env=self.env,
+                                         start_new_session=True, cwd=self.base)
+        if wait_healthy:
+            self.wait_healthy(timeout=timeout)
+        return self
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "PROTO4D_CONFIG"}
+        r = subprocess.run([sys.executable, "-m", "proto4d", *args, "--config", str(self.config_path)],
+                           capture_output=True, text=True, timeout=timeout, env=env, cwd=self.base)
+        if check and r.returncode != 0:
+            raise AssertionError(f"proto4d {' '.join(args)} exited {r.returncode}: {r.stdout}\n{r.stderr}")
+        return r
+
+    def status(self) -> dict[str, Any]:
+        return json.loads((self.root / "state" / "status.json").read_text())
+
+    def journal(self) -> dict[str, Any]:
+        return json.loads((self.root / "state" / "journal.json").read_text())
+
+    def wait_status(self, pred: Callable[[dict[str, Any]], Any], timeout: float, what: str) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            self.assert_alive()
+            s = self.status()
+            if self.proc is not None and s["daemon"]["pid"] != self.proc.pid:
+                return None  # what an earlier daemon wrote
+            return s if pred(s) else None
+        return wait_for(check, timeout, what)
+
+    def wait_healthy(self, timeout: float = 90, release: str | None = None) -> dict[str, Any]:
+        return self.wait_status(lambda s: s["app"]["healthy"] and s["app"]["state"] == "running"
+                                and s["daemon"]["state"] == "running"
+                                and (release is None or s["app"]["release"] == release), timeout, "a healthy app")
+
+    def assert_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        path = self.root / "logs" / "proto4d.log"
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait: the daemon drains the app and exits."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the daemon did not stop within {timeout} s:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon alone (its app keeps running as an orphan, as after a real crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def app_pids(self) -> list[int]:
+        """Every live process whose command line runs a release of this root."""
+        out = []
+        marker = str(self.root)
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if (marker in cmd or marker in (p.info["cwd"] or "")) and p.pid != os.getpid() and \
+                        "proto4d run" not in cmd and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+            except psutil.Error:
+                continue
+        return out
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        for pid in self.app_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def update(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return self.cli("update", *args, timeout=timeout)
+
+    def get(self, path: str = "/version", timeout: float = 5) -> dict[str, Any]:
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers={"User-Agent": "test-client"})
+            r = conn.getresponse()
+            body = r.read()
+            return {"status": r.status, **json.loads(body)}
+        finally:
+            conn.close()
+
+
+def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
