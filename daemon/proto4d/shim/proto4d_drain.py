@@ -1,0 +1,329 @@
+"""proto4d drain shim: a uvicorn HTTP protocol that loses no request when the server is told to stop.
+
+This file runs inside the APP's interpreter (its own venv, Python 3.8 or later), never inside
+proto4d: it imports nothing from proto4d and keeps to syntax Python 3.8 accepts. proto4d puts
+the directory holding it on the app's PYTHONPATH and starts the app as
+
+    python -m proto4d_drain <the usual uvicorn arguments>
+
+which runs uvicorn's own command line with its `--http auto|h11|httptools` choices mapped to
+the classes below. (uvicorn 0.24's `--http` accepts only those three names, not an import
+string, so `--http proto4d_drain:AutoDrainProtocol` works only on newer uvicorn; the launcher
+works on both.)
+
+Why: on SIGTERM, stock uvicorn calls `shutdown()` on every connection. An idle keep-alive
+connection is closed at once, so a client sending its next request at that moment gets a reset
+or an EOF; an in-flight request only gets `keep_alive = False`, so its response goes out
+without `Connection: close` and the connection is closed after it, under a client that may
+already be reusing it. When a new process is serving the same listening socket (proto4d's
+handoff), each of those is a failed request that never needed to fail.
+
+What these classes change, on shutdown only:
+  * in-flight request, response headers not sent yet: the response carries `Connection: close`
+    and the connection closes after it;
+  * in-flight request, headers already sent: `keep_alive = False` (stock behaviour);
+  * idle keep-alive connection, or one holding part of a request: not closed at once. It is
+    marked draining; a request arriving within the grace (PROTO4D_DRAIN_GRACE_S, default 1.0 s,
+    counted from the last bytes received) is served with `Connection: close` and the
+    connection closes after it; with none, it is closed the stock way when the grace ends.
+Everything else (keep-alive timeout, parsing, flow control) is uvicorn's own. Each accepted
+TCP connection also gets TCP_NODELAY (uvicorn treats a `--fd` socket as a Unix socket, so
+asyncio never sets it).
+
+If uvicorn's classes lack what this relies on (checked when a class is first asked for), the
+stock class is exported under the same name instead. Either way ONE line goes to stderr, the
+first time uvicorn picks a class (during its start-up, before "Uvicorn running on"):
+    proto4d-drain: active (uvicorn <version>, <h11|httptools>)
+    proto4d-drain: fallback to stock uvicorn shutdown (<reason>)
+"""
+
+import importlib
+import os
+import socket
+import sys
+
+# The three protocol names are served by the module __getattr__ below (built on first use).
+__all__ = ["AutoDrainProtocol", "H11DrainProtocol", "HttpToolsDrainProtocol", "main"]  # noqa: F822
+
+CLOSE_HEADER = (b"connection", b"close")
+DEFAULT_GRACE_S = 1.0
+GRACE_ENV = "PROTO4D_DRAIN_GRACE_S"
+
+# What the subclass touches in uvicorn's classes; checked before the subclass is built.
+_PROTOCOL_METHODS = ("shutdown", "data_received", "connection_made", "connection_lost",
+                     "on_response_complete", "timeout_keep_alive_handler")
+_PROTOCOL_STATE = ("cycle", "transport", "loop")
+_CYCLE_STATE = ("scope", "keep_alive", "response_started", "response_complete")
+# The stock class name in each implementation module.
+_STOCK_NAMES = {"h11": "H11Protocol", "httptools": "HttpToolsProtocol"}
+# The names this module exports, and the implementation behind each ("auto" = uvicorn's choice).
+_EXPORTS = {"H11DrainProtocol": "h11", "HttpToolsDrainProtocol": "httptools", "AutoDrainProtocol": "auto"}
+# uvicorn's `--http` choices and the export the launcher maps each to.
+_LAUNCH_MAP = (("auto", "AutoDrainProtocol"), ("h11", "H11DrainProtocol"),
+               ("httptools", "HttpToolsDrainProtocol"))
+
+_resolved = {}  # implementation name -> class
+_announced = []  # the one line printed, once per process
+
+
+def _grace_s():
+    raw = os.environ.get(GRACE_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_GRACE_S
+    except ValueError:
+        return DEFAULT_GRACE_S
+    if value != value or value < 0:  # NaN or negative
+        return DEFAULT_GRACE_S
+    return value
+
+
+def _announce(line):
+    if _announced:
+        return
+    _announced.append(line)
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _uvicorn_version():
+    try:
+        import uvicorn
+    except ImportError:
+        return "?"
+    return str(getattr(uvicorn, "__version__", "?"))
+
+
+def _auto_impl():
+    """Mirror uvicorn's own `--http auto`: httptools when importable, else h11."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
+def _code_names(func):
+    code = getattr(func, "__code__", None)
+    return set(code.co_names) if code is not None else set()
+
+
+def _code_consts(func):
+    code = getattr(func, "__code__", None)
+    return tuple(code.co_consts) if code is not None else ()
+
+
+def _check(module, impl):
+    """Return (reason the subclass cannot apply or "", whether scope headers carry the close)."""
+    stock = getattr(module, _STOCK_NAMES[impl], None)
+    if stock is None:
+        return f"uvicorn.protocols.http.{impl}_impl has no {_STOCK_NAMES[impl]}", False
+    for name in _PROTOCOL_METHODS:
+        if not callable(getattr(stock, name, None)):
+            return f"{stock.__name__} has no {name}()", False
+    init_names = _code_names(stock.__init__)
+    for name in _PROTOCOL_STATE:
+        if name not in init_names:
+            return f"{stock.__name__} does not keep self.{name}", False
+    cycle = getattr(module, "RequestResponseCycle", None)
+    if cycle is None:
+        return f"uvicorn.protocols.http.{impl}_impl has no RequestResponseCycle", False
+    cycle_names = _code_names(cycle.__init__)
+    for name in _CYCLE_STATE:
+        if name not in cycle_names:
+            return f"RequestResponseCycle does not keep self.{name}", False
+    send_names = _code_names(getattr(cycle, "send", None))
+    # uvicorn <= 0.2x (both implementations) and h11 in later ones: the response gets
+    # `connection: close` when the request's scope headers hold it.
+    if "CLOSE_HEADER" in send_names:
+        return "", True
+    # httptools in later uvicorn: the response gets `connection: close` when keep_alive is off.
+    if "keep_alive" in send_names and b"connection: close\r\n" in _code_consts(getattr(cycle, "send", None)):
+        return "", False
+    return "RequestResponseCycle.send has no way to announce connection: close", False
+
+
+def _set_nodelay(transport):
+    try:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except Exception:  # a Unix socket, or a transport without one: nothing to do
+        pass
+
+
+class _DrainMixin:
+    """The shutdown behaviour; mixed in front of uvicorn's H11Protocol or HttpToolsProtocol."""
+
+    _p4_draining = False
+    _p4_timer = None
+    _p4_scope_close = True  # set per class: the close is announced through the scope headers
+
+    # -- Protocol interface ----------------------------------------------------------------
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        _set_nodelay(transport)
+
+    def connection_lost(self, exc):
+        self._p4_cancel_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data):
+        before = self.cycle
+        idle_before = before is None or before.response_complete
+        super().data_received(data)
+        if not self._p4_draining:
+            return
+        if self.cycle is not before:  # a request was parsed while draining
+            self._p4_cancel_timer()
+            self._p4_close_after(self.cycle)
+        elif data and idle_before and self._p4_timer is not None:
+            self._p4_arm_timer()  # part of a request: the client is still sending, count the grace from now
+
+    def on_response_complete(self):
+        before = self.cycle
+        super().on_response_complete()
+        # h11 starts a pipelined request from here.
+        if self._p4_draining and self.cycle is not before and self.cycle is not None:
+            self._p4_close_after(self.cycle)
+
+    def shutdown(self):
+        """Called by uvicorn's Server.shutdown() on every connection when the server stops."""
+        if self._p4_draining:
+            return
+        self._p4_draining = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._p4_close_after(cycle)
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        # Idle (or holding part of a request): give the client the grace to send one more.
+        self._p4_arm_timer()
+
+    # -- the drain -------------------------------------------------------------------------
+    def _p4_close_after(self, cycle):
+        """The response to `cycle` closes the connection, and says so when it still can."""
+        cycle.keep_alive = False
+        if cycle.response_started or not self._p4_scope_close:
+            return
+        scope = cycle.scope
+        headers = scope.get("headers")
+        if isinstance(headers, list):
+            if CLOSE_HEADER not in headers:
+                headers.append(CLOSE_HEADER)
+        else:
+            scope["headers"] = [*list(headers or ()), CLOSE_HEADER]
+
+    def _p4_arm_timer(self):
+        self._p4_cancel_timer()
+        self._p4_timer = self.loop.call_later(_grace_s(), self._p4_grace_over)
+
+    def _p4_cancel_timer(self):
+        timer = self._p4_timer
+        if timer is not None:
+            self._p4_timer = None
+            timer.cancel()
+
+    def _p4_grace_over(self):
+        self._p4_timer = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            return  # a request came in: its response closes the connection
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            self.timeout_keep_alive_handler()  # the stock close (h11: ConnectionClosed, then close)
+        except Exception:
+            transport.close()
+        if not transport.is_closing():
+            transport.close()
+
+
+def _build(impl):
+    """The drain class for one implementation, or the stock class and the reason it is used."""
+    module = importlib.import_module(f"uvicorn.protocols.http.{impl}_impl")
+    stock = getattr(module, _STOCK_NAMES[impl], None)
+    reason, scope_close = _check(module, impl)
+    if reason:
+        if stock is None:
+            raise ImportError("proto4d-drain: " + reason)
+        return stock, reason
+    name = "H11DrainProtocol" if impl == "h11" else "HttpToolsDrainProtocol"
+    cls = type(name, (_DrainMixin, stock), {"_p4_scope_close": scope_close, "__module__": "proto4d_drain"})
+    cls.__qualname__ = name
+    cls.__doc__ = f"uvicorn's {stock.__name__} with proto4d's drain on shutdown."
+    return cls, ""
+
+
+def _resolve(impl):
+    if impl == "auto":
+        impl = _auto_impl()
+    cls = _resolved.get(impl)
+    if cls is None:
+        try:
+            cls, reason = _build(impl)
+        except ImportError as exc:
+            if impl == "httptools" and "httptools" in str(exc):
+                raise ImportError(f"proto4d-drain: httptools is not installed ({exc})") from exc
+            raise
+        _resolved[impl] = cls
+        if reason:
+            _announce(f"proto4d-drain: fallback to stock uvicorn shutdown ({reason})")
+        else:
+            _announce(f"proto4d-drain: active (uvicorn {_uvicorn_version()}, {impl})")
+    return cls
+
+
+def __getattr__(name):
+    impl = _EXPORTS.get(name)
+    if impl is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _resolve(impl)
+
+
+def _http_choice(argv):
+    """The `--http` value uvicorn will use (command line, then UVICORN_HTTP, then "auto")."""
+    value = None
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--http" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--http="):
+            value = arg[len("--http="):]
+    if value is None:
+        value = os.environ.get("UVICORN_HTTP") or "auto"
+    return value
+
+
+def main(argv=None):
+    """`python -m proto4d_drain ARGS`: uvicorn's command line with the drain classes."""
+    if argv is None:
+        argv = sys.argv[1:]
+    import uvicorn
+    import uvicorn.config
+
+    cli = getattr(uvicorn, "main", None)
+    protocols = getattr(sys.modules["uvicorn.config"], "HTTP_PROTOCOLS", None)
+    choice = _http_choice(argv)
+    if not isinstance(protocols, dict):
+        _announce("proto4d-drain: fallback to stock uvicorn shutdown "
+                  "(uvicorn.config.HTTP_PROTOCOLS not found)")
+    else:
+        for key, export in _LAUNCH_MAP:
+            if key in protocols:
+                protocols[key] = "proto4d_drain:" + export
+        if choice not in dict(_LAUNCH_MAP) and not choice.startswith("proto4d_drain:"):
+            _announce(f"proto4d-drain: fallback to stock uvicorn shutdown (--http {choice} is not wrapped)")
+    if not callable(cli):
+        raise SystemExit("proto4d-drain: uvicorn has no command line entry point (uvicorn.main)")
+    return cli(args=list(argv), prog_name="python -m uvicorn")
+
+
+if __name__ == "__main__":
+    # Run through the importable module so uvicorn's "proto4d_drain:..." strings find the same state.
+    sys.modules.setdefault("proto4d_drain", sys.modules[__name__])
+    main()
