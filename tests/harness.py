@@ -115,7 +115,7 @@ class Daemon:
             "health": {"checks": [{"path": "/health", "status": [200]}, {"path": "/", "status": [200]}],
                        "start_timeout_s": 20, "interval_s": 0.5, "timeout_s": 3},
             "activity": {"interval_s": 0.5, "window_s": 5, "tunnel_process": ""},
-            "safety": {"quiet_for_s": 0},
+            "safety": {"quiet_for_s": 0, "red_rpm": 0},
             "update": {"notice_grace_s": 1, "watch_s": 2, "drain_timeout_s": 15, "min_free_mb": 1},
             "schedule": {"timezone": "UTC"},
         }

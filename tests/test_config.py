@@ -167,7 +167,7 @@ def test_every_omitted_key_has_its_default(tmp_path: Path) -> None:
                                              start_timeout_s=60.0, timeout_s=5.0, interval_s=10.0)
     assert cfg.activity == config.ActivityConfig(interval_s=5.0, window_s=300.0, ignore_paths=("/health",),
                                                  tunnel_process="cloudflared", history_max_bytes=5 << 20)
-    assert cfg.safety == config.SafetyConfig(yellow_max_users=2, quiet_for_s=120.0, red_rpm=60.0)
+    assert cfg.safety == config.SafetyConfig(yellow_max_users=2, quiet_for_s=120.0, red_rpm=600.0)
     assert cfg.schedule == config.ScheduleConfig("UTC", (), (), (), None)
     assert cfg.update == config.UpdateConfig(notice_grace_s=300.0, drain_timeout_s=60.0, watch_s=120.0,
                                              keep_days=7.0, keep_min=3, max_5xx_ratio=0.2, min_free_mb=200,

@@ -8,6 +8,7 @@ decisions made from a sample live in policy.py; this module only measures.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -22,6 +23,8 @@ import psutil
 
 from proto4d import accesslog, fsutil, policy
 from proto4d.config import ActivityConfig, SafetyConfig
+
+SETTLE_S = 0.25
 
 
 def iso(ts: float | None) -> str | None:
@@ -39,6 +42,7 @@ class Sampler:
         self.custom = re.compile(custom_regex) if custom_regex else None
         self.probe_ports = probe_ports  # callable -> set of local ports the daemon's probes used
         self.window = accesslog.RequestWindow(cfg.window_s, cfg.ignore_paths)
+        self._pending: collections.deque[tuple[float, accesslog.Request]] = collections.deque(maxlen=100_000)
         self._procs: dict[int, psutil.Process] = {}
         self._tunnel: psutil.Process | None = None
         self.last: dict[str, Any] = {}
@@ -53,14 +57,27 @@ class Sampler:
 
     def feed(self, line: str, now: float | None = None) -> accesslog.Request | None:
         req = accesslog.parse_line(line, self.custom)
-        if req is None:
-            return None
-        if accesslog.is_probe(req, self.probe_ports()):
-            return None
-        self.window.add(now if now is not None else time.time(), req)
+        if req is not None:
+            self._pending.append((now if now is not None else time.time(), req))
         return req
 
+    def _settle(self, now: float) -> None:
+        """Move parsed requests into the window, leaving out the daemon's own probes.
+
+        uvicorn logs a request as its response starts, so the log line can reach us before the
+        probe that sent it has learnt (and recorded) its local port: decide only for lines a
+        little older than that race.
+        """
+        if not self._pending:
+            return
+        ports = self.probe_ports()
+        while self._pending and self._pending[0][0] <= now - SETTLE_S:
+            ts, req = self._pending.popleft()
+            if not accesslog.is_probe(req, ports):
+                self.window.add(ts, req)
+
     def errors_since(self, since: float) -> tuple[int, int]:
+        self._settle(time.time())
         return self.window.errors_since(since)
 
     # -- processes
@@ -127,6 +144,7 @@ class Sampler:
 
     def sample(self, app_pids: Iterable[int], app_up: bool, now: float | None = None) -> dict[str, Any]:
         now = now if now is not None else time.time()
+        self._settle(now)
         procs = self._tree(app_pids)
         connections, cpu, rss = self._resources(procs)
         stats = self.window.stats(now)

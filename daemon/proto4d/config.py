@@ -798,7 +798,7 @@ class _Builder:
             yellow_max_users=self.get(sec, "safety.", "yellow_max_users", 2,
                                       self.number(0, 10000, integer=True)),
             quiet_for_s=self.get(sec, "safety.", "quiet_for_s", 120, self.number(0, 86400, unit="seconds")),
-            red_rpm=self.get(sec, "safety.", "red_rpm", 60, self.number(0, 1e9, unit="requests per minute")),
+            red_rpm=self.get(sec, "safety.", "red_rpm", 600, self.number(0, 1e9, unit="requests per minute")),
         )
 
     def schedule(self, doc: dict) -> ScheduleConfig:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import git
 
-from proto4d import fsutil
+from proto4d import faults, fsutil
 from proto4d.config import Config, find_uv
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, CommandFailed, PidRegistry
@@ -74,6 +74,7 @@ class Mirror:
                 lock.unlink()
 
     def fetch(self, cancel: Cancel | None = None, timeout: float = 600) -> None:
+        faults.point_sync("fetch")
         repo = self.repo
         with repo.config_writer() as cw:
             cw.set_value('remote "origin"', "url", self.url)
@@ -242,6 +243,7 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
                 run_cmd([str(venv_python(tmp)), "-m", "pip", "install", "--no-input", "-r", str(requirements_file)],
                         cancel=cancel, env=env, on_line=out, registry=registry, kind="build")
         _fix_scripts(tmp, final)
+        faults.point_sync("venv")
         info = {"key": key, "python": real, "python_version": version, "installer": tool,
                 "created_at": time.time(), "requirements_sha256": hashlib.sha256(req).hexdigest()}
         fsutil.atomic_write_json(tmp / "venv.json", info)
@@ -430,6 +432,7 @@ def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: st
         tmp.mkdir()
         progress(f"export {sha[:7]} ({mirror.subject(sha)}) -> releases/{name}")
         mirror.export(sha, cfg.app.subdir, tmp, cancel)
+        faults.point_sync("export")
         timings["export"] = time.monotonic() - t
         if cancel is not None:
             cancel.check()

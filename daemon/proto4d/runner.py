@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from proto4d import drain, log
+from proto4d import drain, faults, log
 from proto4d.child import AppProcess, Backoff
 from proto4d.listener import free_port, open_listener, private_listener
 from proto4d.releases import Release, python_for
@@ -221,6 +221,7 @@ class Runner:
                    f"no ready line ({cfg.app.ready_pattern!r}) within {cfg.health.start_timeout_s:g} s")
             await proc.stop(5)
             raise SwitchFailed(f"the new process of {release.name} did not become ready: {why}")
+        await faults.point("new_started")
         old = self.proc
         self._adopt(proc, release, plan)
         self.state = "running"

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from proto4d import __version__, fsutil, log, releases, update
+from proto4d import __version__, faults, fsutil, log, releases, update
 from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
@@ -95,6 +95,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
         loop.add_signal_handler(signal.SIGUSR2, lambda: self.log.info("signal.ignored", signal="SIGUSR2"))
         self.app_log = RotatingLog(self.paths.app_log, self.cfg.app.log_max_bytes, self.cfg.app.log_backups)
+        faults.configure(self.paths.state)
         self.log.info("daemon.starting", pid=os.getpid(), version=__version__, root=str(self.cfg.root),
                       config=self.cfg.source, python=sys.version.split()[0])
         try:
@@ -294,6 +295,7 @@ class Daemon:
         if claimed is None:
             return
         path, data = claimed
+        faults.point_sync("consumed")
         self._take(path, data, fallback)
         prune_consumed(paths)
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from proto4d import fsutil, log, notices, policy, releases, retention
+from proto4d import faults, fsutil, log, notices, policy, releases, retention
 from proto4d.procs import Cancel, Cancelled
 from proto4d.requests import Request, write_answer
 from proto4d.runner import SwitchFailed
@@ -298,6 +298,7 @@ class UpdateRun:
             await self._step("preparing", self._prepare)
             if self._canary_possible():
                 await self._step("canary", self._canary)
+                await faults.point("canary_done")
             try:
                 await self._step("switching", self._switch)
                 await self._step("verifying", self._verify)
@@ -361,6 +362,7 @@ class UpdateRun:
                 "old_release": self.old.name if self.old else None, "commit": self.target_commit, **extra}
 
     def _finish(self, outcome: str, message: str) -> None:
+        notices.remove_notice(self.d.cfg.notice_path)  # before the answer: whoever waits sees it gone
         self.state = outcome
         self.message = message
         took = time.monotonic() - self.started
@@ -602,6 +604,7 @@ class UpdateRun:
             self.ulog.line(f"  stop-then-start: the port was closed for {gap:.2f} s")
         self.switched = True
         releases.switch_current(self.d.paths, self.new.name)
+        await faults.point("current_renamed")
         self._link_previous()
         self.journal.note(current=self.new.name, switched_at=time.time())
         self.switched_at = time.time()
@@ -621,6 +624,7 @@ class UpdateRun:
         cfg = self.d.cfg
         runner = self.d.runner
         proc = runner.proc
+        await faults.point("verify")
         report = await self.d.prober.wait_healthy(
             cfg.listen.probe_host, runner.production_port, cfg.health.checks, min(cfg.health.start_timeout_s, 15),
             cfg.health.timeout_s, alive=lambda: proc is not None and proc.alive)
@@ -644,6 +648,7 @@ class UpdateRun:
         end = time.monotonic() + cfg.update.watch_s
         since = getattr(self, "switched_at", time.time())
         failures = 0
+        await faults.point("watch")
         while True:
             remaining = end - time.monotonic()
             if remaining <= 0:
@@ -682,6 +687,7 @@ class UpdateRun:
         back = self.old
         new = self.new
         t = time.monotonic()
+        await faults.point("rollback_started")
         try:
             if back is not None and (runner.release is None or runner.release.name != back.name
                                      or runner.proc is None or not runner.proc.alive):
@@ -693,6 +699,7 @@ class UpdateRun:
                     await runner.stop_then_start(back)
             if back is not None:
                 releases.switch_current(paths, back.name)
+                await faults.point("rollback_renamed")
             report = await self.d.prober.wait_healthy(cfg.listen.probe_host, runner.production_port,
                                                       cfg.health.checks, min(cfg.health.start_timeout_s, 15),
                                                       cfg.health.timeout_s,

@@ -1,0 +1,262 @@
+"""The safe update end to end: real origin, real daemon, real uvicorn children, real HTTP load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from harness import wait_for
+
+from proto4d.loadgen import Load, Mix
+
+pytestmark = pytest.mark.e2e
+
+
+def answer(d, req_id: str) -> dict:
+    return json.loads((d.root / "state" / "answers" / f"{req_id}.json").read_text())
+
+
+def request_id(out: str) -> str:
+    return out.split("(id ", 1)[1].split(")", 1)[0]
+
+
+def test_update_under_keepalive_load_drops_no_request(make_daemon, origin):
+    d = make_daemon().start()
+    old_release = d.status()["app"]["release"]
+    sha = origin.commit("2")
+    with Load("127.0.0.1", d.port, users=6, mix=Mix(slow_ms=(20, 200))) as load:
+        assert load.wait_requests(50, 20)
+        r = d.update("--force", "--wait", "--reason", "under load")
+        assert r.returncode == 0, r.stdout + r.stderr
+        t_done = time.time()
+        wait_for(lambda: load.count(since=t_done) > 30, 20, "requests after the switch")
+    assert load.failures() == [], load.failures()[:5]
+    s = d.status()
+    assert s["app"]["commit"] == sha and s["app"]["release"] != old_release
+    versions = {r.status for r in load.snapshot()}
+    assert versions == {200}
+    assert any(r.method == "POST" for r in load.snapshot())
+    assert d.get()["version"] == "2"
+    assert "DONE" in r.stdout and "switching" in r.stdout and "verifying" in r.stdout
+    rels = json.loads(d.cli("releases", "--json").stdout)
+    assert [x["current"] for x in rels] == [True, False]
+    assert rels[0]["outcome"] == "verified" and rels[1]["name"] == old_release
+    log_text = (d.root / s["update"]["last"]["log"] if s["update"].get("last", {}).get("log") else None)
+    del log_text
+
+
+def test_version_that_cannot_start_is_aborted_and_the_old_keeps_serving(make_daemon, origin):
+    d = make_daemon().start()
+    before = d.status()["app"]
+    origin.commit("2", mode="crash_at_start")
+    with Load("127.0.0.1", d.port, users=3) as load:
+        r = d.update("--force", "--wait")
+    assert r.returncode == 1, r.stdout
+    assert "ABORTED" in r.stdout and "canary" in r.stdout
+    s = d.status()
+    assert s["app"]["release"] == before["release"] and s["app"]["pid"] == before["pid"]
+    assert s["update"]["state"] == "idle" and s["update"]["last"]["state"] == "aborted"
+    assert load.failures() == []
+    assert [p.name for p in (d.root / "releases").iterdir()] == [before["release"]], "the aborted release is removed"
+
+
+def test_version_that_crashes_after_the_switch_is_rolled_back_by_the_watch(make_daemon, origin):
+    d = make_daemon(update={"watch_s": 8}).start()
+    before = d.status()["app"]
+    origin.commit("2", mode="crash_after 2.5")
+    with Load("127.0.0.1", d.port, users=3, mix=Mix(slow_ms=(10, 100))) as load:
+        r = d.update("--force", "--wait")
+        t_end = time.time()
+        wait_for(lambda: load.count(since=t_end) > 10, 20, "requests after the rollback")
+    assert r.returncode == 1, r.stdout
+    assert "ROLLED_BACK" in r.stdout and "crashed during the watch" in r.stdout
+    s = d.status()
+    assert s["app"]["release"] == before["release"] and s["app"]["healthy"]
+    assert (d.root / "current").resolve().name == before["release"]
+    # A process that dies takes its in-flight requests with it (no server can answer those); every
+    # other request, including all those queued while the old release came back, must succeed.
+    failed = load.failures()
+    assert len(failed) <= 3, failed
+    ends = [f.at + f.latency for f in failed]
+    assert not ends or max(ends) - min(ends) < 0.5, failed
+    rels = {x["name"]: x for x in json.loads(d.cli("releases", "--json").stdout)}
+    assert [x["outcome"] for x in rels.values() if not x["current"]] == ["rolled_back"]
+
+
+def test_unhealthy_version_fails_the_canary(make_daemon, origin):
+    d = make_daemon().start()
+    origin.commit("2", mode="unhealthy")
+    r = d.update("--force", "--wait")
+    assert r.returncode == 1 and "503" in r.stdout and "ABORTED" in r.stdout
+
+
+def test_history_rewrite_is_refused_unless_the_ref_is_named(make_daemon, origin):
+    d = make_daemon().start()
+    before = d.status()["app"]["release"]
+    sha = origin.rewrite_history("9")
+    r = d.update("--force", "--wait")
+    assert r.returncode == 1
+    assert "history rewritten" in r.stdout
+    assert d.status()["app"]["release"] == before
+    r = d.update("--force", "--wait", "--ref", sha[:10])
+    assert r.returncode == 0, r.stdout
+    assert d.status()["app"]["commit"] == sha
+
+
+def test_bad_requirements_abort_before_anything_is_touched(make_daemon, origin):
+    d = make_daemon().start()
+    before = d.status()["app"]
+    origin.commit("2", requirements="uvicorn==0.54.0\nh11\nproto4d-no-such-package-xyz==1.0\n")
+    r = d.update("--force", "--wait")
+    assert r.returncode == 1
+    assert "ABORTED" in r.stdout and "proto4d-no-such-package-xyz" in r.stdout
+    after = d.status()["app"]
+    assert after["pid"] == before["pid"] and after["release"] == before["release"]
+    assert not [p for p in (d.root / "venvs").iterdir() if p.name.startswith(".build")]
+    assert not [p for p in (d.root / "releases").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_missing_env_key_aborts_naming_the_key(make_daemon, origin):
+    d = make_daemon().start()
+    origin.commit("2", files={".env.example": "TUTOR_SECRET=\nOPENAI_API_KEY=\n"})
+    r = d.update("--force", "--wait")
+    assert r.returncode == 1
+    assert "OPENAI_API_KEY" in r.stdout and "TUTOR_SECRET" not in r.stdout.split("missing")[-1]
+    assert "s3cr3t-value-for-tests" not in r.stdout
+
+
+def test_a_changed_requirement_builds_a_new_venv_and_the_old_one_stays_for_rollback(make_daemon, origin):
+    d = make_daemon().start()
+    old = d.status()["app"]["release"]
+    origin.commit("2", requirements="uvicorn==0.54.0\nh11==0.16.0\n# v2 changes the requirements\n")
+    r = d.update("--force", "--wait")
+    assert r.returncode == 0, r.stdout
+    assert "building with" in r.stdout
+    venvs = [p.name for p in (d.root / "venvs").iterdir()]
+    assert len(venvs) == 2
+    r = d.cli("rollback", "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert d.status()["app"]["release"] == old
+    assert d.get()["version"] == "1"
+
+
+def test_yellow_posts_the_notice_then_updates(make_daemon, origin):
+    d = make_daemon(update={"notice_grace_s": 3}).start()
+    origin.commit("2")
+    notice = d.root / "notice.json"
+    with Load("127.0.0.1", d.port, users=1, mix=Mix(think_s=(0.05, 0.1))) as load:
+        d.wait_status(lambda s: s["activity"]["verdict"] == "yellow", 20, "yellow")
+        r = d.update()
+        assert r.returncode == 0, r.stderr
+        rid = request_id(r.stdout)
+        text = wait_for(lambda: notice.exists() and notice.read_text(), 20, "the notice file")
+        data = json.loads(text)
+        assert {"message", "when", "expected_impact"} <= set(data)
+        s = d.wait_status(lambda s: s["update"]["state"] == "noticed", 10, "noticed")
+        assert "grace" in s["update"]["waiting_for"] and s["update"]["until"]
+        wait_for(lambda: answer(d, rid)["final"], 60, "the update's answer")
+    assert answer(d, rid)["state"] == "done"
+    assert not notice.exists(), "the notice goes once the update is over"
+    assert load.failures() == []
+    steps = [st["state"] for st in d.journal()["steps"]]
+    assert steps.index("noticed") < steps.index("preparing")
+
+
+def test_red_waits_and_status_says_for_what(make_daemon, origin):
+    d = make_daemon(schedule={"timezone": "UTC", "preferred": []}).start()
+    origin.commit("2")
+    with Load("127.0.0.1", d.port, users=4, mix=Mix(think_s=(0.05, 0.1))):
+        d.wait_status(lambda s: s["activity"]["verdict"] == "red", 20, "red")
+        r = d.update()
+        rid = request_id(r.stdout)
+        s = d.wait_status(lambda s: s["update"]["state"] == "waiting" and s["update"]["waiting_for"], 20, "waiting")
+        assert "4 users" in " ".join(s["activity"]["reasons"]) or s["activity"]["users"] == 4
+        time.sleep(2)  # a while of red: the update must still be waiting
+        s = d.status()
+        assert s["update"]["state"] == "waiting" and s["app"]["release"].endswith(d.origin and s["app"]["commit"][:7])
+        assert not answer(d, rid)["final"]
+        text = d.cli("status").stdout
+        assert "waiting for:" in text
+    # Users gone: green after the activity window, and the waiting update goes ahead.
+    wait_for(lambda: answer(d, rid)["final"], 60, "the update after the users left")
+    assert answer(d, rid)["state"] == "done"
+
+
+def test_requests_while_an_update_runs_are_answered_and_queued(make_daemon, origin):
+    d = make_daemon(update={"watch_s": 4}).start()
+    origin.commit("2")
+    r1 = d.update("--force")
+    id1 = request_id(r1.stdout)
+    d.wait_status(lambda s: s["update"]["state"] in ("switching", "verifying", "watching"), 30, "update 1 running")
+    sha3 = origin.commit("3")
+    r2 = d.update("--force")
+    id2 = request_id(r2.stdout)
+    assert answer(d, id2)["state"] == "queued"
+    r3 = d.update("--force")
+    id3 = request_id(r3.stdout)
+    assert wait_for(lambda: answer(d, id2)["state"] == "superseded", 10, "2 superseded by 3")
+    wait_for(lambda: answer(d, id3)["final"], 90, "3 done")
+    assert answer(d, id1)["state"] == "done" and answer(d, id3)["state"] == "done"
+    assert d.status()["app"]["commit"] == sha3
+
+
+def test_bad_request_files_are_rejected_with_the_reason(make_daemon):
+    d = make_daemon().start()
+    before = d.status()["app"]["release"]
+    req = d.root / "update.request"
+    req.write_text("ref: [unclosed\n")
+    s = d.wait_status(lambda s: s["update"]["last_rejected"], 10, "a rejection")
+    assert "YAML" in s["update"]["last_rejected"]["reason"]
+    req.write_text("reff: main\n")
+    s = d.wait_status(lambda s: "reff" in (s["update"]["last_rejected"] or {}).get("reason", ""), 10, "unknown key")
+    req.write_text("ref: no-such-branch\nforce: true\n")
+    s = d.wait_status(lambda s: "no-such-branch" in (s["update"]["last_rejected"] or {}).get("reason", ""), 20,
+                      "a bad ref rejected")
+    assert s["app"]["release"] == before and not req.exists()
+
+
+def test_sigusr1_and_an_empty_request_file_update_to_the_branch_head(make_daemon, origin):
+    d = make_daemon().start()
+    sha2 = origin.commit("2")
+    d.signal(signal.SIGUSR1)
+    d.wait_status(lambda s: s["app"]["commit"] == sha2 and s["update"]["state"] == "idle"
+                  and s["update"]["last"]["state"] == "done", 60, "the SIGUSR1 update")
+    sha3 = origin.commit("3")
+    (d.root / "update.request").touch()
+    d.wait_status(lambda s: s["app"]["commit"] == sha3 and s["update"]["state"] == "idle", 60, "the touch update")
+    assert len(list((d.root / "logs").glob("update_*.log"))) == 2
+
+
+def test_update_wait_is_already_done_when_nothing_changed(make_daemon):
+    d = make_daemon().start()
+    r = d.update("--wait")
+    assert r.returncode == 0 and "already running" in r.stdout
+
+
+def test_update_log_tells_the_story(make_daemon, origin):
+    d = make_daemon().start()
+    origin.commit("2", message="v2: a clearer hint")
+    r = d.update("--force", "--wait", "--reason", "weekly fix")
+    assert r.returncode == 0
+    logs = sorted((d.root / "logs").glob("update_*.log"))
+    text = logs[-1].read_text()
+    for needle in ("weekly fix", "v2: a clearer hint", "preparing ...", "canary ...", "switching ...",
+                   "verifying ...", "watching ...", "outcome: DONE", "done in"):
+        assert needle in text, needle
+    events = [e for e in d.log_events() if e.get("event") == "update.step"]
+    assert [e["step"] for e in events][-5:] == ["preparing", "canary", "switching", "verifying", "watching"]
+
+
+def test_retention_keeps_current_previous_and_the_newest(make_daemon, origin):
+    d = make_daemon(update={"keep_min": 2, "keep_days": 0, "watch_s": 0.5}).start()
+    names = [d.status()["app"]["release"]]
+    for v in ("2", "3", "4"):
+        origin.commit(v)
+        assert d.update("--force", "--wait").returncode == 0
+        names.append(d.status()["app"]["release"])
+    kept = sorted(p.name for p in (d.root / "releases").iterdir())
+    assert kept == sorted(names[-2:]), (kept, names)
+    assert os.readlink(d.root / "current").endswith(names[-1])
