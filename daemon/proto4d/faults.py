@@ -1,9 +1,9 @@
 """Named points inside an update where the fault suite stops the daemon dead.
 
-With `PROTO4D_PAUSE_AT=<point>` in its environment the daemon, on reaching that point,
-writes `state/paused-at-<point>` and blocks there, so a test can SIGKILL it at exactly that
-step of a real update (no mock: the rest of the run is the real code). Unset, a point costs
-one dictionary lookup.
+Only a daemon started with `PROTO4D_FAULTS=1` listens: then, when `state/pause-at` names a
+point, the daemon writes `state/paused-at-<point>` on reaching it and blocks there, so a
+test can SIGKILL it at exactly that step of a real update (no mock: everything else is the
+real code). Without the variable a point costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ def configure(state_dir: Path) -> None:
 
 
 def _armed(name: str) -> bool:
-    return os.environ.get("PROTO4D_PAUSE_AT") == name and _state_dir is not None
+    if os.environ.get("PROTO4D_FAULTS") != "1" or _state_dir is None:
+        return False
+    try:
+        return (_state_dir / "pause-at").read_text().strip() == name
+    except OSError:
+        return False
 
 
 def _mark(name: str) -> None:

@@ -2,7 +2,9 @@
 
 Its behaviour comes from `mode.txt` beside this file, so each commit of a test origin can be
 a different version: `healthy`, `unhealthy` (health check answers 503), `crash_at_start`,
-`crash_after <seconds>`, `hang_at_start`, `errors` (every non-health request answers 500).
+`crash_after <seconds>`, `hang_at_start`, `errors` (every non-health request answers 500),
+`unhealthy_after <seconds>` (health answers 503 after that long), `ignore_sigterm` (a process
+that will not stop when asked; only SIGKILL ends it).
 Endpoints: /health, / , /version, /slow?ms=N (an LLM call stand-in), POST /echo, /env?key=K.
 """
 
@@ -48,6 +50,10 @@ async def app(scope, receive, send):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if MODE == "ignore_sigterm":  # uvicorn has installed its handlers by now: override them
+                    import signal
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
@@ -56,7 +62,8 @@ async def app(scope, receive, send):
     query = parse_qs(scope.get("query_string", b"").decode())
     status, payload = 200, {"version": VERSION, "mode": MODE_LINE, "pid": os.getpid()}
     if path == "/health":
-        status = 503 if MODE == "unhealthy" else 200
+        late = MODE == "unhealthy_after" and time.time() - STARTED > float(ARG or "3")
+        status = 503 if MODE == "unhealthy" or late else 200
         payload["ok"] = status == 200
     elif MODE == "errors":
         status = 500
