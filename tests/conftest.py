@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Daemon, Origin  # noqa: E402
+from harness import Daemon, Origin
 
 # uv (from the test extras) builds release venvs; its cache makes every build after the first fast.
 os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from harness import wait_for
 
 pytestmark = pytest.mark.e2e

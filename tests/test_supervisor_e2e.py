@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 
 import psutil
 import pytest
+
 from harness import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -120,7 +122,7 @@ def test_sighup_applies_a_good_config_and_refuses_a_bad_one(make_daemon):
     time.sleep(0)  # the daemon is still running on the old config:
     assert d.wait_status(lambda s: s["activity"].get("window_s") == 7 and s["daemon"]["state"] == "running",
                          10, "old config kept")
-    d.config_path.write_text(good.replace("port: %d" % d.port, "port: %d" % (d.port + 1)))
+    d.config_path.write_text(good.replace(f"port: {d.port}", f"port: {d.port + 1}"))
     d.signal(signal.SIGHUP)
     ev = wait_for(lambda: [e for e in d.log_events() if e.get("event") == "reload.pending"], 20, "reload.pending")
     assert "listen.port" in ev[-1]["keys"]
@@ -137,10 +139,8 @@ def test_sd_notify_messages_on_a_real_datagram_socket(make_daemon, tmp_path):
     def read_until(pred, timeout):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(TimeoutError):
                 got.append(sock.recv(4096).decode())
-            except TimeoutError:
-                pass
             if pred():
                 return
         raise AssertionError(f"no such message in {got}")

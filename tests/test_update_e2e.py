@@ -8,8 +8,8 @@ import signal
 import time
 
 import pytest
-from harness import wait_for
 
+from harness import wait_for
 from proto4d.loadgen import Load, Mix
 
 pytestmark = pytest.mark.e2e
