@@ -1,4 +1,4 @@
-"""Which releases and venvs to remove: a pure decision over names, ages and references.
+"""Which releases, venvs and update logs to remove: a pure decision over names, ages and references.
 
 Retained releases are the backups. Never removed: `current`, the release before it, the
 newest `keep_min`, and anything younger than `keep_days`. A venv goes when no retained
@@ -35,3 +35,10 @@ def plan_venvs(venvs: Iterable[str], kept_releases: Iterable[ReleaseFacts],
     referenced = {r.venv for r in kept_releases} | set(in_use)
     return sorted(v for v in venvs if v not in referenced)
 
+
+
+def plan_logs(logs: Sequence[tuple[str, float]], *, now: float, keep_days: float, keep_min: int) -> list[str]:
+    """Per-update logs to remove: older than `keep_days`, beyond the newest `keep_min`."""
+    newest_first = sorted(logs, key=lambda x: (x[1], x[0]), reverse=True)
+    cutoff = now - keep_days * 86400
+    return [name for name, mtime in newest_first[keep_min:] if mtime < cutoff]

@@ -29,7 +29,7 @@ from proto4d.health import Prober
 from proto4d.listener import ListenError
 from proto4d.notices import Webhook
 from proto4d.paths import Paths
-from proto4d.procs import PidRegistry
+from proto4d.procs import Cancel, Cancelled, PidRegistry
 from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed
 from proto4d.runner import Runner
 from proto4d.service import Notifier
@@ -69,7 +69,7 @@ class Daemon:
         self._lock_fd: int | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._last_status_write = 0.0
+        self._startup_cancel = Cancel()
 
     # -- lifecycle
 
@@ -99,7 +99,18 @@ class Daemon:
         self.log.info("daemon.starting", pid=os.getpid(), version=__version__, root=str(self.cfg.root),
                       config=self.cfg.source, python=sys.version.split()[0])
         try:
-            await self._startup()
+            # The first start can take minutes (a venv build): a stop signal must not wait for it.
+            startup = asyncio.create_task(self._startup(), name="startup")
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not startup.done():
+                self._startup_cancel.cancel()
+                startup.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await startup
+                return 0
+            stop.cancel()
+            startup.result()
             self.state = "running"
             self.write_status()
             self._tasks = [asyncio.create_task(self._sample_loop(), name="sample"),
@@ -167,10 +178,13 @@ class Daemon:
             if sha is None:
                 raise releases.ReleaseError(f"branch {cfg.app.branch!r} does not exist in {cfg.app.repo}")
             prepared = await asyncio.to_thread(releases.prepare_release, cfg, self.paths, self.mirror, sha,
-                                               cfg.app.branch, progress=progress, registry=self.registry)
+                                               cfg.app.branch, progress=progress, registry=self.registry,
+                                               cancel=self._startup_cancel)
         except releases.ReleaseError as e:
             self.release_error = str(e)
             self.log.error("first_release.failed", error=str(e))
+            return
+        except Cancelled:
             return
         releases.switch_current(self.paths, prepared.release.name)
         releases.set_outcome(self.paths, prepared.release.name, "serving")

@@ -34,6 +34,7 @@ PENDING = ("requested", "waiting", "noticed")
 BEFORE_SWITCH = ("preparing", "canary")
 AFTER_SWITCH = ("switching", "verifying", "watching", "rolling_back")
 FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded")
+UPDATE_LOGS_KEPT = 50
 
 
 class Rejected(Exception):
@@ -461,6 +462,7 @@ class UpdateRun:
     async def _wait_for_window(self) -> None:
         cfg = self.d.cfg
         self._enter("waiting")
+        self.d.webhook.send("waiting", self._event())
         last_reason = ""
         while True:
             cfg = self.d.cfg
@@ -491,7 +493,7 @@ class UpdateRun:
                 self._post_notice(f"An update will be applied in about {grace}. It should not interrupt you; "
                                   "requests in progress will finish.", when)
                 self._enter("noticed", noticed_at=now.timestamp())
-                self.d.webhook.send("waiting", self._event(notice_until=activity_iso(when), verdict=verdict.color))
+                self.d.webhook.send("noticed", self._event(notice_until=activity_iso(when), verdict=verdict.color))
                 continue
             await self.d.wait_sample(1.0)
 
@@ -743,4 +745,9 @@ def retained(paths, cfg, in_use: list[str]) -> tuple[list[str], list[str]]:
     dead_venvs = retention.plan_venvs(venvs, kept, in_use)
     for key in dead_venvs:
         fsutil.remove_tree(paths.venvs / key)
+    logs = sorted(paths.logs.glob("update_*.log"), key=lambda p: p.stat().st_mtime)
+    for old in retention.plan_logs([(p.name, p.stat().st_mtime) for p in logs], now=time.time(),
+                                   keep_days=cfg.update.keep_days, keep_min=UPDATE_LOGS_KEPT):
+        with contextlib.suppress(OSError):
+            (paths.logs / old).unlink()
     return doomed, dead_venvs
