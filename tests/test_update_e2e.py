@@ -56,9 +56,9 @@ def test_version_that_cannot_start_is_aborted_and_the_old_keeps_serving(make_dae
         r = d.update("--force", "--wait")
     assert r.returncode == 1, r.stdout
     assert "ABORTED" in r.stdout and "canary" in r.stdout
-    s = d.status()
+    s = d.wait_status(lambda s: s["update"]["state"] == "idle", 10, "the update over")
     assert s["app"]["release"] == before["release"] and s["app"]["pid"] == before["pid"]
-    assert s["update"]["state"] == "idle" and s["update"]["last"]["state"] == "aborted"
+    assert s["update"]["last"]["state"] == "aborted"
     assert load.failures() == []
     assert [p.name for p in (d.root / "releases").iterdir()] == [before["release"]], "the aborted release is removed"
 

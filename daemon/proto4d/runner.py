@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
@@ -84,6 +85,9 @@ class Runner:
     def build(self, release: Release, role: str, sock: socket.socket | None = None,
               port: int | None = None, host: str | None = None) -> tuple[AppProcess, drain.DrainPlan]:
         cfg = self.d.cfg
+        for rel in cfg.app.shared:  # what the app may print from its .env is masked (read now: it may have changed)
+            if Path(rel).name.startswith(".env"):
+                log.redact_env_file(self.d.paths.shared / rel)
         python = python_for(self.d.paths, release)
         if sock is not None:
             port = int(sock.getsockname()[1])
@@ -193,6 +197,15 @@ class Runner:
             return
         await self.start(self.release)
 
+    def release_hold(self) -> None:
+        """End an update's hold. A process that died while held, and that the update did not act on,
+        is handed to the normal restart policy: never left dead with nobody watching."""
+        self.hold = False
+        proc = self.proc
+        if proc is not None and not proc.alive and not proc.stop_requested and self.state == "running" \
+                and not self.d.stopping:
+            self._failed(proc, f"{proc.exit_description()}: {proc.last_lines()}")
+
     def stable_check(self) -> None:
         """Called every sample: a run that outlived `stable_s` resets the backoff."""
         if self.proc is not None and self.proc.alive and self.proc.ran_for >= self.backoff.stable_s:
@@ -229,7 +242,7 @@ class Runner:
         self.since = time.time()
         self.restarts = 0
         self.backoff.reset()
-        if old is not None:
+        if old is not None and old.alive:
             self.retire(old)
             await self.wait_stopped_accepting(old, 3.0)
         return proc

@@ -30,12 +30,13 @@ from proto4d.listener import ListenError
 from proto4d.notices import Webhook
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
-from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed
+from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
 from proto4d.runner import Runner
 from proto4d.service import Notifier
 
 REQUEST_POLL_S = 0.25
 NO_RELEASE_RETRY_S = 60.0
+KEEP_UPDATE_LOGS = 100  # logs/update_*.log kept by retention
 
 
 class AlreadyRunning(Exception):
@@ -157,7 +158,9 @@ class Daemon:
                     await self._rebuild_venv(rel)
                 self.runner.release = rel
                 try:
-                    await self.runner.start(rel)
+                    if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
+                        # The first release has no update to verify it: passing every check at start does.
+                        releases.set_outcome(self.paths, rel.name, "verified")
                 except ListenError as e:
                     self.log.critical("listen.failed", error=str(e))
                     self.runner.state = "fatal"
@@ -225,6 +228,11 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.runner.stop_all()
+        # A process the runner does not hold (a new one started for a switch the stop interrupted before it
+        # took over, a canary) is still in the registry: no app process outlives the daemon.
+        left = await asyncio.to_thread(self.registry.reap_orphans, self.cfg.update.drain_timeout_s, self.log.warning)
+        if left:
+            self.log.warning("stop.ended_unheld", pids=[e["pid"] for e in left])
         await self.webhook.flush()
         self.state = "stopped"
         with contextlib.suppress(Exception):
@@ -282,8 +290,13 @@ class Daemon:
         self._sampled.clear()
 
     async def wait_sample(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._sampled.wait(), timeout)
+        # asyncio.wait, not wait_for: on Python < 3.12 wait_for swallows a cancellation that lands as the
+        # sample arrives, and a waiting update superseded by a newer request would wait on.
+        waiter = asyncio.ensure_future(self._sampled.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
 
     async def _request_loop(self) -> None:
         while True:
@@ -302,6 +315,7 @@ class Daemon:
             claimed = claim(paths)
         except RequestRejected as e:
             self.updates.reject(fallback, str(e), "file")
+            prune_consumed(paths)
             return
         except OSError as e:
             self.log.error("request.claim_failed", error=str(e))
@@ -331,12 +345,17 @@ class Daemon:
         if not self.paths.requests.is_dir():
             return
         for p in sorted(self.paths.requests.glob("*.request")):
+            fallback = new_id()
             try:
-                data = p.read_bytes()
+                data = vet(self.paths, p)  # the same trust rules as a fresh claim: never follow a symlink
+            except RequestRejected as e:
+                set_aside(p)
+                self.updates.reject(fallback, str(e), "file")
+                continue
             except OSError:
                 continue
             self.log.info("request.recovered", file=p.name)
-            self._take(p, data, new_id())
+            self._take(p, data, fallback)
 
     def _on_usr1(self) -> None:
         req = Request(id=new_id(), source="SIGUSR1", reason="SIGUSR1", requested_by="SIGUSR1")
@@ -468,12 +487,20 @@ class Daemon:
         removed, venvs = update.retained(self.paths, self.cfg, sorted(in_use))
         for name in removed:
             self.mirror.unpin(name)
-        if removed or venvs:
-            self.log.info("retention.removed", releases=removed, venvs=venvs)
+        # One log per update: keep the newest (as for answers), or they grow without end.
+        logs = sorted(self.paths.logs.glob("update_*.log"))[:-KEEP_UPDATE_LOGS]
+        for old in logs:
+            with contextlib.suppress(OSError):
+                old.unlink()
+        if removed or venvs or logs:
+            self.log.info("retention.removed", releases=removed, venvs=venvs, update_logs=len(logs))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = configmod.load(args.config)  # ConfigError -> exit 78 in cli.main
+    # Nothing the daemon (or the app it starts) creates is writable by others, whatever umask it was
+    # started with (a stricter one, such as 077, is kept).
+    os.umask(os.umask(0o022) | 0o022)
     paths = Paths(cfg.root)
     paths.make_dirs()
     log.setup(paths.daemon_log, stderr=True)

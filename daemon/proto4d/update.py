@@ -92,7 +92,7 @@ class UpdateLog:
 
     def line(self, text: str) -> None:
         stamp = time.strftime("%H:%M:%S")
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, OSError):  # disk full: the story loses a line, the update goes on
             self._f.write(f"{stamp}  {log.scrub(text)}\n")
 
     def close(self) -> None:
@@ -114,6 +114,12 @@ class UpdateManager:
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, req: Request) -> None:
+        try:
+            self._submit(req)
+        finally:
+            self._wake.set()  # even when its answer could not be written (disk full): it is queued
+
+    def _submit(self, req: Request) -> None:
         run = self.run
         if run is not None and run.state in PENDING and not run.cancelling:
             # Nothing has been touched yet: the newer request replaces it.
@@ -128,7 +134,6 @@ class UpdateManager:
         else:
             self._replace_queued(req)
             write_answer(self.d.paths, req.id, "accepted", f"{req.describe()} accepted")
-        self._wake.set()
 
     def _replace_queued(self, req: Request) -> None:
         if self.queued is not None:
@@ -147,16 +152,28 @@ class UpdateManager:
             self._wake.clear()
             while self.queued is not None and not self.d.stopping:
                 req, self.queued = self.queued, None
-                run = UpdateRun(self.d, req)
+                try:
+                    run = UpdateRun(self.d, req)
+                except OSError as e:  # cannot even open its log (disk full): nothing was touched
+                    self.log.error("update.cannot_start", id=req.id, error=str(e))
+                    self.last = {"id": req.id, "state": "aborted", "message": f"could not start: {e}"}
+                    continue
                 self.run = run
                 try:
                     await run.execute()
                 except asyncio.CancelledError:
                     if not run.superseded_by:
                         raise
+                except Exception as e:  # e.g. the journal could not be written: this loop must go on
+                    self.log.exception("update.failed", id=req.id)
+                    if run.state not in FINAL:
+                        run.message = f"{type(e).__name__}: {e}"
+                        run.state = "aborted" if not run.switched else run.state
                 finally:
                     self.last = run.summary()
                     self.run = None
+                    self.d.status_changed()
+                    run.publish_answer()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.loop(), name="updates")
@@ -234,12 +251,14 @@ class UpdateRun:
         self.until: dt.datetime | None = None
         self.noticed_at: dt.datetime | None = None
         self.superseded_by = ""
+        self.final_answer: tuple[str, str, dict[str, Any]] | None = None
         self.cancelling = False
         self.cancel = Cancel()
         self.target_commit = ""
         self.new: releases.Release | None = None
         self.old: releases.Release | None = daemon.runner.release
         self.switched = False
+        self.waited = False  # the update waited for a safe moment: refetch before preparing
         self.timings: dict[str, float] = {}
         stamp = time.strftime("%Y%m%d_%H%M%S")
         self.log_path = daemon.paths.update_log(stamp)
@@ -316,6 +335,7 @@ class UpdateRun:
         except Rejected as e:
             self.d.updates.last_rejected = {"id": r.id, "reason": str(e), "at": activity_iso(time.time()),
                                             "source": r.source}
+            self.log.warning("request.rejected", reason=str(e), source=r.source)  # as for a malformed file
             self._finish("rejected", str(e))
         except Aborted as e:
             self._discard_new()
@@ -331,7 +351,7 @@ class UpdateRun:
                 self._discard_new()
                 self._finish("aborted", f"internal error before the switch: {type(e).__name__}: {e}")
         finally:
-            self.d.runner.hold = False
+            self.d.runner.release_hold()
             notices.remove_notice(self.d.cfg.notice_path)
             self.ulog.close()
 
@@ -367,18 +387,31 @@ class UpdateRun:
         self.state = outcome
         self.message = message
         took = time.monotonic() - self.started
-        self.journal.write(outcome, outcome=outcome, message=message, seconds=round(took, 2))
+        try:
+            self.journal.write(outcome, outcome=outcome, message=message, seconds=round(took, 2))
+        except OSError as e:  # disk full: the outcome is still logged, answered if possible, and in status
+            self.log.error("journal.write_failed", state=outcome, error=str(e))
         self.ulog.line(f"outcome: {outcome.upper()} after {took:.1f} s: {message}")
         if self.timings:
             self.ulog.line("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
-        verified = outcome == "done"
-        self._answer(outcome, message, verified=verified, release=self.d.runner.release.name
-                     if self.d.runner.release else None)
+        # Answered by the manager once this run is over and status says so: whoever waits on the
+        # answer then reads a status that agrees with it.
+        self.final_answer = (outcome, message, {"verified": outcome == "done", "release":
+                             self.d.runner.release.name if self.d.runner.release else None})
         level = "info" if outcome == "done" else "warning"
         getattr(self.log, level)("update.finished", outcome=outcome, message=message, seconds=round(took, 2))
         if outcome in ("done", "rolled_back", "aborted", "rejected"):
             self.d.webhook.send(outcome, self._event(message=message))
         self.d.status_changed()
+
+    def publish_answer(self) -> None:
+        if self.final_answer is None:
+            return
+        outcome, message, extra = self.final_answer
+        try:
+            self._answer(outcome, message, **extra)
+        except OSError as e:
+            self.log.error("answer.write_failed", state=outcome, error=str(e))
 
     def _on_cancel(self) -> None:
         if self.superseded_by:
@@ -465,6 +498,8 @@ class UpdateRun:
         self.d.webhook.send("waiting", self._event())
         last_reason = ""
         while True:
+            if self.cancelling:  # superseded or stopping, even if a cancellation was lost on the way
+                raise asyncio.CancelledError
             cfg = self.d.cfg
             zone = cfg.schedule.zone
             now = dt.datetime.now(zone)
@@ -486,6 +521,7 @@ class UpdateRun:
                 self.waiting_for = ""
                 self.until = None
                 return
+            self.waited = True
             if decision.action == "notice" and self.noticed_at is None:
                 self.noticed_at = now
                 when = time.time() + cfg.update.notice_grace_s
@@ -508,13 +544,23 @@ class UpdateRun:
         if self.req.action == "rollback":
             await self._prepare_rollback()
             return
+        # What was resolved at request time may be stale after a wait: look again.
+        if self.waited or time.monotonic() - getattr(self, "_fetched_at", 0) > 30:
+            await self._fetch()
         if not self.req.ref:
-            if time.monotonic() - getattr(self, "_fetched_at", 0) > 30:
-                await self._fetch()
             head = await asyncio.to_thread(self.d.mirror.branch_head, cfg.app.branch)
             if head and head != self.target_commit:
                 self.ulog.line(f"  branch moved while waiting: now {head[:7]}")
                 self.target_commit = head
+        else:
+            sha = await asyncio.to_thread(self.d.mirror.resolve, self.req.ref)
+            if sha is None:
+                raise Aborted(f"ref {self.req.ref!r} no longer exists in {cfg.app.repo} (it was "
+                              f"{self.target_commit[:7]} when requested); nothing was deployed")
+            if sha != self.target_commit:
+                self.ulog.line(f"  {self.req.ref} moved while waiting: now {sha[:7]}")
+                self.target_commit = sha
+        self.journal.note(target_commit=self.target_commit)
         running = self.old.commit if self.old else None
         if running == self.target_commit and self.d.runner.state == "running":
             raise Done(f"already running {running[:7]}; nothing to do")
@@ -652,19 +698,25 @@ class UpdateRun:
         failures = 0
         await faults.point("watch")
         while True:
+            self._check_alive()
             remaining = end - time.monotonic()
             if remaining <= 0:
                 break
             self.until = dt.datetime.now().astimezone() + dt.timedelta(seconds=remaining)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(runner.crashed.wait(), min(cfg.health.interval_s, remaining))
-            proc = runner.proc
-            if runner.crashed.is_set() or proc is None or not proc.alive:
-                how = proc.exit_description() if proc is not None else "is gone"
-                raise RollBack(f"the new release crashed during the watch ({how}): "
-                               f"{proc.last_lines() if proc else ''}")
-            report = await self.d.prober.check(cfg.listen.probe_host, runner.production_port, cfg.health.checks,
-                                               cfg.health.timeout_s)
+            self._check_alive()
+            # A check sent as the process dies waits in the socket's backlog for its whole timeout:
+            # race it against the crash so a death is never mistaken for a slow answer.
+            check = asyncio.ensure_future(self.d.prober.check(cfg.listen.probe_host, runner.production_port,
+                                                              cfg.health.checks, cfg.health.timeout_s))
+            crash = asyncio.ensure_future(runner.crashed.wait())
+            await asyncio.wait({check, crash}, return_when=asyncio.FIRST_COMPLETED)
+            crash.cancel()
+            if not check.done():
+                check.cancel()
+                self._check_alive()
+            report = check.result()
             if not report.ok:
                 failures += 1
                 self.ulog.line(f"  watch: check failed ({failures} in a row): {report.failures()}")
@@ -677,14 +729,26 @@ class UpdateRun:
                 raise RollBack(f"{errors} of {total} requests answered 5xx since the switch "
                                f"({errors / total:.0%} > update.max_5xx_ratio {cfg.update.max_5xx_ratio:.0%})")
         self.until = None
+        self._check_alive()
         total, errors = self.d.sampler.errors_since(since)
         self.ulog.line(f"  watched {cfg.update.watch_s:g} s: no crash, checks passing, {errors}/{total} 5xx")
+
+    def _check_alive(self) -> None:
+        runner = self.d.runner
+        proc = runner.proc
+        if runner.crashed.is_set() or proc is None or not proc.alive:
+            how = proc.exit_description() if proc is not None else "is gone"
+            raise RollBack(f"the new release crashed during the watch ({how}): {proc.last_lines() if proc else ''}")
 
     async def _rollback(self, why: str) -> None:
         paths, runner, cfg = self.d.paths, self.d.runner, self.d.cfg
         self.message = why
         self.ulog.line(f"FAILED: {why}")
-        self._enter("rolling_back", message=why)
+        try:
+            self._enter("rolling_back", message=why)
+        except OSError as e:  # disk full: going back to what served is the safe direction, journal or not
+            self.state = "rolling_back"
+            self.log.error("journal.write_failed", state="rolling_back", error=str(e))
         self.d.webhook.send("rolling_back", self._event(message=why))
         back = self.old
         new = self.new
