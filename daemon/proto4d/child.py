@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto4d.log import scrub
 from proto4d.procs import PidRegistry, kill_group
 
 LineHandler = Callable[[str, "AppProcess"], None]
@@ -33,12 +34,23 @@ class RotatingLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - long-lived handle
         self._size = self._f.tell()
+        self.dropped = 0  # lines lost to failed writes
 
     def write(self, text: str) -> None:
-        self._f.write(text)
-        self._size += len(text)
-        if self._size >= self.max_bytes:
-            self._rotate()
+        # A write that fails (disk full) loses this line, never more: raising here would end the task
+        # that reads the app's output, which then stops feeding the activity sampler and, its pipe
+        # no longer read, at last blocks the app itself.
+        try:
+            self._f.write(text)
+            self._size += len(text)
+            if self._size >= self.max_bytes:
+                self._rotate()
+        except (OSError, ValueError):
+            self.dropped += 1
+            if self._f.closed:  # a rotation that could not reopen the file: try again next time
+                with contextlib.suppress(OSError):
+                    self._f = open(self.path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+                    self._size = self._f.tell()
 
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -150,7 +162,8 @@ class AppProcess:
                 return
             if not raw:
                 return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            # Masked at the source: app.log, the last lines quoted in messages and status never hold a secret.
+            line = scrub(raw.decode("utf-8", "replace").rstrip("\r\n"))
             self.tail.append(line)
             if len(self.tail) > 40:
                 del self.tail[:-20]

@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prepares the release beside the running one, switches with no dropped "
                                    "request, verifies and rolls back by itself when the new version is not "
                                    "healthy. Without --wait this returns once the daemon has accepted the "
-                                   "request.")
+                                   "request. One update runs at a time: a request that arrives while another "
+                                   "is still waiting for a quiet moment replaces it; one that arrives later is "
+                                   "queued (one place: a newer request replaces the queued one). Every request "
+                                   "gets an answer in <root>/state/answers/<id>.json.")
     _add_config(p)
     p.add_argument("--ref", help="a branch, tag or commit to deploy (default: the configured branch's head); "
                                  "naming a ref also allows one whose history does not descend from what runs")

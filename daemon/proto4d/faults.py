@@ -4,6 +4,11 @@ Only a daemon started with `PROTO4D_FAULTS=1` listens: then, when `state/pause-a
 point, the daemon writes `state/paused-at-<point>` on reaching it and blocks there, so a
 test can SIGKILL it at exactly that step of a real update (no mock: everything else is the
 real code). Without the variable a point costs one dictionary lookup.
+
+A paused point goes on when the test removes `state/paused-at-<point>` (remove `pause-at`
+first, or the next pass through the same point pauses again), and a point in a worker
+thread also gives way when the operation's cancel token fires (the daemon stopping), as the
+real blocking work there does: a paused daemon still answers SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proto4d.procs import Cancel
 
 POINTS = ("consumed", "fetch", "export", "venv", "canary_done", "new_started", "current_renamed", "verify", "watch",
           "rollback_started", "rollback_renamed")
@@ -33,20 +42,23 @@ def _armed(name: str) -> bool:
         return False
 
 
-def _mark(name: str) -> None:
+def _mark(name: str) -> Path:
     assert _state_dir is not None
-    (_state_dir / f"paused-at-{name}").write_text(str(os.getpid()))
+    marker = _state_dir / f"paused-at-{name}"
+    marker.write_text(str(os.getpid()))
+    return marker
 
 
-def point_sync(name: str) -> None:
+def point_sync(name: str, cancel: Cancel | None = None) -> None:
     """For worker threads (git, export, venv build)."""
     if _armed(name):
-        _mark(name)
-        while True:
-            time.sleep(3600)
+        marker = _mark(name)
+        while marker.exists() and not (cancel is not None and cancel.cancelled):
+            time.sleep(0.05)
 
 
 async def point(name: str) -> None:
     if _armed(name):
-        _mark(name)
-        await asyncio.Event().wait()
+        marker = _mark(name)
+        while marker.exists():
+            await asyncio.sleep(0.05)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 import sys
 import threading
 from pathlib import Path
@@ -16,17 +17,45 @@ from typing import Any
 
 import structlog
 
-_secrets: set[str] = set()
+_secrets: tuple[str, ...] = ()  # longest first; replaced whole, so a reader in another thread never sees it change
 _lock = threading.Lock()
 _configured_file: Path | None = None
 
 
 def redact(*secrets: str) -> None:
     """Never print these strings (only ones long enough to be secrets; short ones would mangle logs)."""
+    global _secrets
     with _lock:
-        for s in secrets:
-            if s and len(s) >= 6:
-                _secrets.add(s)
+        new = set(_secrets) | {s for s in secrets if s and len(s) >= 6}
+        _secrets = tuple(sorted(new, key=len, reverse=True))
+
+
+_NOT_SECRET = re.compile(r"^(?:[-+]?\d+(?:\.\d+)?|\d{1,3}(?:\.\d{1,3}){3}|localhost|true|false|yes|no)$", re.I)
+
+
+def redact_env_file(path: Path) -> None:
+    """Register the values of a dotenv file (`KEY=value` lines) as secrets.
+
+    Numbers, IP addresses and booleans are left readable; every other value is masked wherever
+    it would be printed (the app printing its settings, a crash's last lines, an error message).
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return
+    values = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        if line.startswith("export "):
+            line = line[7:]
+        value = line.split("=", 1)[1].strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if value and not _NOT_SECRET.match(value):
+            values.append(value)
+    redact(*values)
 
 
 def scrub(text: str) -> str:

@@ -14,6 +14,8 @@ import hashlib
 import os
 import re
 import shutil
+import signal
+import stat
 import subprocess
 import tarfile
 import time
@@ -74,7 +76,7 @@ class Mirror:
                 lock.unlink()
 
     def fetch(self, cancel: Cancel | None = None, timeout: float = 600) -> None:
-        faults.point_sync("fetch")
+        faults.point_sync("fetch", cancel)
         repo = self.repo
         with repo.config_writer() as cw:
             cw.set_value('remote "origin"', "url", self.url)
@@ -83,9 +85,7 @@ class Mirror:
                            "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
                            kill_after_timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
         except git.GitCommandError as e:
-            detail = (e.stderr or str(e)).strip().splitlines()
-            tail = detail[-1] if detail else str(e)
-            raise ReleaseError(f"cannot fetch {self.url}: {tail.strip()}") from None
+            raise ReleaseError(f"cannot fetch {self.url}: {_git_error(e)}") from None
         if cancel is not None:
             cancel.check()
 
@@ -169,6 +169,16 @@ class Mirror:
                 proc.wait()
 
 
+def _git_error(e: git.GitCommandError) -> str:
+    """The line of git's stderr that says what went wrong (its first fatal/error line, not the advice after)."""
+    text = (e.stderr or str(e)).strip()
+    if text.startswith("stderr:"):
+        text = text[len("stderr:"):].strip().strip("'")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    fatal = [ln for ln in lines if ln.lower().startswith(("fatal:", "error:"))]
+    return (fatal[0] if fatal else lines[-1] if lines else str(e))[:500]
+
+
 # --------------------------------------------------------------------------- venvs
 
 
@@ -243,7 +253,8 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
                 run_cmd([str(venv_python(tmp)), "-m", "pip", "install", "--no-input", "-r", str(requirements_file)],
                         cancel=cancel, env=env, on_line=out, registry=registry, kind="build")
         _fix_scripts(tmp, final)
-        faults.point_sync("venv")
+        _no_world_write(tmp)
+        faults.point_sync("venv", cancel)
         info = {"key": key, "python": real, "python_version": version, "installer": tool,
                 "created_at": time.time(), "requirements_sha256": hashlib.sha256(req).hexdigest()}
         fsutil.atomic_write_json(tmp / "venv.json", info)
@@ -256,8 +267,12 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
                 raise
     except CommandFailed as e:
         fsutil.remove_tree(tmp)
+        how = tool
+        if e.code < 0:  # killed: say by what (SIGXFSZ = the file size limit, SIGKILL = the OOM killer...)
+            with contextlib.suppress(ValueError):
+                how = f"{tool} killed by {signal.Signals(-e.code).name}"
         raise ReleaseError(f"installing {requirements_file.name if requirements_file else 'the venv'} failed "
-                           f"({tool}): {_last_error(e.tail)}") from None
+                           f"({how}): {_last_error(e.tail)}") from None
     except BaseException:
         fsutil.remove_tree(tmp)
         raise
@@ -268,9 +283,23 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
 
 def _last_error(tail: str) -> str:
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() or "not find" in ln.lower() or "no matching" in ln.lower()]
-    pick = errors[-2:] if errors else lines[-2:]
+    marks = [i for i, ln in enumerate(lines)
+             if "error" in ln.lower() or "not find" in ln.lower() or "no matching" in ln.lower()]
+    # The error lines, and what follows the last one: uv explains there which requirement failed
+    # ("error: No solution found ..." then "Because <package> was not found ...").
+    pick = [lines[i] for i in marks[-2:]] + lines[marks[-1] + 1:marks[-1] + 4] if marks else lines[-2:]
     return " / ".join(pick)[-600:]
+
+
+def _no_world_write(tree: Path) -> None:
+    """Clear the others-write bit in a built venv: uv creates its `.lock` 0666 whatever the umask."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in (*dirnames, *filenames):
+            p = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(p)
+                if st.st_mode & stat.S_IWOTH and not stat.S_ISLNK(st.st_mode):
+                    os.chmod(p, stat.S_IMODE(st.st_mode) & ~stat.S_IWOTH)
 
 
 def _fix_scripts(tmp: Path, final: Path) -> None:
@@ -432,7 +461,7 @@ def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: st
         tmp.mkdir()
         progress(f"export {sha[:7]} ({mirror.subject(sha)}) -> releases/{name}")
         mirror.export(sha, cfg.app.subdir, tmp, cancel)
-        faults.point_sync("export")
+        faults.point_sync("export", cancel)
         timings["export"] = time.monotonic() - t
         if cancel is not None:
             cancel.check()

@@ -95,6 +95,7 @@ def parse(data: bytes, *, fallback_id: str, source: str = "file") -> Request:
         return Request(id=fallback_id, source=source)
     if not isinstance(doc, dict):
         raise RequestRejected("the request file must be empty or a YAML mapping with ref/force/reason")
+    raw = _top_level_texts(text)
     unknown = sorted(str(k) for k in doc if k not in KNOWN_KEYS)
     if unknown:
         raise RequestRejected(f"unknown key(s) in the request file: {', '.join(unknown)} "
@@ -110,8 +111,10 @@ def parse(data: bytes, *, fallback_id: str, source: str = "file") -> Request:
     req.action = action
     ref = doc.get("ref")
     if ref is not None:
-        if isinstance(ref, int) and not isinstance(ref, bool):
-            ref = str(ref)
+        if not isinstance(ref, str | bool) and isinstance(raw.get("ref"), str):
+            # YAML 1.1 reads `0777123` (a commit) as octal 262739, `1.10` (a tag) as 1.1, `2026-01-01` as
+            # a date: the ref is the text as written.
+            ref = raw["ref"]
         if not isinstance(ref, str) or not REF_RE.match(ref) or ".." in ref or ref.endswith((".lock", "/")):
             raise RequestRejected(f"ref: expected a branch, tag or commit name, got {ref!r}")
         req.ref = ref
@@ -140,6 +143,23 @@ def parse(data: bytes, *, fallback_id: str, source: str = "file") -> Request:
     return req
 
 
+def _top_level_texts(text: str) -> dict[str, str | None]:
+    """The top-level keys as written: key -> the plain text of its scalar value (None for a list or
+    mapping). Refuses a key given twice (YAML would silently keep the last)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    out: dict[str, str | None] = {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else ():
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key in out:
+            raise RequestRejected(f"{key}: given twice (lines {lines[key]} and {line}); give each key once")
+        out[key] = value_node.value if isinstance(value_node, yaml.ScalarNode) else None
+        lines[key] = line
+    return out
+
+
 def check_root_trusted(root: Path) -> None:
     st = os.stat(root)
     if st.st_uid != os.geteuid():
@@ -154,7 +174,8 @@ def claim(paths: Paths) -> tuple[Path, bytes] | None:
     """Take `update.request` if there is one: rename it into state/requests/, then vet and read it.
 
     Returns (claimed path, content) or None when there is no request; raises RequestRejected
-    (after the claim, so a bad file is consumed once and reported once).
+    (after the claim, so a bad file is consumed once and reported once: it is set aside as
+    `*.rejected`, never read again, not even by the next daemon).
     """
     fsutil.ensure_dir(paths.requests)
     target = paths.requests / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.request"
@@ -162,9 +183,18 @@ def claim(paths: Paths) -> tuple[Path, bytes] | None:
         os.rename(paths.request, target)
     except FileNotFoundError:
         return None
-    st = os.lstat(target)
+    try:
+        return target, vet(paths, target)
+    except RequestRejected:
+        set_aside(target)
+        raise
+
+
+def vet(paths: Paths, claimed: Path) -> bytes:
+    """The trust rules for a claimed request file, then its content (RequestRejected says why not)."""
+    st = os.lstat(claimed)
     if stat.S_ISLNK(st.st_mode):
-        raise RequestRejected(f"{paths.request.name} is a symlink (to {os.readlink(target)}); only a regular file "
+        raise RequestRejected(f"{paths.request.name} is a symlink (to {os.readlink(claimed)}); only a regular file "
                               "is accepted")
     if not stat.S_ISREG(st.st_mode):
         raise RequestRejected(f"{paths.request.name} is not a regular file")
@@ -176,10 +206,15 @@ def claim(paths: Paths) -> tuple[Path, bytes] | None:
     check_root_trusted(paths.root)
     if st.st_size > MAX_REQUEST_BYTES:
         raise RequestRejected(f"the request file is {st.st_size} bytes; at most {MAX_REQUEST_BYTES} are accepted")
-    fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(claimed, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_REQUEST_BYTES + 1)
-    return target, data
+        return f.read(MAX_REQUEST_BYTES + 1)
+
+
+def set_aside(claimed: Path) -> None:
+    """A rejected request file is kept (for the operator) under a name nothing reads again."""
+    with contextlib.suppress(OSError):
+        os.rename(claimed, f"{claimed}.rejected")
 
 
 def prune_consumed(paths: Paths, keep: int = 100) -> None:
@@ -189,7 +224,7 @@ def prune_consumed(paths: Paths, keep: int = 100) -> None:
         entries = sorted(d.iterdir(), key=lambda p: p.stat().st_mtime if p.exists() else 0)
         for old in entries[:-keep]:
             with contextlib.suppress(OSError):
-                old.unlink()
+                fsutil.remove_tree(old)  # a rejected `update.request` may be a directory
 
 
 def write_answer(paths: Paths, req_id: str, state: str, message: str, **extra: Any) -> None:

@@ -4,7 +4,8 @@ Its behaviour comes from `mode.txt` beside this file, so each commit of a test o
 a different version: `healthy`, `unhealthy` (health check answers 503), `crash_at_start`,
 `crash_after <seconds>`, `hang_at_start`, `errors` (every non-health request answers 500),
 `unhealthy_after <seconds>` (health answers 503 after that long), `ignore_sigterm` (a process
-that will not stop when asked; only SIGKILL ends it).
+that will not stop when asked; only SIGKILL ends it), `ignore_sigterm child` (the same, plus a child
+process in its process group that ignores SIGTERM too; its pid is in every answer as "child").
 Endpoints: /health, / , /version, /slow?ms=N (an LLM call stand-in), POST /echo, /env?key=K.
 """
 
@@ -34,6 +35,12 @@ if MODE == "crash_after":
         print("sample app: crashing now as mode.txt asks", file=sys.stderr, flush=True)
         os._exit(4)
     threading.Thread(target=_crash, daemon=True).start()
+CHILD = None
+if MODE == "ignore_sigterm" and ARG == "child":
+    import subprocess
+
+    CHILD = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"])
 
 
 async def _body(receive) -> bytes:
@@ -61,6 +68,8 @@ async def app(scope, receive, send):
     path = scope["path"]
     query = parse_qs(scope.get("query_string", b"").decode())
     status, payload = 200, {"version": VERSION, "mode": MODE_LINE, "pid": os.getpid()}
+    if CHILD is not None:
+        payload["child"] = CHILD.pid
     if path == "/health":
         late = MODE == "unhealthy_after" and time.time() - STARTED > float(ARG or "3")
         status = 503 if MODE == "unhealthy" or late else 200
