@@ -36,7 +36,6 @@ from proto4d.service import Notifier
 
 REQUEST_POLL_S = 0.25
 NO_RELEASE_RETRY_S = 60.0
-KEEP_UPDATE_LOGS = 100  # logs/update_*.log kept by retention
 
 
 class AlreadyRunning(Exception):
@@ -457,7 +456,8 @@ class Daemon:
                     "release": rel.name if rel else "", "commit": rel.commit if rel else "",
                     "healthy": bool(runner.healthy), "since": iso(runner.since), "restarts": runner.restarts,
                     "state": runner.state, "message": runner.message or self.release_error,
-                    "last_exit": runner.last_exit, "drain": runner.drain_kind,
+                    "last_exit": runner.last_exit, "drain": f"{runner.drain_kind}; the app says: {proc.drain_note}"
+                    if proc is not None and proc.drain_note else runner.drain_kind,
                     "draining": sorted(p.pid for p in runner.draining if p.alive),
                     "port": runner.production_port},
             "activity": self.sampler.last or {"verdict": "red", "reasons": ["not sampled yet"], "users": 0,
@@ -487,13 +487,8 @@ class Daemon:
         removed, venvs = update.retained(self.paths, self.cfg, sorted(in_use))
         for name in removed:
             self.mirror.unpin(name)
-        # One log per update: keep the newest (as for answers), or they grow without end.
-        logs = sorted(self.paths.logs.glob("update_*.log"))[:-KEEP_UPDATE_LOGS]
-        for old in logs:
-            with contextlib.suppress(OSError):
-                old.unlink()
-        if removed or venvs or logs:
-            self.log.info("retention.removed", releases=removed, venvs=venvs, update_logs=len(logs))
+        if removed or venvs:
+            self.log.info("retention.removed", releases=removed, venvs=venvs)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
