@@ -400,7 +400,9 @@ def test_a_storm_of_requests_runs_one_update_at_a_time_and_answers_each(make_dae
     for (_a0, a1), (b0, _b1) in itertools.pairwise(ordered):
         assert b0 >= a1, f"two updates overlapped: {ordered}"
     assert len(list((d.root / "logs").glob("update_*.log"))) == len(ordered)
-    assert peak["apps"] <= 2 and peak["tmp_releases"] <= 1, peak
+    # At most: the serving process, the previous one still draining, and the next update's canary.
+    # Two updates at once would mean two canaries or two new processes: four or more.
+    assert peak["apps"] <= 3 and peak["tmp_releases"] <= 1, peak
     assert d.get()["version"] == "3"
 
 
