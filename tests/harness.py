@@ -28,6 +28,10 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid"
            "GIT_COMMITTER_EMAIL": "test@example.invalid", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
 
 
+class DaemonDied(AssertionError):
+    """The daemon under test exited: no point waiting out a deadline."""
+
+
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -36,6 +40,8 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
             value = pred()
             if value:
                 return value
+        except DaemonDied:
+            raise
         except Exception as e:  # the condition may not be readable yet
             last_exc = e
         if time.monotonic() > deadline:
@@ -180,7 +186,7 @@ class Daemon:
 
     def assert_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.tail()}")
+            raise DaemonDied(f"the daemon exited with {self.proc.returncode}:\n{self.tail()}")
 
     def tail(self, n: int = 60) -> str:
         try:

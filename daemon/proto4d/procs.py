@@ -18,6 +18,8 @@ import psutil
 
 from proto4d import fsutil
 
+BACKGROUND_NICE = 10
+
 
 class Cancelled(Exception):
     """The operation was cancelled (daemon stopping, update superseded)."""
@@ -63,6 +65,13 @@ class Cancel:
             self._procs.discard(proc)
 
 
+def lower_priority(pid: int) -> None:
+    """Preparation work (git, venv builds, the canary) must not take CPU from the serving app on a
+    small machine: run it at a lower priority (children inherit it)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + BACKGROUND_NICE))
+
+
 def kill_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -82,6 +91,7 @@ def run(argv: Sequence[str], *, cancel: Cancel | None = None, cwd: Path | None =
         registry.add(proc.pid, kind)
     if cancel is not None:
         cancel.track(proc)
+    lower_priority(proc.pid)
     lines: list[str] = []
     deadline = time.monotonic() + timeout if timeout else None
     try:

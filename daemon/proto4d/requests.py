@@ -15,6 +15,7 @@ import getpass
 import os
 import re
 import secrets
+import signal
 import socket
 import stat
 import sys
@@ -295,6 +296,8 @@ def _submit(args: argparse.Namespace, doc: dict[str, Any]) -> int:
         print(f"warning: the daemon is not running for {paths.root}; the request waits in {paths.request.name} "
               "until it starts", file=sys.stderr)
         return 0 if not args.wait else 1
+    with contextlib.suppress(OSError):
+        os.kill(daemon, signal.SIGUSR2)  # "look at the request file now"; the daemon polls it anyway
     return follow(paths, req.id, wait=args.wait, timeout=args.timeout)
 
 

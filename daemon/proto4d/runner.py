@@ -20,6 +20,7 @@ import psutil
 from proto4d import drain, faults, log
 from proto4d.child import AppProcess, Backoff
 from proto4d.listener import free_port, open_listener, private_listener
+from proto4d.procs import lower_priority
 from proto4d.releases import Release, python_for
 
 if TYPE_CHECKING:
@@ -293,17 +294,27 @@ class Runner:
         del rc
 
     async def wait_stopped_accepting(self, old: AppProcess, timeout: float) -> None:
-        """After SIGTERM the old process closes its copy of the listening socket; until then a probe
-        of the port could be answered by it. Wait (briefly) until it no longer listens."""
+        """After SIGTERM the old process stops accepting; until then a probe of the port could be
+        answered by it. Wait (briefly) until it no longer listens.
+
+        uvicorn dups the inherited fd and serves on the dup, leaving the inherited fd open until it
+        exits: only a listening socket on another fd means "still accepting". psutil runs in a thread
+        so a slow /proc read never stalls the loop.
+        """
         deadline = time.monotonic() + timeout
         port = self.production_port
-        while old.alive and time.monotonic() < deadline:
+        inherited = set(old.pass_fds)
+
+        def accepting() -> bool:
             try:
-                listening = any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                                for c in psutil.Process(old.pid).net_connections(kind="tcp"))
+                return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                           and c.fd not in inherited
+                           for c in psutil.Process(old.pid).net_connections(kind="tcp"))
             except psutil.Error:
-                return
-            if not listening:
+                return False
+
+        while old.alive and time.monotonic() < deadline:
+            if not await asyncio.to_thread(accepting):
                 return
             await asyncio.sleep(0.02)
 
@@ -317,6 +328,7 @@ class Runner:
         proc, _plan = self.build(release, "canary", sock, port, host="127.0.0.1")
         try:
             await proc.start()
+            lower_priority(proc.pid)
             report = await self.d.prober.wait_healthy("127.0.0.1", port, cfg.health.checks,
                                                       cfg.health.start_timeout_s, cfg.health.timeout_s,
                                                       alive=lambda: proc.alive)

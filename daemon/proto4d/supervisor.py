@@ -34,7 +34,7 @@ from proto4d.requests import Request, RequestRejected, claim, new_id, parse, pru
 from proto4d.runner import Runner
 from proto4d.service import Notifier
 
-REQUEST_POLL_S = 0.25
+REQUEST_POLL_S = 1.0  # `proto4d update` also sends SIGUSR2 to have it looked at at once
 NO_RELEASE_RETRY_S = 60.0
 
 
@@ -93,7 +93,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
-        loop.add_signal_handler(signal.SIGUSR2, lambda: self.log.info("signal.ignored", signal="SIGUSR2"))
+        loop.add_signal_handler(signal.SIGUSR2, self._on_usr2)
         self.app_log = RotatingLog(self.paths.app_log, self.cfg.app.log_max_bytes, self.cfg.app.log_backups)
         faults.configure(self.paths.state)
         self.log.info("daemon.starting", pid=os.getpid(), version=__version__, root=str(self.cfg.root),
@@ -355,6 +355,13 @@ class Daemon:
                 continue
             self.log.info("request.recovered", file=p.name)
             self._take(p, data, fallback)
+
+    def _on_usr2(self) -> None:
+        """`proto4d update` dropped a request file: look now rather than at the next poll."""
+        try:
+            self.check_request_file()
+        except Exception:
+            self.log.exception("request.check_failed")
 
     def _on_usr1(self) -> None:
         req = Request(id=new_id(), source="SIGUSR1", reason="SIGUSR1", requested_by="SIGUSR1")

@@ -1,0 +1,545 @@
+"""Switch under load: failed requests and latency while the app is updated, four ways, in one run.
+
+  (a) drain       proto4d as shipped: socket handoff, the old process drains through the drain shim
+  (b) handoff     the same handoff with stock uvicorn shutdown (app.drain: sigterm)
+  (c) stop-start  proto4d with a command without {fd}: the app binds the port, old stopped before new starts
+  (d) old-way     what the operator's script did, without proto4d: stop uvicorn, git pull,
+                  `pip install --upgrade -r requirements.txt` into the same live venv, start, wait for /health
+
+Each variant gets N updates alternating two healthy versions, under each load mix (see common.MIXES):
+normal (~70-90 req/s, users with think time, keep-alive and fresh connections, GET and POST with a
+body, 5 % slow 0.5-3 s calls) and stress (keep-alive clients with no think time, as fast as it goes).
+(a)-(c) are triggered through proto4d itself (update.request with force, then state/answers/<id>.json).
+
+Latency figures are for the fast requests (GET / and POST /echo; /slow takes as long as it asks to):
+"rest" = requests inside a window before the first update; "switch" = requests overlapping any
+[trigger, verified] window. Every failed request of the run is counted, wherever it falls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import contextlib
+import http.client
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+from common import LoadSet, Target, fmt, lat_stats, log, md_table
+
+VARIANTS: dict[str, tuple[str, str]] = {
+    "drain": ("a", "handoff + drain shim (as shipped)"),
+    "handoff": ("b", "plain handoff (app.drain: sigterm)"),
+    "stop-start": ("c", "stop-then-start (no {fd})"),
+    "old-way": ("d", "old way: stop, pip install --upgrade, start"),
+}
+STOP_START_COMMAND = ["{python}", "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", "{port}"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="./dev bench switch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Quick default: 20 updates per variant and mix on uvicorn 0.54 (about 16 minutes on 2 cores).\n"
+               "README figures: --readme (= --updates 100 --uvicorn both --rest-s 60; about 2.5 hours on 2 cores; "
+               "--readme --updates 50 took 75 minutes).")
+    p.add_argument("--updates", type=int, default=20, help="updates per variant and mix (default 20)")
+    p.add_argument("--old-way-updates", type=int, metavar="N",
+                   help="updates for (d) only (default: --updates; each costs a pip run of a few seconds)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--mixes", default="normal,stress", help="comma-separated subset of normal,stress")
+    p.add_argument("--uvicorn", default="0.54", choices=["0.54", "0.24", "both"],
+                   help="the app's uvicorn line: 0.54 (the sample's pin, h11), 0.24 (uvicorn[standard]==0.24.0, "
+                        "httptools, what Proto4 pins) or both (default 0.54)")
+    p.add_argument("--rest-s", type=float, default=20, help="length of the at-rest window before the first update")
+    p.add_argument("--watch-s", type=float, default=0.5, help="update.watch_s for the daemons (default 0.5)")
+    p.add_argument("--gap-s", type=float, default=0.5,
+                   help="pause after the old process has exited and before the next update (default 0.5)")
+    p.add_argument("--readme", action="store_true", help="the README run: --updates 100 --uvicorn both --rest-s 60")
+    p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                   help="before each run, wait up to S s for other processes on the machine to go quiet")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory (daemon roots and logs)")
+    args = p.parse_args(argv)
+    if args.readme:
+        if args.updates == 20:
+            args.updates = 100
+        args.uvicorn = "both"
+        if args.rest_s == 20:
+            args.rest_s = 60
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.mix_list = [m.strip() for m in args.mixes.split(",") if m.strip()]
+    for v in args.variant_list:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown variant {v!r} (known: {', '.join(VARIANTS)})")
+    for m in args.mix_list:
+        if m not in common.MIXES:
+            p.error(f"--mixes: unknown mix {m!r} (known: {', '.join(common.MIXES)})")
+    if args.updates < 1:
+        p.error("--updates must be at least 1")
+    args.lines = ["0.54", "0.24"] if args.uvicorn == "both" else [args.uvicorn]
+    return args
+
+
+# --------------------------------------------------------------------------- (a)-(c): through proto4d
+
+
+def daemon_overrides(variant: str, watch_s: float) -> dict[str, Any]:
+    over: dict[str, Any] = {"update": {"watch_s": watch_s}}
+    if variant == "handoff":
+        over["app"] = {"drain": "sigterm"}
+    elif variant == "stop-start":
+        over["app"] = {"command": STOP_START_COMMAND}
+    return over
+
+
+class Version:
+    """Alternates the two healthy versions the updates deploy."""
+
+    def __init__(self, origin: Any) -> None:
+        self.origin = origin
+        self.n = 0
+
+    def next(self) -> str:
+        self.n += 1
+        version = "2" if self.n % 2 else "3"
+        return self.origin.commit(version)
+
+
+def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    d = common.new_daemon(base, origin, **daemon_overrides(variant, args.watch_s))
+    versions = Version(origin)
+    updates: list[dict[str, Any]] = []
+    try:
+        d.start(timeout=300)
+        drain = d.status()["app"].get("drain", "")
+        load = LoadSet(d.port, common.MIXES[mix]).start()
+        try:
+            time.sleep(2)
+            rest = (time.time(), 0.0)
+            time.sleep(args.rest_s)
+            rest = (rest[0], time.time())
+            for i in range(args.updates):
+                versions.next()
+                old_pid = d.status()["app"]["pid"]
+                req_id, t_trigger = common.trigger_update(d, reason=f"bench {variant} {mix} {i + 1}")
+                answer = common.wait_answer(d, req_id, timeout=180)
+                t_final = time.time()
+                steps = common.step_times(common.journal_for(d, req_id))
+                verified = steps.get("watching", answer.get("at", t_final))
+                updates.append({
+                    "i": i + 1, "id": req_id, "outcome": answer.get("state"), "trigger": t_trigger,
+                    "verified": verified, "final": t_final, "switching": steps.get("switching", t_trigger),
+                    "steps": {k: round(v - t_trigger, 3) for k, v in steps.items()},
+                    "message": answer.get("message", "")[:200]})
+                if answer.get("state") != "done":
+                    log(f"  update {i + 1}: {answer.get('state')}: {answer.get('message', '')[:200]}")
+                if old_pid and not common.wait_pid_gone(old_pid, 20):
+                    log(f"  update {i + 1}: the old process {old_pid} is still there after 20 s")
+                time.sleep(args.gap_s)
+                if (i + 1) % 10 == 0:
+                    log(f"  {variant}/{mix}: {i + 1}/{args.updates} updates, {load.count():,} requests")
+        finally:
+            load.stop()
+        drained = [e for e in d.log_events() if e.get("event") == "app.drained"]
+        extra = {"drain": drain,
+                 "drain_s": [e.get("seconds") for e in drained],
+                 "drain_killed": sum(1 for e in drained if e.get("killed"))}
+        return analyse(variant, mix, load, rest, updates, extra)
+    finally:
+        with contextlib.suppress(Exception):
+            d.stop(60)
+        d.cleanup()
+
+
+# --------------------------------------------------------------------------- (d): the old way, without proto4d
+
+
+class OldWay:
+    """A live checkout and a live venv, one uvicorn process started and stopped by hand."""
+
+    def __init__(self, base: Path, origin: Any) -> None:
+        self.base = base
+        self.origin = origin
+        self.live = base / "live"
+        self.venv = base / "venv"
+        self.port = common.free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.app_log = base / "app.log"
+        self.env = common.pypi_only_env({k: v for k, v in os.environ.items()
+                                         if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")})
+
+    def pip(self, *args: str) -> float:
+        t = time.monotonic()
+        r = subprocess.run([str(self.venv / "bin" / "python"), "-m", "pip", "install", "-q", *args,
+                            "-r", str(self.live / "requirements.txt")], capture_output=True, text=True,
+                           env=self.env, timeout=600, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip install failed ({r.returncode}): {r.stderr[-800:]}")
+        return time.monotonic() - t
+
+    def setup(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        common.harness.git(self.base, "clone", "-q", str(self.origin.bare), str(self.live))
+        subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True, env=self.env, timeout=120)
+        self.pip()  # the first install (warms pip's cache, as on the operator's machine)
+
+    def start(self) -> None:
+        with open(self.app_log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(self.venv / "bin" / "python"), "-m", "uvicorn", "main:app", "--host", "127.0.0.1",
+                 "--port", str(self.port)], cwd=self.live, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy(self) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the app exited with {self.proc.returncode}; see {self.app_log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the app was not healthy within {timeout} s; see {self.app_log}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def update(self) -> dict[str, float]:
+        t0 = time.monotonic()
+        self.stop()
+        t_stop = time.monotonic()
+        common.harness.git(self.live, "pull", "-q", "--ff-only")
+        t_pull = time.monotonic()
+        self.pip("--upgrade")
+        t_pip = time.monotonic()
+        self.start()
+        self.wait_healthy()
+        t_up = time.monotonic()
+        return {"stop": t_stop - t0, "pull": t_pull - t_stop, "pip": t_pip - t_pull, "start": t_up - t_pip}
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    old = OldWay(base, origin)
+    versions = Version(origin)
+    updates: list[dict[str, Any]] = []
+    n = args.old_way_updates or args.updates
+    try:
+        old.setup()
+        old.start()
+        old.wait_healthy()
+        load = LoadSet(old.port, common.MIXES[mix]).start()
+        try:
+            time.sleep(2)
+            rest = (time.time(), 0.0)
+            time.sleep(args.rest_s)
+            rest = (rest[0], time.time())
+            for i in range(n):
+                versions.next()
+                t_trigger = time.time()
+                try:
+                    steps = old.update()
+                    outcome = "done"
+                except (RuntimeError, subprocess.SubprocessError) as e:
+                    steps, outcome = {}, f"failed: {e}"
+                    log(f"  old way update {i + 1}: {e}")
+                    old.start()
+                    old.wait_healthy()
+                verified = time.time()
+                updates.append({"i": i + 1, "outcome": outcome, "trigger": t_trigger, "verified": verified,
+                                "final": verified, "switching": t_trigger,
+                                "steps": {k: round(v, 3) for k, v in steps.items()}})
+                time.sleep(args.gap_s)
+                if (i + 1) % 10 == 0:
+                    log(f"  old-way/{mix}: {i + 1}/{n} updates, {load.count():,} requests")
+        finally:
+            load.stop()
+        pip_s = [u["steps"].get("pip") for u in updates if u["steps"].get("pip") is not None]
+        extra = {"pip_s": {"mean": round(sum(pip_s) / len(pip_s), 2) if pip_s else None,
+                           "max": round(max(pip_s), 2) if pip_s else None}}
+        return analyse("old-way", mix, load, rest, updates, extra)
+    finally:
+        old.stop()
+        old.cleanup()
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], updates: list[dict[str, Any]],
+            extra: dict[str, Any]) -> dict[str, Any]:
+    results = load.results()
+    duration = load.stopped - load.started
+    windows = [(u["trigger"], u["verified"]) for u in updates]
+    handoffs = [(u["switching"], u["verified"]) for u in updates]
+    triggers = [u["trigger"] for u in updates] + [float("inf")]
+
+    fast_rest = [r.latency for r in results if r.ok and common.is_fast(r) and common.inside(r, *rest)]
+    fast_switch = [r.latency for r in results if r.ok and common.is_fast(r) and common.overlaps(r, windows)]
+    fast_handoff = [r.latency for r in results if r.ok and common.is_fast(r) and common.overlaps(r, handoffs)]
+
+    def excess(r: Any) -> float:
+        return max(0.0, r.latency - (common.slow_ms(r.path) or 0) / 1000)
+
+    slow_rest = [excess(r) for r in results if r.ok and not common.is_fast(r) and common.inside(r, *rest)]
+    slow_switch = [excess(r) for r in results if r.ok and not common.is_fast(r) and common.overlaps(r, windows)]
+    n_rest = sum(1 for r in results if common.inside(r, *rest))
+
+    failed = [r for r in results if not r.ok]
+    per_update: list[list[Any]] = [[] for _ in updates]
+    at_rest = 0
+    for r in failed:
+        idx = next((i for i in range(len(updates)) if triggers[i] <= r.at < triggers[i + 1]), None)
+        if idx is None:
+            at_rest += 1
+        else:
+            per_update[idx].append(r)
+    outages = [max(r.at + r.latency for r in fs) - min(r.at for r in fs) for fs in per_update if fs]
+    errors = collections.Counter((r.error or f"HTTP {r.status}").split(":")[0] for r in failed)
+    samples = [{"update": next((i + 1 for i, fs in enumerate(per_update) if r in fs), None),
+                "after_trigger_s": round(r.at - next((u["trigger"] for u in reversed(updates) if u["trigger"] <= r.at),
+                                                     r.at), 3),
+                "method": r.method, "path": r.path, "kind": load.kind_of.get(r.user, "?"),
+                "error": r.error or f"HTTP {r.status}"} for r in failed[:25]]
+    t2v = [u["verified"] - u["trigger"] for u in updates]
+    phases, per_window = phase_latency(results, updates)
+    chunk_max = rest_chunk_maxima(results, rest, sum(t2v) / len(t2v) if t2v else 0.0)
+    med_sw = statistics.median(per_window) if per_window else None
+    med_rest = statistics.median(chunk_max) if chunk_max else None
+    done = sum(1 for u in updates if u["outcome"] == "done")
+    rest_s = lat_stats(fast_rest)
+    sw_s = lat_stats(fast_switch)
+    return {
+        "variant": variant, "label": VARIANTS[variant][1], "mix": mix,
+        "updates": len(updates), "updates_done": done,
+        "outcomes": dict(collections.Counter(u["outcome"] for u in updates)),
+        "duration_s": round(duration, 1), "requests": len(results), "rps": round(len(results) / duration, 1),
+        "ok_rps": round(sum(1 for r in results if r.ok) / duration, 1),
+        "rps_rest": round(n_rest / (rest[1] - rest[0]), 1) if rest[1] > rest[0] else None,
+        "failed": len(failed), "failed_get": sum(1 for r in failed if r.method == "GET"),
+        "failed_post": sum(1 for r in failed if r.method == "POST"),
+        "failed_keepalive": sum(1 for r in failed if load.kind_of.get(r.user) == "keep-alive"),
+        "failed_fresh": sum(1 for r in failed if load.kind_of.get(r.user) == "fresh"),
+        "failed_at_rest": at_rest, "failed_per_update": round(len(failed) / max(1, len(updates)), 3),
+        "updates_with_failures": sum(1 for fs in per_update if fs),
+        "errors": dict(errors.most_common(6)), "failure_samples": samples,
+        "rest": rest_s, "switch": sw_s, "handoff": lat_stats(fast_handoff),
+        "slow_excess": {"rest": lat_stats(slow_rest), "switch": lat_stats(slow_switch)},
+        "ratio_max": round(sw_s["max"] / rest_s["max"], 2) if rest_s["max"] else None,
+        "ratio_p99": round(sw_s["p99"] / rest_s["p99"], 2) if rest_s["p99"] else None,
+        "window_max_ms": {"switch_median": round(med_sw * 1000, 2) if med_sw is not None else None,
+                          "rest_median": round(med_rest * 1000, 2) if med_rest is not None else None,
+                          "rest_windows": len(chunk_max)},
+        "ratio_window_max": round(med_sw / med_rest, 2) if med_sw and med_rest else None,
+        "phases": phases,
+        "trigger_to_verified_s": {"mean": round(sum(t2v) / len(t2v), 2) if t2v else None,
+                                  "max": round(max(t2v), 2) if t2v else None},
+        "outage_s": {"mean": round(sum(outages) / len(outages), 2) if outages else 0.0,
+                     "max": round(max(outages), 2) if outages else 0.0},
+        "rest_window": [rest[0], rest[1]],
+        "update_list": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in u.items()} for u in updates],
+        **extra,
+    }
+
+
+PHASES = (("pickup", None, "requested"), ("fetch", "requested", "preparing"), ("prepare", "preparing", "canary"),
+          ("canary", "canary", "switching"), ("handoff", "switching", "verifying"), ("verify", "verifying", "watching"))
+
+
+def phase_latency(results: list[Any], updates: list[dict[str, Any]]) -> tuple[dict[str, Any], list[float]]:
+    """Fast-request latency by the update phase each request completed in, and each window's max.
+
+    The phases come from the daemon's journal (for (d) there are none: the whole window is "stop-start")."""
+    by_phase: dict[str, list[float]] = collections.defaultdict(list)
+    per_window: list[float] = []
+    fast = [r for r in results if r.ok and common.is_fast(r)]
+    starts = [r.at for r in fast]
+    for u in updates:
+        a, b = u["trigger"], u["verified"]
+        steps = u.get("steps", {})
+        bounds = []
+        for name, lo, hi in PHASES:
+            if hi in steps and (lo is None or lo in steps):
+                bounds.append((name, a + (steps[lo] if lo else 0.0), a + steps[hi]))
+        worst = 0.0
+        # requests that started up to 30 s before the window may still overlap it
+        for r in fast[bisect.bisect_left(starts, a - 30):bisect.bisect_right(starts, b)]:
+            end = r.at + r.latency
+            if not (r.at < b and end > a):
+                continue
+            worst = max(worst, r.latency)
+            t = min(max(end, a), b)
+            name = next((n for n, lo, hi in bounds if lo <= t < hi), "stop-start" if not bounds else "other")
+            by_phase[name].append(r.latency)
+        per_window.append(worst)
+    order = [n for n, _, _ in PHASES] + ["stop-start", "other"]
+    return {n: lat_stats(by_phase[n]) for n in order if by_phase.get(n)}, per_window
+
+
+def rest_chunk_maxima(results: list[Any], rest: tuple[float, float], length: float) -> list[float]:
+    """The rest window cut into pieces as long as a mean switch window: the max of each piece.
+    Comparing the median of these with the median per-update max compares like with like."""
+    if length <= 0 or rest[1] <= rest[0]:
+        return []
+    n = int((rest[1] - rest[0]) // length)
+    at_rest = [r for r in results if rest[0] <= r.at <= rest[1] and r.ok and common.is_fast(r)]
+    out = []
+    for k in range(n):
+        a = rest[0] + k * length
+        b = a + length
+        lat = [r.latency for r in at_rest if common.inside(r, a, b)]
+        if lat:
+            out.append(max(lat))
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+HEADERS = ["uvicorn", "mix", "variant", "updates ok", "requests", "req/s rest", "ok req/s", "failed (GET/POST)",
+           "failed/update",
+           "outage s", "p50 rest", "p99 rest", "max rest", "p50 switch", "p99 switch", "max switch",
+           "max ratio", "p99 ratio", "window-max ratio", "trigger->verified s", "others' load (cores)"]
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in runs:
+        key = VARIANTS[r["variant"]][0]
+        rows.append([
+            r["uvicorn"], r["mix"], f"({key}) {r['label']}", f"{r['updates_done']}/{r['updates']}", r["requests"],
+            r["rps_rest"], r["ok_rps"], f"{r['failed']:,} ({r['failed_get']:,}/{r['failed_post']:,})",
+            fmt(r["failed_per_update"], 2),
+            fmt(r["outage_s"]["mean"], 2), fmt(r["rest"]["p50"]), fmt(r["rest"]["p99"]), fmt(r["rest"]["max"]),
+            fmt(r["switch"]["p50"]), fmt(r["switch"]["p99"]), fmt(r["switch"]["max"]),
+            fmt(r["ratio_max"], 2), fmt(r["ratio_p99"], 2), fmt(r["ratio_window_max"], 2),
+            fmt(r["trigger_to_verified_s"]["mean"], 2),
+            fmt(r["machine_load"]["others_cores"], 2)])
+    return md_table(HEADERS, rows)
+
+
+def phase_table(runs: list[dict[str, Any]]) -> str:
+    names = [n for n, _, _ in PHASES]
+    rows = []
+    for r in runs:
+        row = [r["uvicorn"], r["mix"], f"({VARIANTS[r['variant']][0]})",
+               f"{fmt(r['rest']['p99'])} / {fmt(r['rest']['max'])}"]
+        for n in names:
+            st = r["phases"].get(n)
+            row.append(f"{fmt(st['p99'])} / {fmt(st['max'])} ({st['n']:,})" if st else "-")
+        rows.append(row)
+    return md_table(["uvicorn", "mix", "variant", "rest", *names], rows)
+
+
+def targets(runs: list[dict[str, Any]]) -> list[Target]:
+    out = []
+    for r in runs:
+        if r["variant"] != "drain":
+            continue
+        where = f"{r['mix']}, uvicorn {r['uvicorn']}"
+        per100 = r["failed"] / max(1, r["updates"]) * 100
+        out.append(Target(f"(a) failed requests per 100 updates, {where}", round(per100, 2), 0, "",
+                          f"{r['failed']} failed in {r['updates']} updates (GET {r['failed_get']}, "
+                          f"POST {r['failed_post']})"))
+        out.append(Target(f"(a) max latency switch / rest, {where}", r["ratio_max"], 1.1, "x",
+                          f"max {fmt(r['switch']['max'])} ms during switches vs {fmt(r['rest']['max'])} ms at rest; "
+                          f"window-max ratio {fmt(r['ratio_window_max'], 2)}"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = common.machine()
+    base, cleanup = common.workdir(args.keep, "switch")
+    runs: list[dict[str, Any]] = []
+    started = time.time()
+    total_meter = common.BusyMeter()
+    log(f"switch bench: {args.updates} updates x variants {args.variant_list} x mixes {args.mix_list} "
+        f"x uvicorn {args.lines}; scratch {base}")
+    try:
+        for line in args.lines:
+            origin = common.make_origin(base / f"uvicorn-{line}", line)
+            for mix in args.mix_list:
+                for variant in args.variant_list:
+                    if args.quiet_wait:
+                        common.wait_quiet(args.quiet_wait)
+                    log(f"uvicorn {line} / {mix} / ({VARIANTS[variant][0]}) {variant} ...")
+                    t = time.monotonic()
+                    meter = common.BusyMeter()
+                    where = base / f"uvicorn-{line}" / f"{variant}-{mix}"
+                    if variant == "old-way":
+                        run = run_old_way(mix, origin, where, args)
+                    else:
+                        run = run_proto4d(variant, mix, origin, where, args)
+                    run["machine_load"] = meter.read()
+                    run["uvicorn"] = common.UVICORN_LABEL[line]
+                    run["uvicorn_line"] = line
+                    runs.append(run)
+                    log(f"  done in {time.monotonic() - t:.0f} s: {run['updates_done']}/{run['updates']} updates, "
+                        f"{run['requests']:,} requests at {run['rps']} req/s, {run['failed']} failed, "
+                        f"max {run['rest']['max']} ms at rest / {run['switch']['max']} ms in switches")
+    finally:
+        cleanup()
+    tgts = targets(runs)
+    busy = total_meter.read()
+    data = {"bench": "switch", "machine_load": busy, "command": common.command_line(), "machine": machine,
+            "started_at": started,
+            "seconds": round(time.time() - started, 1),
+            "args": {k: v for k, v in vars(args).items()}, "mixes": {
+                m: [{"kind": g.kind, "users": g.users, "mix": vars(g.mix)} for g in common.MIXES[m]]
+                for m in args.mix_list},
+            "runs": runs, "targets": [t.to_dict() for t in tgts]}
+    path = common.write_json("switch", data)
+    print(f"\n## Switch under load ({args.updates} updates per variant and mix)\n")
+    print(f"Machine: {common.machine_line(machine)}")
+    print(f"Command: `{common.command_line()}`")
+    print(f"Load: {common.others_line(busy)}\n")
+    print(table(runs))
+    print("\nLatency in ms, fast requests only (GET / and POST /echo). rest = a window of "
+          f"{args.rest_s:g} s before the first update; switch = requests overlapping [trigger, verified]. "
+          "outage s = mean span of an update's failed requests. req/s rest = all requests per second in the "
+          "rest window; ok req/s = successful requests per second over the whole run. Clients retry at once after "
+          "a failure, so for (c) and (d) the failed count says how hard clients knocked on a closed port: "
+          "outage s is the comparable figure. window-max ratio = median over updates of the worst latency in "
+          "each switch window / median of the worst latency in rest pieces of the same length (like with like: "
+          "a max over more requests is larger by itself).")
+    print("\nWhere the switch latency comes from, (a) and (b): fast requests by the update phase they completed in "
+          "(p99 / max ms, n):\n")
+    print(phase_table([r for r in runs if r["variant"] in ("drain", "handoff")]))
+    print("\n### Targets\n")
+    print(common.targets_table(tgts))
+    print(f"\nJSON: {path.relative_to(common.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
