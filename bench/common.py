@@ -432,6 +432,19 @@ class Target:
                 "verdict": self.verdict(), "note": self.note}
 
 
+def add_run_args(p: Any, what: str = "each measurement") -> None:
+    """The options every benchmark shares: waiting for a quiet machine, keeping the scratch dir."""
+    p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                   help=f"before {what}, wait up to S s for other processes on the machine to go quiet")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory (daemon roots and logs)")
+
+
+def print_targets(targets: Sequence[Target], path: Path) -> None:
+    print("\n### Targets\n")
+    print(targets_table(targets))
+    print(f"\nJSON: {path.relative_to(ROOT)}")
+
+
 def targets_table(targets: Sequence[Target]) -> str:
     return md_table(["target", "measured", "limit", "verdict", "note"], [t.row() for t in targets])
 

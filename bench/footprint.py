@@ -62,9 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="part 3: auto = only when an idle target is missed (default)")
     p.add_argument("--profile-seconds", type=float, default=60, help="length of the profiled idle run")
     p.add_argument("--readme", action="store_true", help="the README run: --seconds 120 --samples 40")
-    p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
-                   help="before each measurement, wait up to S s for other processes on the machine to go quiet")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    common.add_run_args(p, "each measurement")
     args = p.parse_args(argv)
     if args.readme:
         args.seconds = max(args.seconds, 120)
@@ -438,9 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(md_table(["function", "calls", "tottime ms", "cumtime ms", "ms per call"],
                        [[r["function"], r["calls"], fmt(r["tottime_ms"]), fmt(r["cumtime_ms"]),
                          fmt(r["cumtime_ms"] / max(1, r["calls"]), 3)] for r in prof["loop_functions"][:12]]))
-    print("\n### Targets\n")
-    print(common.targets_table(tgts))
-    print(f"\nJSON: {path.relative_to(common.ROOT)}")
+    common.print_targets(tgts, path)
     return 0
 
 

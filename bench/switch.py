@@ -64,9 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-s", type=float, default=0.5,
                    help="pause after the old process has exited and before the next update (default 0.5)")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 100 --uvicorn both --rest-s 60")
-    p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
-                   help="before each run, wait up to S s for other processes on the machine to go quiet")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory (daemon roots and logs)")
+    common.add_run_args(p, "each run")
     args = p.parse_args(argv)
     if args.readme:
         if args.updates == 20:
@@ -535,9 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nWhere the switch latency comes from, (a) and (b): fast requests by the update phase they completed in "
           "(p99 / max ms, n):\n")
     print(phase_table([r for r in runs if r["variant"] in ("drain", "handoff")]))
-    print("\n### Targets\n")
-    print(common.targets_table(tgts))
-    print(f"\nJSON: {path.relative_to(common.ROOT)}")
+    common.print_targets(tgts, path)
     return 0
 
 

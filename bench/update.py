@@ -93,9 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-venv", action="store_true", help="only the updates")
     p.add_argument("--installers", default="uv,pip", help="comma-separated subset of uv,pip for part 2")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 20 --repeat 3 --app-starts 10")
-    p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
-                   help="before each part, wait up to S s for other processes on the machine to go quiet")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    common.add_run_args(p, "each part")
     args = p.parse_args(argv)
     if args.readme:
         args.updates = max(args.updates, 20)
@@ -409,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(r["installer"] == "pip" and r["cache_mb"] < 0.5 for r in part2):
             print("Here pip cached nothing during the cold build (the index answered without cacheable headers: an "
                   "HTTP proxy in front of PyPI), so pip's \"warm\" builds downloaded everything again.")
-    print("\n### Targets\n")
-    print(common.targets_table(tgts))
-    print(f"\nJSON: {path.relative_to(common.ROOT)}")
+    common.print_targets(tgts, path)
     return 0
 
 

@@ -356,6 +356,7 @@ class Runner:
         self.listener = None
         self._retired_listeners.clear()
         self.state = "stopped"
+        self.healthy = False
 
     def pids(self) -> list[int]:
         return [p.pid for p in {self.proc, *self.draining} if p is not None and p.alive]

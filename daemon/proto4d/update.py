@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from proto4d import faults, fsutil, log, notices, policy, releases, retention
+from proto4d.activity import iso
 from proto4d.procs import Cancel, Cancelled
 from proto4d.requests import Request, write_answer
 from proto4d.runner import SwitchFailed
@@ -142,7 +143,7 @@ class UpdateManager:
         self.queued = req
 
     def reject(self, req_id: str, why: str, source: str) -> None:
-        self.last_rejected = {"id": req_id, "reason": why, "at": activity_iso(time.time()), "source": source}
+        self.last_rejected = {"id": req_id, "reason": why, "at": iso(time.time()), "source": source}
         write_answer(self.d.paths, req_id, "rejected", why)
         self.log.warning("request.rejected", id=req_id, reason=why, source=source)
 
@@ -236,9 +237,6 @@ class UpdateManager:
         return None
 
 
-def activity_iso(ts: float | None) -> str | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
-
 
 class UpdateRun:
     def __init__(self, daemon: Daemon, req: Request) -> None:
@@ -277,7 +275,7 @@ class UpdateRun:
         r = self.req
         until = self.until.astimezone(self.d.cfg.schedule.zone).isoformat(timespec="seconds") if self.until else None
         return {"state": self.state, "id": r.id, "action": r.action, "ref": r.ref or self.d.cfg.app.branch,
-                "reason": r.reason, "requested_at": activity_iso(r.requested_at), "message": self.message,
+                "reason": r.reason, "requested_at": iso(r.requested_at), "message": self.message,
                 "waiting_for": self.waiting_for, "until": until, "target_commit": self.target_commit,
                 "new_release": self.new.name if self.new else None,
                 "old_release": self.old.name if self.old else None,
@@ -333,7 +331,7 @@ class UpdateRun:
         except Done as e:
             self._finish("done", str(e))
         except Rejected as e:
-            self.d.updates.last_rejected = {"id": r.id, "reason": str(e), "at": activity_iso(time.time()),
+            self.d.updates.last_rejected = {"id": r.id, "reason": str(e), "at": iso(time.time()),
                                             "source": r.source}
             self.log.warning("request.rejected", reason=str(e), source=r.source)  # as for a malformed file
             self._finish("rejected", str(e))
@@ -529,7 +527,7 @@ class UpdateRun:
                 self._post_notice(f"An update will be applied in about {grace}. It should not interrupt you; "
                                   "requests in progress will finish.", when)
                 self._enter("noticed", noticed_at=now.timestamp())
-                self.d.webhook.send("noticed", self._event(notice_until=activity_iso(when), verdict=verdict.color))
+                self.d.webhook.send("noticed", self._event(notice_until=iso(when), verdict=verdict.color))
                 continue
             await self.d.wait_sample(1.0)
 

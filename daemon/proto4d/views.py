@@ -83,15 +83,7 @@ def _age(text: Any) -> str:
     return f"{_dur(time.time() - ts)} ago" if ts is not None else "at an unknown time"
 
 
-def _dur(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    if seconds < 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+_dur = policy.duration_words
 
 
 def _mb(n: Any) -> str:
