@@ -260,3 +260,17 @@ def test_retention_keeps_current_previous_and_the_newest(make_daemon, origin):
     kept = sorted(p.name for p in (d.root / "releases").iterdir())
     assert kept == sorted(names[-2:]), (kept, names)
     assert os.readlink(d.root / "current").endswith(names[-1])
+
+
+def test_the_weekly_schedule_files_a_request_by_itself(make_daemon, origin):
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    due = (now + dt.timedelta(seconds=65 if now.second > 50 else 60)).replace(second=0, microsecond=0)
+    weekly = f"{due.strftime('%a').lower()} {due.strftime('%H:%M')}"
+    d = make_daemon(schedule={"timezone": "UTC", "weekly": weekly}).start()
+    sha = origin.commit("2")
+    s = d.wait_status(lambda s: s["app"]["commit"] == sha and s["update"]["state"] == "idle", 150,
+                      f"the weekly update at {weekly}")
+    assert s["update"]["last"]["reason"].startswith("weekly schedule")
+    assert (d.root / "state" / "weekly.last").read_text().startswith(due.isoformat()[:16])
