@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from proto4d import __version__, fsutil, log
 
 
@@ -60,6 +58,8 @@ class Webhook:
 
     async def _post(self, event: str, body: dict[str, Any]) -> None:
         try:
+            # Loaded by the first event, not at start: an idle daemon without a webhook never pays for it.
+            import httpx
             async with httpx.AsyncClient(trust_env=False, timeout=self.timeout) as client:
                 r = await client.post(self.url, json=body)
             if r.status_code >= 400:

@@ -17,13 +17,12 @@ import shutil
 import signal
 import stat
 import subprocess
-import tarfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import git
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from proto4d import faults, fsutil
 from proto4d.config import Config, find_uv
@@ -44,6 +43,17 @@ class ReleaseError(Exception):
 # --------------------------------------------------------------------------- git
 
 
+if TYPE_CHECKING:
+    import git
+
+
+def _gitpython() -> ModuleType:
+    # GitPython costs about 3 MB of resident memory; a daemon that starts on an existing release
+    # and has not updated since never loads it.
+    import git
+    return git
+
+
 class Mirror:
     """A bare clone of `app.repo` under `state/repo.git`, fetched before every update.
 
@@ -62,9 +72,9 @@ class Mirror:
             if not (self.path / "HEAD").exists():
                 tmp = self.path.with_name(self.path.name + ".tmp")
                 fsutil.remove_tree(tmp)
-                git.Repo.init(tmp, bare=True)
+                _gitpython().Repo.init(tmp, bare=True)
                 os.replace(tmp, self.path)
-            self._repo = git.Repo(self.path)
+            self._repo = _gitpython().Repo(self.path)
             self._clear_stale_locks()
         return self._repo
 
@@ -84,7 +94,7 @@ class Mirror:
             repo.git.fetch("--prune", "--force", "--no-write-fetch-head", "origin",
                            "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
                            kill_after_timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
-        except git.GitCommandError as e:
+        except _gitpython().GitCommandError as e:
             raise ReleaseError(f"cannot fetch {self.url}: {_git_error(e)}") from None
         if cancel is not None:
             cancel.check()
@@ -97,50 +107,50 @@ class Mirror:
             try:
                 return self.repo.git.rev_parse("--verify", "--quiet", "--end-of-options",
                                                f"{cand}^{{commit}}").strip()
-            except git.GitCommandError:
+            except _gitpython().GitCommandError:
                 continue
         return None
 
     def branch_head(self, branch: str) -> str | None:
         try:
             return self.repo.git.rev_parse("--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}").strip()
-        except git.GitCommandError:
+        except _gitpython().GitCommandError:
             return None
 
     def has_commit(self, sha: str) -> bool:
         try:
             self.repo.git.cat_file("-e", f"{sha}^{{commit}}")
             return True
-        except git.GitCommandError:
+        except _gitpython().GitCommandError:
             return False
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         try:
             self.repo.git.merge_base("--is-ancestor", ancestor, descendant)
             return True
-        except git.GitCommandError:
+        except _gitpython().GitCommandError:
             return False
 
     def log_between(self, old: str | None, new: str, limit: int = 50) -> list[str]:
         spec = f"{old}..{new}" if old and self.has_commit(old) else new
         try:
             out = self.repo.git.log("--format=%h %s (%an, %ad)", "--date=short", f"-{limit}", spec)
-        except git.GitCommandError:
+        except _gitpython().GitCommandError:
             return []
         return [line for line in out.splitlines() if line.strip()]
 
     def subject(self, sha: str) -> str:
         try:
             return self.repo.git.log("-1", "--format=%s", sha).strip()
-        except git.GitCommandError:
+        except _gitpython().GitCommandError:
             return ""
 
     def pin(self, name: str, sha: str) -> None:
-        with contextlib.suppress(git.GitCommandError):
+        with contextlib.suppress(_gitpython().GitCommandError):
             self.repo.git.update_ref(f"refs/proto4d/releases/{name}", sha)
 
     def unpin(self, name: str) -> None:
-        with contextlib.suppress(git.GitCommandError):
+        with contextlib.suppress(_gitpython().GitCommandError):
             self.repo.git.update_ref("-d", f"refs/proto4d/releases/{name}")
 
     def export(self, sha: str, subdir: str, dest: Path, cancel: Cancel | None = None) -> None:
@@ -148,10 +158,12 @@ class Mirror:
         treeish = f"{sha}:{subdir}" if subdir else f"{sha}^{{tree}}"
         try:
             kind = self.repo.git.cat_file("-t", treeish).strip()
-        except git.GitCommandError:
+        except _gitpython().GitCommandError:
             raise ReleaseError(f"app.subdir {subdir!r} does not exist at commit {sha[:7]}") from None
         if kind != "tree":
             raise ReleaseError(f"app.subdir {subdir!r} is a file at commit {sha[:7]}, not a directory")
+        import tarfile  # with bz2 and lzma, close to 1 MB the resident daemon needs only while exporting
+
         proc = self.repo.git.archive("--format=tar", treeish, as_process=True)
         try:
             with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:

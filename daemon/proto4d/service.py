@@ -14,7 +14,6 @@ import errno
 import logging
 import math
 import os
-import plistlib
 import pwd
 import re
 import shlex
@@ -241,6 +240,8 @@ def render_launchd(cfg: configmod.Config, exe_argv: list[str]) -> bytes:
     config_path = _check_text("the config path", _config_path(cfg))
     root = _check_text("root", str(cfg.root))
     argv = [_check_text("the proto4d command", a) for a in exe_argv]
+    import plistlib  # here, not at the top: the running daemon imports this module for Notifier only
+
     template = plistlib.loads(_template("proto4d.plist").encode("utf-8"))
     values: dict[str, Any] = {
         "LABEL": LAUNCHD_LABEL,
