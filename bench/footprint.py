@@ -3,8 +3,13 @@
 Part 1, idle: a real daemon serving the sample app, nobody using it, `activity.interval_s` 5 (the
 default) and 1. After a settle time, the daemon's own process (not the app) is watched for
 --seconds: CPU = (user + system CPU seconds spent in the window) / wall seconds; RSS and USS at
-the end. A stand-in tunnel process named `cloudflared` runs, as on the Mac mini, so the
-tunnel check finds it (--no-tunnel leaves it out: the check then scans every process per sample).
+the end. The daemon runs from a production install (a venv with `pip install .`, the core
+dependencies only), as an operator installs it: the dev venv also holds click, pygments and rich,
+which httpx's CLI hooks import when present. At interval 5 the daemon is measured twice: on its
+first start (it built the first release, as after any update: GitPython and tarfile loaded) and
+restarted on an existing release (what runs after a reboot until the next update). A stand-in
+tunnel process named `cloudflared` runs, as on the Mac mini, so the tunnel check finds it
+(--no-tunnel leaves it out: the check then scans every process per sample).
 
 Part 2, one sample: 10 / 100 / 1,000 established keep-alive connections to the app (opened here
 with plain sockets, one request each, then idle; the app runs with --timeout-keep-alive 600 so
@@ -58,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", default="10,100,1000", help="connection counts for part 2")
     p.add_argument("--samples", type=int, default=20, help="timed samples per connection count (default 20)")
     p.add_argument("--no-tunnel", action="store_true", help="no stand-in cloudflared process")
+    p.add_argument("--install", choices=["production", "dev"], default="production",
+                   help="the daemon's interpreter: a fresh venv with `pip install .` (default) or this dev venv")
     p.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                    help="part 3: auto = only when an idle target is missed (default)")
     p.add_argument("--profile-seconds", type=float, default=60, help="length of the profiled idle run")
@@ -131,10 +138,26 @@ def activity_cfg(interval: float, tunnel: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- part 1
 
 
-def idle(args: argparse.Namespace, base: Path, origin: Any, interval: float) -> dict[str, Any]:
-    d = common.new_daemon(base / f"idle-{interval:g}", origin, activity=activity_cfg(interval, not args.no_tunnel))
+def production_python(base: Path) -> str:
+    """A venv with proto4d installed from this tree the way an operator does it: `pip install .`."""
+    venv = base / "daemon-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(common.ROOT)],
+                   check=True, timeout=900)
+    return str(py)
+
+
+def idle(args: argparse.Namespace, base: Path, origin: Any, interval: float, python: str,
+         restart: bool = False) -> dict[str, Any]:
+    name = f"idle-{interval:g}" + ("-restart" if restart else "")
+    d = common.new_daemon(base / name, origin, activity=activity_cfg(interval, not args.no_tunnel))
+    d.daemon_python = python
     try:
         d.start(timeout=300)
+        if restart:
+            d.stop(60)
+            d.start(timeout=300)
         time.sleep(args.settle_s)
         sockets = wait_quiet_network()
         if args.quiet_wait:
@@ -150,7 +173,8 @@ def idle(args: argparse.Namespace, base: Path, origin: Any, interval: float) -> 
         mem = p.memory_full_info()
         cpu_s = (c1.user - c0.user) + (c1.system - c0.system)
         wall = w1 - w0
-        return {"interval_s": interval, "seconds": round(wall, 1), "cpu_s": round(cpu_s, 3),
+        return {"interval_s": interval, "start": "restart" if restart else "first",
+                "seconds": round(wall, 1), "cpu_s": round(cpu_s, 3),
                 "cpu_user_s": round(c1.user - c0.user, 3), "cpu_system_s": round(c1.system - c0.system, 3),
                 "cpu_percent": round(100 * cpu_s / wall, 3), "rss_mb": round(mem.rss / 2**20, 1),
                 "uss_mb": round(mem.uss / 2**20, 1), "samples": lines1 - lines0,
@@ -265,20 +289,21 @@ IMPORT_STEPS = [
     ("yaml", "import yaml"),
     ("structlog + logging", "import structlog, logging.handlers"),
     ("zoneinfo + tzdata", "import zoneinfo; zoneinfo.ZoneInfo('Asia/Seoul')"),
-    ("httpx", "import httpx"),
-    ("git (GitPython)", "import git"),
     ("proto4d.supervisor (the rest)", "import proto4d.supervisor"),
+    ("tarfile (while exporting a release)", "import tarfile"),
+    ("git (GitPython, from the first fetch)", "import git"),
+    ("httpx (a webhook or health.external_url)", "import httpx"),
 ]
 
 
-def import_rss() -> list[dict[str, Any]]:
+def import_rss(python: str) -> list[dict[str, Any]]:
     """RSS after each import, in one fresh interpreter (read from /proc/self/statm, not psutil)."""
     script = ["import os, sys", "page = os.sysconf('SC_PAGE_SIZE')",
               "def rss():\n    return int(open('/proc/self/statm').read().split()[1]) * page"]
     for name, stmt in IMPORT_STEPS:
         script.append(stmt or "pass")
         script.append(f"print({name!r}, rss())")
-    r = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([python, "-c", "\n".join(script)], capture_output=True, text=True, timeout=120,
                        check=True, cwd=common.ROOT)
     out, prev = [], 0
     for line in r.stdout.splitlines():
@@ -290,14 +315,14 @@ def import_rss() -> list[dict[str, Any]]:
     return out
 
 
-def profile_idle(args: argparse.Namespace, base: Path, origin: Any, interval: float) -> dict[str, Any]:
+def profile_idle(args: argparse.Namespace, base: Path, origin: Any, interval: float, python: str) -> dict[str, Any]:
     """Run an idle daemon under cProfile and report where its CPU goes after start-up."""
     d = common.new_daemon(base / f"profile-{interval:g}", origin, activity=activity_cfg(interval, not args.no_tunnel))
     prof = base / f"daemon-{interval:g}.prof"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PROTO4D_CONFIG", None)
     with open(d.log_path, "ab") as err:
-        d.proc = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "proto4d", "run",
+        d.proc = subprocess.Popen([python, "-m", "cProfile", "-o", str(prof), "-m", "proto4d", "run",
                                    "--config", str(d.config_path)], stdout=err, stderr=err, stdin=subprocess.DEVNULL,
                                   env=env, start_new_session=True, cwd=d.base)
     try:
@@ -364,21 +389,27 @@ def main(argv: list[str] | None = None) -> int:
     profiles: list[dict[str, Any]] = []
     try:
         origin = common.make_origin(base / "origin")
+        if args.install == "production":
+            log("the daemon's production install: venv + pip install . ...")
+            python = production_python(base)
+        else:
+            python = sys.executable
         for interval in args.interval_list:
-            log(f"part 1: idle daemon at activity.interval_s {interval:g}: settle {args.settle_s:g} s, "
-                f"measure {args.seconds:g} s ...")
-            row = idle(args, base, origin, interval)
-            log(f"  {row['cpu_percent']} % of a core, RSS {row['rss_mb']} MB, {row['samples']} samples")
-            idle_rows.append(row)
+            for restart in (False, True) if interval == 5 else (False,):
+                log(f"part 1: idle daemon at activity.interval_s {interval:g}{' (restarted)' if restart else ''}: "
+                    f"settle {args.settle_s:g} s, measure {args.seconds:g} s ...")
+                row = idle(args, base, origin, interval, python, restart)
+                log(f"  {row['cpu_percent']} % of a core, RSS {row['rss_mb']} MiB, {row['samples']} samples")
+                idle_rows.append(row)
         log("part 2: one sample with open connections ...")
         sample_rows = samples(args, base, origin)
         at5 = next((r for r in idle_rows if r["interval_s"] == 5), None)
         missed = at5 is not None and (at5["rss_mb"] > 30 or at5["cpu_percent"] > 0.2)
         if args.profile == "always" or (args.profile == "auto" and missed):
             log("part 3: the RSS of each import ...")
-            rss_rows = import_rss()
+            rss_rows = import_rss(python)
             log(f"part 3: cProfile of an idle daemon for {args.profile_seconds:g} s ...")
-            profiles.append(profile_idle(args, base, origin, 5))
+            profiles.append(profile_idle(args, base, origin, 5, python))
     finally:
         if tunnel is not None:
             tunnel.stop()
@@ -386,8 +417,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tgts: list[Target] = []
     at5 = next((r for r in idle_rows if r["interval_s"] == 5), None)
+    again = next((r for r in idle_rows if r["interval_s"] == 5 and r["start"] == "restart"), None)
     if at5:
-        tgts.append(Target("idle daemon RSS (interval_s 5)", at5["rss_mb"], 30, " MB", f"USS {at5['uss_mb']} MB"))
+        tgts.append(Target("idle daemon RSS (interval_s 5, after the first release or an update)", at5["rss_mb"], 30,
+                           " MiB", f"USS {at5['uss_mb']} MiB; {args.install} install"))
+    if again:
+        tgts.append(Target("idle daemon RSS (interval_s 5, restarted on an existing release)", again["rss_mb"], 30,
+                           " MiB", f"USS {again['uss_mb']} MiB; {args.install} install"))
         tgts.append(Target("idle daemon CPU (interval_s 5)", at5["cpu_percent"], 0.2, " %",
                            f"{at5['cpu_s']} CPU s in {at5['seconds']} s"))
     s1000 = next((r for r in sample_rows if r["connections"] == 1000), None)
@@ -395,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         tgts.append(Target("one sample with 1,000 connections (median)", s1000["median_ms"], 20, " ms",
                            f"max {s1000['max_ms']} ms"))
 
-    split = per_sample_split(idle_rows)
+    split = per_sample_split([r for r in idle_rows if r["start"] == "first"])
     data = {"bench": "footprint", "command": common.command_line(), "machine": machine, "started_at": started,
             "seconds": round(time.time() - started, 1), "args": vars(args), "idle": idle_rows, "idle_split": split,
             "samples": sample_rows, "import_rss": rss_rows, "profiles": profiles,
@@ -406,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: `{common.command_line()}`\n")
     print(f"Idle daemon (its own process; {args.seconds:g} s after {args.settle_s:g} s of settling; "
           f"{'a stand-in cloudflared runs' if not args.no_tunnel else 'no tunnel process'}):\n")
-    print(md_table(["activity.interval_s", "CPU % of a core", "CPU s (user/system)", "RSS MB", "USS MB",
+    print(md_table(["activity.interval_s", "daemon", "CPU % of a core", "CPU s (user/system)", "RSS MiB", "USS MiB",
                     "samples taken", "context switches", "TCP sockets on the machine", "others' load (cores)"],
-                   [[fmt(r["interval_s"], 0), fmt(r["cpu_percent"], 3),
+                   [[fmt(r["interval_s"], 0), "restarted on a release" if r["start"] == "restart" else "first start",
+                     fmt(r["cpu_percent"], 3),
                      f"{r['cpu_s']:.2f} ({r['cpu_user_s']:.2f}/{r['cpu_system_s']:.2f})", fmt(r["rss_mb"]),
                      fmt(r["uss_mb"]), r["samples"], r["ctx_switches"], r["tcp_sockets_before"],
                      fmt(r["machine_load"]["others_cores"], 2)] for r in idle_rows]))
@@ -427,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
           "a sample's cost grows with every TCP socket on the machine, TIME_WAIT included, not only the app's.)")
     if rss_rows:
         print("\nWhere the RSS goes (one fresh interpreter, importing the daemon's dependencies in order):\n")
-        print(md_table(["import", "RSS MB", "+MB"], [[r["step"], fmt(r["rss_mb"]), fmt(r["delta_mb"])]
+        print(md_table(["import", "RSS MiB", "+MiB"], [[r["step"], fmt(r["rss_mb"]), fmt(r["delta_mb"])]
                                                       for r in rss_rows]))
     for prof in profiles:
         print(f"\nWhere the idle CPU goes (cProfile, interval_s {prof['interval_s']:g}, "

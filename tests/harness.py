@@ -128,6 +128,8 @@ class Daemon:
         deep_update(self.cfg, overrides)
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
+        # The interpreter that runs the daemon itself (the footprint bench uses a production install).
+        self.daemon_python = sys.executable
         self.write_config()
         (self.root / "shared").mkdir(parents=True, exist_ok=True)
         (self.root / "shared" / ".env").write_text("TUTOR_SECRET=s3cr3t-value-for-tests\n")
@@ -149,8 +151,8 @@ class Daemon:
         if env:
             self.env.update(env)
         with open(self.log_path, "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "proto4d", "run", "--config", str(self.config_path)],
-                                         stdout=err, stderr=err, stdin=subprocess.DEVNULL, env=self.env,
+            argv = [self.daemon_python, "-m", "proto4d", "run", "--config", str(self.config_path)]
+            self.proc = subprocess.Popen(argv, stdout=err, stderr=err, stdin=subprocess.DEVNULL, env=self.env,
                                          start_new_session=True, cwd=self.base)
         if wait_healthy:
             self.wait_healthy(timeout=timeout)
