@@ -474,6 +474,25 @@ def workdir(keep: bool, prefix: str) -> tuple[Path, Any]:
     return base, cleanup
 
 
+def production_python(base: Path) -> str:
+    """A venv with proto4d installed from this tree the way an operator does it: `pip install .`.
+
+    The dev venv also holds click, pygments and rich (for uvicorn and pytest), which httpx's CLI
+    hooks import when present: a daemon run from it weighs a few MB more than an installed one.
+    """
+    venv = base / "daemon-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
+                   check=True, timeout=900)
+    return str(py)
+
+
+def add_install_arg(p: Any) -> None:
+    p.add_argument("--install", choices=["production", "dev"], default="production",
+                   help="the daemon's interpreter: a fresh venv with `pip install .` (default) or this dev venv")
+
+
 def command_line() -> str:
     return "./dev bench " + Path(sys.argv[0]).stem + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
 

@@ -63,8 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", default="10,100,1000", help="connection counts for part 2")
     p.add_argument("--samples", type=int, default=20, help="timed samples per connection count (default 20)")
     p.add_argument("--no-tunnel", action="store_true", help="no stand-in cloudflared process")
-    p.add_argument("--install", choices=["production", "dev"], default="production",
-                   help="the daemon's interpreter: a fresh venv with `pip install .` (default) or this dev venv")
+    common.add_install_arg(p)
     p.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                    help="part 3: auto = only when an idle target is missed (default)")
     p.add_argument("--profile-seconds", type=float, default=60, help="length of the profiled idle run")
@@ -136,16 +135,6 @@ def activity_cfg(interval: float, tunnel: bool) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- part 1
-
-
-def production_python(base: Path) -> str:
-    """A venv with proto4d installed from this tree the way an operator does it: `pip install .`."""
-    venv = base / "daemon-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(common.ROOT)],
-                   check=True, timeout=900)
-    return str(py)
 
 
 def idle(args: argparse.Namespace, base: Path, origin: Any, interval: float, python: str,
@@ -391,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         origin = common.make_origin(base / "origin")
         if args.install == "production":
             log("the daemon's production install: venv + pip install . ...")
-            python = production_python(base)
+            python = common.production_python(base)
         else:
             python = sys.executable
         for interval in args.interval_list:
@@ -452,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     if split:
         print(f"\nFrom the two intervals: one sample tick costs about {split['ms_per_sample']:.1f} ms of CPU in the "
               f"daemon; without sampling the daemon would use about {split['base_percent']:.3f} % of a core "
-              "(request-file polling every 0.25 s, timers, status writes).")
+              "(request-file polling every second, timers, status writes).")
     print(f"\nOne activity sample (Sampler.sample() in-process against the app pid, {args.samples} samples):\n")
     print(md_table(["connections", "seen by the sample", "median ms", "max ms", "min ms",
                     "of which psutil net_connections ms", "reading /proc/net/tcp* alone ms",

@@ -135,6 +135,9 @@ class Soak:
         self.origin = common.make_origin(base / "origin")
         (base / "daemon").mkdir()
         self.d = common.harness.Daemon(base / "daemon", self.origin, **daemon_config(args))
+        if args.install == "production":
+            log("the daemon's production install: venv + pip install . ...")
+            self.d.daemon_python = common.production_python(base)
         self.load: Load | None = None
         self.tail = LogTail(self.d.root / "logs" / "proto4d.log")
         self.results_total = 0
@@ -354,6 +357,7 @@ def main() -> int:
     p.add_argument("--watch-s", type=float, default=4.0, help="update.watch_s (default 4; must exceed 3 s, "
                    "when the crash_after and unhealthy_after versions fail)")
     p.add_argument("--keep", action="store_true", help="keep the origin and the daemon's root afterwards")
+    common.add_install_arg(p)
     args = p.parse_args()
     if args.updates < 1 or args.users < 1 or args.every < 1:
         p.error("--updates, --users and --every must be at least 1")

@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Trigger -> verified by step, seconds (median of {args.updates} updates per block; update.watch_s 0, "
               "so the watch is excluded; uvicorn " + common.UVICORN_LABEL[args.uvicorn] + "):\n")
         print(update_table(part1))
-        print("\npickup = trigger -> the daemon took the request (it polls every 0.25 s); fetch is done before "
-              "preparing; export, venv, preflight make up preparing; canary = a full start of the new release on a "
+        print("\npickup = trigger -> the daemon took the request (a dropped file waits for the 1 s poll; "
+              "`proto4d update` wakes the daemon at once); fetch is done before preparing; export, venv, "
+              "preflight make up preparing; canary = a full start of the new release on a "
               "private port plus its checks; switching = the handoff (start on the shared socket, wait for its "
               "ready line, SIGTERM the old one, wait until the old one stops listening).\n")
         print("app start: spawn -> \"Uvicorn running on\" of the block's release, started by the bench "
