@@ -149,8 +149,12 @@ def new_daemon(base: Path, origin: Any, **overrides: Any) -> Any:
     return Daemon(base, origin, **cfg)
 
 
-def trigger_update(d: Any, reason: str = "bench", force: bool = True) -> tuple[str, float]:
-    """Drop `update.request` the way `proto4d update --force` does (atomic link); return (id, when)."""
+def trigger_update(d: Any, reason: str = "bench", force: bool = True, wake: bool = False) -> tuple[str, float]:
+    """Drop `update.request` the way `proto4d update --force` does (atomic link); return (id, when).
+
+    wake: then send the daemon SIGUSR2, as the CLI does; without it the request waits for the
+    daemon's next look at the file (every second), as after `touch update.request`.
+    """
     req_id = f"bench-{time.strftime('%H%M%S')}-{os.urandom(3).hex()}"
     doc = {"id": req_id, "action": "update", "force": force, "reason": reason, "requested_by": "bench"}
     data = yaml.safe_dump(doc, sort_keys=False).encode()
@@ -164,6 +168,8 @@ def trigger_update(d: Any, reason: str = "bench", force: bool = True) -> tuple[s
             try:
                 at = time.time()
                 os.link(tmp, d.root / "update.request")
+                if wake:
+                    os.kill(d.proc.pid, signal.SIGUSR2)
                 return req_id, at
             except FileExistsError:
                 if time.monotonic() > deadline:

@@ -1,8 +1,10 @@
 """Update time: trigger -> verified, step by step, and the venv build on its own (uv vs pip, cold vs warm).
 
 Part 1, through a real daemon: updates of the sample app triggered the way `proto4d update --force`
-does (update.request), with update.watch_s 0, so "verified" is the moment the checks against the
-production port passed (the watch that follows is a configurable wait, not work, and is excluded).
+does (update.request, then SIGUSR2 to wake the daemon; --trigger file leaves the file to the
+daemon's 1 s poll, as `touch update.request` does), with update.watch_s 0, so "verified" is the
+moment the checks against the production port passed (the watch that follows is a configurable
+wait, not work, and is excluded).
   unchanged        the requirements are the same: the venv is reused
   changed          every update changes requirements.txt: a new venv is built (uv, from a warm cache)
   unchanged+load   as unchanged, while the normal load mix runs (slow requests are in flight at the switch)
@@ -92,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-updates", action="store_true", help="only the venv builds")
     p.add_argument("--skip-venv", action="store_true", help="only the updates")
     p.add_argument("--installers", default="uv,pip", help="comma-separated subset of uv,pip for part 2")
+    p.add_argument("--trigger", choices=["cli", "file"], default="cli",
+                   help="cli: the request file, then SIGUSR2, as `proto4d update` does (default); "
+                        "file: the file alone, as `touch update.request` (picked up within the 1 s poll)")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 20 --repeat 3 --app-starts 10")
     common.add_run_args(p, "each part")
     args = p.parse_args(argv)
@@ -122,9 +127,9 @@ def read_timings(d: Any, answer: dict[str, Any]) -> dict[str, float]:
 
 
 def one_update(d: Any, origin: Any, version: str, requirements: str | None,
-               files: dict[str, str] | None = None) -> dict[str, Any]:
+               files: dict[str, str] | None = None, trigger: str = "cli") -> dict[str, Any]:
     origin.commit(version, requirements=requirements, files=files)
-    req_id, t0 = common.trigger_update(d, reason="bench update")
+    req_id, t0 = common.trigger_update(d, reason="bench update", wake=trigger == "cli")
     answer = common.wait_answer(d, req_id, timeout=600)
     steps = common.step_times(common.journal_for(d, req_id))
     timings = read_timings(d, answer)
@@ -185,7 +190,7 @@ def run_updates(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                         sample = (common.harness.SAMPLE / "main.py").read_text()
                         files = {"main.py": HEAVY_IMPORTS + sample}
                         requirements = PROTO4_REQUIREMENTS
-                    row = one_update(d, origin, f"u{n}", requirements, files)
+                    row = one_update(d, origin, f"u{n}", requirements, files, args.trigger)
                     if i == 0:
                         warmup = row
                     else:
