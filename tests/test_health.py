@@ -97,3 +97,22 @@ def test_every_check_runs_and_probe_ports_are_remembered() -> None:
     assert seen[1].startswith(b"GET /%C3%A9?x=1 HTTP/1.1\r\n")  # non-ASCII escaped, the query kept
     # the sampler tells probes from users by these local ports
     assert len(prober.probe_ports()) == 2
+
+
+def test_external_url_goes_through_httpx_and_fails_softly() -> None:
+    async def run() -> list:
+        out = []
+        for raw in (OK_BODY, b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"):
+            server, port, _ = await _serve(_answer(raw))
+            async with server:
+                out.append(await Prober().external(f"http://127.0.0.1:{port}/", 2.0))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out.append(await Prober().external(f"http://127.0.0.1:{port}/", 2.0))
+        return out
+
+    up, down, refused = asyncio.run(run())
+    assert (up.ok, up.status) == (True, 200)
+    assert (down.ok, down.status) == (False, 503)
+    assert (refused.ok, refused.status, refused.error) == (False, None, "connection refused")

@@ -167,7 +167,15 @@ def _describe_error(e: httpx.HTTPError) -> str:
     name = type(e).__name__
     text = str(e).strip()
     if isinstance(e, httpx.ConnectError):
-        return "connection refused" if "refused" in text.lower() or "111" in text else f"cannot connect ({text})"
+        # httpx says "All connection attempts failed"; the OS's reason is further down the chain.
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, ConnectionRefusedError):
+                return "connection refused"
+            if isinstance(cause, OSError) and cause.strerror:
+                return f"cannot connect ({cause.strerror})"
+            cause = cause.__cause__ or cause.__context__
+        return "connection refused" if "refused" in text.lower() else f"cannot connect ({text})"
     if isinstance(e, httpx.TimeoutException):
         return "timed out"
     if isinstance(e, httpx.RemoteProtocolError):
