@@ -213,7 +213,7 @@ class Soak:
                 dk["n_update_logs"]]
 
     HEADERS = ("updates", "done", "aborted", "rolled back", "unexpected", "requests", "failed@crash",
-               "5xx(errors ver.)", "failed other", "RSS MB", "fds", "threads", "app procs", "disk MB",
+               "5xx(errors ver.)", "failed other", "RSS MiB", "fds", "threads", "app procs", "disk MB",
                "releases", "venvs", "logs MB", "update logs")
 
     def print_row(self, s: dict[str, Any]) -> None:
@@ -314,8 +314,8 @@ class Soak:
         print(f"requests {last['requests']:,}; failed {last['failed']}: at a crash instant "
               f"{last['failed_crash_instant']}, 500 from the errors version {last['failed_errors_5xx']}, "
               f"other {last['failed_other']}")
-        print(f"daemon RSS {rss['first']:.1f} -> {rss['last']:.1f} MB (min {rss['min']:.1f}, max {rss['max']:.1f}; "
-              f"trend {rss['per_1000_updates']:+.2f} MB per 1000 updates after update {base['updates']})")
+        print(f"daemon RSS {rss['first']:.1f} -> {rss['last']:.1f} MiB (min {rss['min']:.1f}, max {rss['max']:.1f}; "
+              f"trend {rss['per_1000_updates']:+.2f} MiB per 1000 updates after update {base['updates']})")
         print(f"daemon fds {fds['first']:.0f} -> {fds['last']:.0f} (min {fds['min']:.0f}, max {fds['max']:.0f}; "
               f"trend {fds['per_1000_updates']:+.1f} per 1000 updates); threads {threads['first']:.0f} -> "
               f"{threads['last']:.0f} (max {threads['max']:.0f})")
