@@ -480,6 +480,16 @@ def workdir(keep: bool, prefix: str) -> tuple[Path, Any]:
     return base, cleanup
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes in the files under `path` (links not followed; files that vanish meanwhile skipped)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
 def production_python(base: Path) -> str:
     """A venv with proto4d installed from this tree the way an operator does it: `pip install .`.
 

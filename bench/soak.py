@@ -104,21 +104,12 @@ def ts(event: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
-def du(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
 def disk(root: Path) -> dict[str, Any]:
     state = root / "state"
-    out = {k: du(root / k) for k in ("releases", "venvs", "logs", "shared")}
-    out["mirror"] = du(state / "repo.git")
-    out["state_other"] = du(state) - out["mirror"]
-    out["total"] = du(root)
+    out = {k: common.dir_bytes(root / k) for k in ("releases", "venvs", "logs", "shared")}
+    out["mirror"] = common.dir_bytes(state / "repo.git")
+    out["state_other"] = common.dir_bytes(state) - out["mirror"]
+    out["total"] = common.dir_bytes(root)
     out["n_releases"] = sum(1 for p in (root / "releases").iterdir() if not p.name.startswith("."))
     out["n_venvs"] = sum(1 for p in (root / "venvs").iterdir() if not p.name.startswith("."))
     out["n_update_logs"] = len(list((root / "logs").glob("update_*.log")))

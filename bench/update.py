@@ -276,15 +276,6 @@ def pip_pypi_only() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def dir_mb(path: Path) -> float:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, f)).st_size
-    return round(total / 2**20, 1)
-
-
 def build_once(base: Path, req_file: Path, installer: str, upgrade_after: bool = False) -> tuple[float, float | None]:
     """(seconds to build, seconds of a following `pip install --upgrade -r` into it: the old way's step)."""
     root = Path(os.path.realpath(base)) / f"root-{time.monotonic_ns()}"
@@ -319,7 +310,7 @@ def run_venvs(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
             with pip_pypi_only(), env(UV_CACHE_DIR=str(cache / "uv"), PIP_CACHE_DIR=str(cache / "pip")):
                 log(f"venv: {name} with {installer}: cold ...")
                 cold, _ = build_once(base, req_file, installer)
-                cache_mb = dir_mb(cache)
+                cache_mb = round(common.dir_bytes(cache) / 2**20, 1)
                 warm = []
                 upgrades = []
                 for k in range(args.repeat):
