@@ -17,6 +17,7 @@ from typing import Any
 from proto4d import config as configmod
 from proto4d import fsutil, policy, releases
 from proto4d.paths import Paths
+from proto4d.textsafe import safe_text
 
 EX_OK, EX_FAILED = 0, 1
 
@@ -140,7 +141,14 @@ def render_status(status: dict[str, Any], problem: str) -> str:
     if upd.get("last_rejected"):
         rj = upd["last_rejected"]
         lines.append(f"rejected {rj.get('id')} at {rj.get('at')}: {rj.get('reason')}")
-    return "\n".join(lines)
+    # Every field may hold app output or file content: each line is made safe as a whole, so no
+    # value can carry an escape sequence or a line break of its own.
+    return "\n".join(safe_text(line) for line in lines)
+
+
+def _out(text: str = "") -> None:
+    """print() for text that holds values read from status files, requests or releases."""
+    print(safe_text(text))
 
 
 def _tunnel(v: Any) -> str:
@@ -161,7 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 status = {**status, "problem": problem}
                 out = json.dumps(status, indent=None if args.watch else 2)
         else:
-            out = render_status(status, problem) if status is not None else f"!! {problem}"
+            out = render_status(status, problem) if status is not None else safe_text(f"!! {problem}")
         if args.watch is None:
             print(out)
             return EX_OK if status is not None and not problem else EX_FAILED
@@ -182,7 +190,7 @@ def cmd_activity(args: argparse.Namespace) -> int:
     paths = Paths(cfg.root)
     status, problem = load_status(paths, cfg.activity.interval_s)
     if status is None:
-        print(f"!! {problem}", file=sys.stderr)
+        print(safe_text(f"!! {problem}"), file=sys.stderr)
         return EX_FAILED
     act = status.get("activity") or {}
     verdict = policy.Verdict(act.get("verdict", "red"), tuple(act.get("reasons") or ()))
@@ -195,24 +203,24 @@ def cmd_activity(args: argparse.Namespace) -> int:
                          indent=2))
         return EX_OK
     if problem:
-        print(f"!! {problem}")
+        _out(f"!! {problem}")
     window_s = act.get("window_s", cfg.activity.window_s)
-    print(f"Activity at {now.strftime('%Y-%m-%d %H:%M')} ({cfg.schedule.timezone}), window {_dur(window_s)}")
-    print(f"  users        {act.get('users', 0)}")
+    _out(f"Activity at {now.strftime('%Y-%m-%d %H:%M')} ({cfg.schedule.timezone}), window {_dur(window_s)}")
+    _out(f"  users        {act.get('users', 0)}")
     for c in act.get("clients") or []:
-        print(f"                 {c['address']:<40} {c['requests']} requests")
-    print(f"  requests     {act.get('requests_window', 0)} in the window ({act.get('rpm', 0)}/min)")
+        _out(f"                 {c['address']:<40} {c['requests']} requests")
+    _out(f"  requests     {act.get('requests_window', 0)} in the window ({act.get('rpm', 0)}/min)")
     last = act.get("last_request")
-    print(f"  last request {last + ' (' + _age(last) + ')' if last else 'none in the window'}")
-    print(f"  connections  {act.get('connections', 0)} established on port {cfg.listen.port}")
-    print(f"  tunnel       {_tunnel(act.get('tunnel'))} ({cfg.activity.tunnel_process or 'none configured'})")
-    print(f"  app          cpu {act.get('cpu_percent', 0)}%, memory {_mb(act.get('rss_bytes'))} "
+    _out(f"  last request {last + ' (' + _age(last) + ')' if last else 'none in the window'}")
+    _out(f"  connections  {act.get('connections', 0)} established on port {cfg.listen.port}")
+    _out(f"  tunnel       {_tunnel(act.get('tunnel'))} ({cfg.activity.tunnel_process or 'none configured'})")
+    _out(f"  app          cpu {act.get('cpu_percent', 0)}%, memory {_mb(act.get('rss_bytes'))} "
           f"in {act.get('processes', 0)} process(es)")
-    print(f"  time         {window.kind}" + (f" window {window.window}" if window.window else ""))
-    print(f"verdict: {verdict.color.upper()}")
+    _out(f"  time         {window.kind}" + (f" window {window.window}" if window.window else ""))
+    _out(f"verdict: {verdict.color.upper()}")
     for r in verdict.reasons:
-        print(f"  - {r}")
-    print(f"recommendation: {rec}")
+        _out(f"  - {r}")
+    _out(f"recommendation: {rec}")
     return EX_OK
 
 
@@ -231,13 +239,13 @@ def cmd_releases(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EX_OK
     if not rows:
-        print(f"no releases under {paths.releases}")
+        _out(f"no releases under {paths.releases}")
         return EX_OK
-    print(f"{'':2}{'release':<40} {'commit':<9} {'age':>12}  {'outcome':<12} subject")
+    _out(f"{'':2}{'release':<40} {'commit':<9} {'age':>12}  {'outcome':<12} subject")
     for row in rows:
         mark = "* " if row["current"] else "  "
-        print(f"{mark}{row['name']:<40} {row['commit'][:7]:<9} {_dur(row['age_s']):>12}  {row['outcome']:<12} "
+        _out(f"{mark}{row['name']:<40} {row['commit'][:7]:<9} {_dur(row['age_s']):>12}  {row['outcome']:<12} "
               f"{row['subject'][:50]}")
-    print("(* = current)")
+    _out("(* = current)")
     return EX_OK
 
