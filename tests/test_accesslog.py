@@ -7,6 +7,7 @@ import re
 import pytest
 
 from proto4d.accesslog import (
+    ErrorCount,
     Request,
     RequestWindow,
     WindowStats,
@@ -14,6 +15,7 @@ from proto4d.accesslog import (
     is_probe,
     parse_line,
     path_ignored,
+    rollback_for_5xx,
     split_hostport,
 )
 
@@ -95,6 +97,10 @@ PARSE_ROWS = [
     ("WebSocket refused", 'INFO:     127.0.0.1:50001 - "WebSocket /ws" 403',
      R("127.0.0.1", 50001, "WEBSOCKET", "/ws", "", 403)),
     # gunicorn's default access format
+    ("status at the bottom of the range", 'INFO:     10.0.0.5:1 - "GET / HTTP/1.1" 100 Continue',
+     R("10.0.0.5", 1, "GET", "/", "", 100)),
+    ("a phrase with an apostrophe", "INFO:     10.0.0.5:1 - \"GET / HTTP/1.1\" 418 I'm a Teapot",
+     R("10.0.0.5", 1, "GET", "/", "", 418)),
     ("gunicorn default",
      '127.0.0.1 - - [26/Nov/2026:03:00:00 +0900] "GET / HTTP/1.1" 200 123 "-" "curl/8.5.0"',
      R("127.0.0.1", None, "GET", "/", "", 200, "curl/8.5.0")),
@@ -144,6 +150,46 @@ JUNK_ROWS = [
     'print("hello") - "x"',
     '127.0.0.1 - - [26/Nov/2026:03:00:00 +0900] "garbage" 200 1 "-" "-"',
 ]
+
+# What an app printing a student's text could make of a line: none of these is a request.
+SPOOF_ROWS = [
+    ("inside a chat message", 'chat from kim: 203.0.113.9:5 - "GET / HTTP/1.1" 500 Internal Server Error'),
+    ("an app's own prefix", 'tutor> INFO:     203.0.113.9:5 - "GET / HTTP/1.1" 500 Internal Server Error'),
+    ("text after the status", 'INFO:     203.0.113.9:5 - "GET / HTTP/1.1" 500 Internal Server Error, said the bot'),
+    ("a name for the client", 'INFO:     student-42:5 - "GET / HTTP/1.1" 200 OK'),
+    ("a hostname for the client", 'INFO:     evil.example:5 - "GET / HTTP/1.1" 200 OK'),
+    ("five groups of digits", 'INFO:     1.2.3.4.5:5 - "GET / HTTP/1.1" 200 OK'),
+    ("octets out of range", 'INFO:     300.2.3.4:5 - "GET / HTTP/1.1" 200 OK'),
+    ("no port", 'INFO:     203.0.113.9 - "GET / HTTP/1.1" 200 OK'),
+    ("port out of range", 'INFO:     203.0.113.9:70000 - "GET / HTTP/1.1" 200 OK'),
+    ("status 600", 'INFO:     203.0.113.9:5 - "GET / HTTP/1.1" 600'),
+    ("status 099", 'INFO:     203.0.113.9:5 - "GET / HTTP/1.1" 099'),
+    ("ERROR level", 'ERROR:    203.0.113.9:5 - "GET / HTTP/1.1" 500 Internal Server Error'),
+    ("lower-case method", 'INFO:     203.0.113.9:5 - "get / HTTP/1.1" 500'),
+    ("a target that is no path", 'INFO:     203.0.113.9:5 - "GET hello HTTP/1.1" 500'),
+    ("two records on one line",
+     'INFO:     1.1.1.1:5 - "GET / HTTP/1.1" 200 OK INFO:     2.2.2.2:5 - "GET / HTTP/1.1" 500'),
+    ("gunicorn with a name for the host", 'kim - - [26/Nov/2026:03:00:00 +0900] "GET / HTTP/1.1" 500 0 "-" "x"'),
+    ("gunicorn inside a message", 'said: 10.0.0.1 - - [26/Nov/2026:03:00:00 +0900] "GET / HTTP/1.1" 500 0'),
+    ("gunicorn with text after", '10.0.0.1 - - [26/Nov/2026:03:00:00 +0900] "GET / HTTP/1.1" 500 0 "-" "x" and more'),
+]
+
+
+@pytest.mark.parametrize("line", [r[1] for r in SPOOF_ROWS], ids=[r[0] for r in SPOOF_ROWS])
+def test_a_look_alike_is_no_request(line: str) -> None:
+    assert parse_line(line) is None
+
+
+def test_a_line_in_exactly_the_servers_format_is_counted() -> None:
+    # The documented limit of a parser: only the shim's access channel tells these apart.
+    assert parse_line('INFO:     203.0.113.9:5 - "GET / HTTP/1.1" 500 Internal Server Error') is not None
+
+
+def test_a_custom_regex_still_needs_an_address_and_a_status_in_range() -> None:
+    pattern = re.compile(r'^(?P<client>\S+) (?P<method>\w+) (?P<path>\S+) (?P<status>\d+)$')
+    assert parse_line("203.0.113.9 GET / 200", pattern) is not None
+    assert parse_line("kim GET / 200", pattern) is None
+    assert parse_line("203.0.113.9 GET / 999", pattern) is None
 
 
 @pytest.mark.parametrize(("line", "expected"), [r[1:] for r in PARSE_ROWS], ids=[r[0] for r in PARSE_ROWS])
@@ -434,3 +480,31 @@ def test_parse_then_window() -> None:
     assert (s.users, s.requests, s.errors_5xx) == (2, 3, 1)
     assert s.clients == {"203.0.113.7": 2, "198.51.100.2": 1}
     assert w.errors_since(T0) == (4, 1)
+
+
+# --------------------------------------------------------------------------- the 5xx rollback rule
+
+
+@pytest.mark.parametrize(("count", "expected"), [
+    (ErrorCount(5, 5, 1), False),  # five failing requests from one client: one person, or one forger
+    (ErrorCount(100, 100, 1), False),
+    (ErrorCount(5, 5, 2), True),
+    (ErrorCount(4, 4, 4), False),  # fewer than min_requests
+    (ErrorCount(20, 4, 4), False),  # fewer than min_errors
+    (ErrorCount(20, 5, 3), True),  # 25 % > 20 %
+    (ErrorCount(25, 5, 3), False),  # exactly 20 % is not above it
+    (ErrorCount(0, 0, 0), False),
+])
+def test_rollback_for_5xx(count: ErrorCount, expected: bool) -> None:
+    why = rollback_for_5xx(count, 0.2)
+    assert (why is not None) is expected
+    if why:
+        assert "update.max_5xx_ratio" in why and f"to {count.error_clients} clients" in why
+
+
+def test_errors_detail_counts_distinct_clients_of_5xx_answers() -> None:
+    w = RequestWindow(300)
+    for i, (client, status) in enumerate([("a", 500), ("a", 502), ("b", 200), ("c", 503), ("c", 200)]):
+        w.add(T0 + i, req(client, status=status))
+    assert w.errors_detail(T0) == ErrorCount(5, 3, 2)
+    assert w.errors_detail(T0 + 2) == ErrorCount(3, 1, 1)

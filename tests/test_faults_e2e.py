@@ -494,7 +494,7 @@ def test_crash_in_the_watch_window_is_rolled_back(make_daemon, origin):
 
 
 def test_a_version_answering_5xx_is_rolled_back_by_the_error_share(make_daemon, origin):
-    d = make_daemon(update={"watch_s": 10, "max_5xx_ratio": 0.2},
+    d = make_daemon(update={"watch_s": 10, "max_5xx_ratio": 0.2, "min_5xx_clients": 1},  # the load is one client
                     health={"checks": [{"path": "/health", "status": [200]}]}).start()
     before = serving(d)
     origin.commit("2", mode="errors")

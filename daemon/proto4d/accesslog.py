@@ -12,6 +12,8 @@ first and only runs a regex on lines that look like access-log lines.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 import sys
 from collections import deque
@@ -19,6 +21,7 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "ErrorCount",
     "Request",
     "RequestWindow",
     "WindowStats",
@@ -26,6 +29,7 @@ __all__ = [
     "is_probe",
     "parse_line",
     "path_ignored",
+    "rollback_for_5xx",
 ]
 
 PROBE_USER_AGENT = "proto4d-probe"
@@ -42,20 +46,34 @@ class Request:
     user_agent: str | None = None  # only when the format carries it (gunicorn's default does)
 
 
-# uvicorn: '<levelprefix> <client>:<port> - "<METHOD> <target> HTTP/<v>" <status>[ <phrase>]'. The part
-# after ' - "' is matched at a known offset, so the regex never scans the whole line.
+# Both built-in formats are matched against the WHOLE line, from its first character to its last:
+# an app that prints a student's text ("... - \"GET / HTTP/1.1\" 500") inside a longer line of its
+# own is never a request. What may precede the record is what a logging configuration adds: a
+# timestamp, the logger's name, the level. The client must be an IP address and the status a
+# number from 100 to 599. A line printed in exactly the server's format cannot be told apart here
+# (README, "Security"); the drain shim's access channel can.
+_TIMESTAMP = r"\[?\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?: ?(?:[+-]\d{2}:?\d{2}|Z|UTC))?\]?"
+# uvicorn: '<levelprefix> <client>:<port> - "<METHOD> <target> HTTP/<v>" <status>[ <phrase>]', where
+# <levelprefix> is "INFO:" padded to 9 columns (access lines are always INFO).
+_UVICORN = re.compile(
+    rf"(?:{_TIMESTAMP}\s+(?:-\s+)?)?"
+    r'(?:"?uvicorn\.access"?\s+-\s+)?'
+    r"(?:INFO:|INFO\s+-|\[INFO\])[ \t]+"
+    r'(?P<client>\S*?) - "'
+    r"(?:(?P<method>[A-Z]{1,20}) (?P<target>(?:/|\*|https?://)\S*) HTTP/\d(?:\.\d)?|WebSocket (?P<ws>/\S*))\" "
+    r"(?:(?P<status>[1-5]\d\d)(?: [A-Za-z][A-Za-z '-]{0,40})?|(?P<accepted>\[accepted\]))[ \t]*"
+)
 _UVICORN_ANCHOR = ' - "'
-_UVICORN_TAIL = re.compile(
-    r'(?:(?P<method>[A-Za-z]+) (?P<target>\S+) HTTP/[0-9.]+|WebSocket (?P<ws>\S+))" '
-    r"(?:(?P<status>\d{3})(?!\d)|(?P<accepted>\[accepted\]))"
-)
 # gunicorn: '<h> <l> <u> [<t>] "<request line>" <status> <bytes> "<referer>" "<user agent>"'; the
-# referer and user agent are optional so the common log format parses too.
-_GUNICORN_ANCHOR = '] "'
-_GUNICORN_TAIL = re.compile(
-    r'(?P<method>[A-Za-z]+) (?P<target>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) \S+'
-    r'(?: "[^"]*" "(?P<ua>[^"]*)")?'
+# referer and user agent are optional so the common log format parses too. A handler may put a
+# bracketed timestamp in front.
+_GUNICORN = re.compile(
+    r"(?:\[[^\]]{1,40}\] )?"
+    r"(?P<client>[0-9A-Fa-f.:]+) \S+ \S+ \[[^\]]{1,40}\] "
+    r'"(?P<method>[A-Z]{1,20}) (?P<target>(?:/|\*|https?://)\S*) HTTP/\d(?:\.\d)?" (?P<status>[1-5]\d\d) (?:\d+|-)'
+    r'(?: "[^"]*" "(?P<ua>[^"]*)")?[ \t]*'
 )
+_GUNICORN_ANCHOR = '] "'
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -64,47 +82,56 @@ def parse_line(line: str, custom: re.Pattern[str] | None = None) -> Request | No
 
     `custom` (app.access_log_regex, compiled) is tried first; it needs the named groups client,
     method, path and status, and may have port, ua or user_agent, and query. When it does not
-    match, the built-in formats are tried.
+    match, the built-in formats are tried. Whatever matched, the client must be an IP address
+    (or empty: a unix socket) and the status a number from 100 to 599, or the line is no request.
     """
     if "\x1b" in line:
         line = _ANSI.sub("", line)
+    line = line.rstrip("\r\n")
     if custom is not None:
         req = _parse_custom(line, custom)
         if req is not None:
             return req
     if '"' not in line:
         return None
-    k = line.find(_UVICORN_ANCHOR)
-    while k >= 0:
-        m = _UVICORN_TAIL.match(line, k + 4)
+    if _UVICORN_ANCHOR in line:
+        m = _UVICORN.fullmatch(line)
         if m is not None:
-            return _uvicorn(line, k, m)
-        # a gunicorn line with "-" for the size has ' - "' before its referer; a prefix may too
-        k = line.find(_UVICORN_ANCHOR, k + 4)
-    j = line.find(_GUNICORN_ANCHOR)
-    if j >= 0:
-        m = _GUNICORN_TAIL.match(line, j + 3)
-        if m is not None:
-            b = line.rfind(" [", 0, j)
-            head = line[:b].split() if b >= 0 else ()
-            if len(head) >= 3:
-                path, query = _split_target(m["target"])
-                client = sys.intern(head[-3])
-                return Request(client, None, m["method"], path, query, int(m["status"]), m["ua"])
+            return _uvicorn(m)
+    if _GUNICORN_ANCHOR in line:
+        m = _GUNICORN.fullmatch(line)
+        if m is not None and _is_ip(m["client"]):
+            path, query = _split_target(m["target"])
+            return Request(sys.intern(m["client"]), None, m["method"], path, query, int(m["status"]), m["ua"])
     return None
 
 
-def _uvicorn(line: str, k: int, m: re.Match[str]) -> Request:
-    if k == 0 or line[k - 1] in " \t":
+def _uvicorn(m: re.Match[str]) -> Request | None:
+    token = m["client"]
+    if not token:
         # uvicorn logs an empty address when the peer has none (a unix socket)
         client, port = "", None
     else:
-        client, port = split_hostport(line[:k].rsplit(None, 1)[-1])
+        client, port = split_hostport(token)
+        if port is None or port > 65535 or not _is_ip(client):
+            return None
     if m["ws"] is not None:
         path, query = _split_target(m["ws"])
         return Request(client, port, "WEBSOCKET", path, query, 101 if m["accepted"] else int(m["status"]))
+    if m["status"] is None:
+        return None  # "[accepted]" belongs to WebSocket lines only
     path, query = _split_target(m["target"])
     return Request(client, port, m["method"], path, query, int(m["status"]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip(text: str) -> bool:
+    """An IPv4 or IPv6 address (the few thousand clients of a day are cached)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_custom(line: str, pattern: re.Pattern[str]) -> Request | None:
@@ -126,6 +153,9 @@ def _parse_custom(line: str, pattern: re.Pattern[str]) -> Request | None:
     elif client.startswith("[") or client.count(":") == 1:
         # without a port group, split "1.2.3.4:5678" and "[::1]:5678"; a bare IPv6 address stays whole
         client, port = split_hostport(client)
+    status = int(status_text)
+    if not 100 <= status <= 599 or (client and not _is_ip(client)) or (port is not None and port > 65535):
+        return None
     path, query = _split_target(groups.get("path") or "")
     q = groups.get("query")
     if q is not None:
@@ -133,7 +163,7 @@ def _parse_custom(line: str, pattern: re.Pattern[str]) -> Request | None:
     ua = groups.get("ua")
     if ua is None:
         ua = groups.get("user_agent")
-    return Request(sys.intern(client), port, groups.get("method") or "", path, query, int(status_text), ua)
+    return Request(sys.intern(client), port, groups.get("method") or "", path, query, status, ua)
 
 
 def split_hostport(token: str) -> tuple[str, int | None]:
@@ -210,6 +240,31 @@ class WindowStats:
     clients: dict[str, int]  # address -> requests, busiest first
     last_request: float | None  # newest counted request seen, even when it has left the window
     errors_5xx: int  # 5xx answers among `requests`
+
+
+@dataclass(frozen=True)
+class ErrorCount:
+    requests: int
+    errors_5xx: int
+    error_clients: int  # distinct client addresses among the 5xx answers
+
+
+def rollback_for_5xx(count: ErrorCount, max_ratio: float, min_requests: int = 5, min_errors: int = 5,
+                     min_clients: int = 2) -> str | None:
+    """Why the 5xx answers since a switch call for a rollback, or None.
+
+    The ratio alone would let one person (or an app printing fake access lines) force a rollback
+    with a handful of failing requests: it takes at least `min_requests` requests, `min_errors`
+    5xx answers, and 5xx answers to `min_clients` distinct clients (update.min_5xx_count and
+    update.min_5xx_clients). A release that fails everyone is caught by the health checks anyway.
+    """
+    total, errors = count.requests, count.errors_5xx
+    if total < max(1, min_requests) or errors < min_errors or count.error_clients < min_clients:
+        return None
+    if errors / total <= max_ratio:
+        return None
+    return (f"{errors} of {total} requests answered 5xx since the switch, to {count.error_clients} clients "
+            f"({errors / total:.0%} > update.max_5xx_ratio {max_ratio:.0%})")
 
 
 # A record: (ts, client, path, status, ignored). Tuples keep 200 000 of them small.
@@ -311,6 +366,19 @@ class RequestWindow:
             if rec[3] >= 500:
                 errors += 1
         return total, errors
+
+    def errors_detail(self, since: float) -> ErrorCount:
+        """`errors_since` with the number of distinct clients that got a 5xx."""
+        total = errors = 0
+        clients: set[str] = set()
+        for rec in reversed(self._recs):
+            if rec[0] < since:
+                break
+            total += 1
+            if rec[3] >= 500:
+                errors += 1
+                clients.add(rec[1])
+        return ErrorCount(total, errors, len(clients))
 
     def reconfigure(self, window_s: float, ignore_paths: Sequence[str]) -> None:
         """Apply a reloaded config. A shorter window takes effect at the next `stats`; a longer

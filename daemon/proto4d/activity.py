@@ -80,6 +80,10 @@ class Sampler:
         self._settle(time.time())
         return self.window.errors_since(since)
 
+    def errors_detail(self, since: float) -> accesslog.ErrorCount:
+        self._settle(time.time())
+        return self.window.errors_detail(since)
+
     # -- processes
 
     def _tree(self, roots: Iterable[int]) -> list[psutil.Process]:

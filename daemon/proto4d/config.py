@@ -202,6 +202,8 @@ class UpdateConfig:
     min_free_mb: int
     installer: str
     canary: bool
+    min_5xx_count: int = 5  # 5xx answers, and distinct clients that got one, before the ratio can roll back
+    min_5xx_clients: int = 2
 
 
 @dataclass(frozen=True)
@@ -822,7 +824,8 @@ class _Builder:
 
     def update(self, doc: dict) -> UpdateConfig:
         sec = self.section(doc, "update", {"notice_grace_s", "drain_timeout_s", "watch_s", "keep_days",
-                                           "keep_min", "max_5xx_ratio", "min_free_mb", "installer", "canary"})
+                                           "keep_min", "max_5xx_ratio", "min_free_mb", "installer", "canary",
+                                           "min_5xx_count", "min_5xx_clients"})
         p = "update."
         installer = self.get(sec, p, "installer", "auto", self.text(False))
         if installer not in ("auto", "uv", "pip"):
@@ -842,6 +845,8 @@ class _Builder:
                                  self.number(0, 1 << 30, integer=True, unit="MB")),
             installer=installer,
             canary=self.get(sec, p, "canary", True, self.boolean),
+            min_5xx_count=self.get(sec, p, "min_5xx_count", 5, self.number(1, 1 << 20, integer=True)),
+            min_5xx_clients=self.get(sec, p, "min_5xx_clients", 2, self.number(1, 1 << 20, integer=True)),
         )
 
     def notify(self, doc: dict) -> NotifyConfig:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from proto4d import faults, fsutil, log, notices, policy, releases, retention
+from proto4d import accesslog, faults, fsutil, log, notices, policy, releases, retention
 from proto4d.activity import iso
 from proto4d.procs import Cancel, Cancelled
 from proto4d.requests import Request, write_answer
@@ -722,10 +722,11 @@ class UpdateRun:
                     raise RollBack(f"health checks failed during the watch: {report.failures()}")
                 continue
             failures = 0
-            total, errors = self.d.sampler.errors_since(since)
-            if total >= 5 and errors / total > cfg.update.max_5xx_ratio:
-                raise RollBack(f"{errors} of {total} requests answered 5xx since the switch "
-                               f"({errors / total:.0%} > update.max_5xx_ratio {cfg.update.max_5xx_ratio:.0%})")
+            why = accesslog.rollback_for_5xx(self.d.sampler.errors_detail(since), cfg.update.max_5xx_ratio,
+                                             min_errors=cfg.update.min_5xx_count,
+                                             min_clients=cfg.update.min_5xx_clients)
+            if why:
+                raise RollBack(why)
         self.until = None
         self._check_alive()
         total, errors = self.d.sampler.errors_since(since)
