@@ -1,8 +1,11 @@
 """The daemon's log: JSON lines in `logs/proto4d.log`, one readable line per event on stderr.
 
 Events are named after what the operator asks at 3 a.m. ("app.exited", "update.step",
-"reload.refused") with the facts as keys. Secrets registered with `redact()` (webhook
-tokens, `.env` values) are replaced before anything is written, whichever sink.
+"reload.refused") with the facts as keys. This module also owns what is secret: credentials
+in any URL (`https://user:token@host` -> `https://***@host`, whether registered or not) and
+the strings registered with `redact()` (the repo URL's and webhook's tokens, `.env` values)
+are replaced by `scrub` / `scrub_obj` before anything is written: the log (nested values and
+rendered tracebacks included), app.log, update logs, status, answers and webhook bodies.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -30,7 +34,22 @@ def redact(*secrets: str) -> None:
         _secrets = tuple(sorted(new, key=len, reverse=True))
 
 
+def redact_url(url: str) -> None:
+    """Register the credentials a URL carries (`https://x-access-token:TOKEN@host/...`): the user part
+    too, since a token is often given as the user alone."""
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return
+    redact(*(unquote(p) for p in (user, password) if p), *(p for p in (user, password) if p))
+
+
+# Values readable in logs: numbers, IP addresses, booleans, unless their key says they are secret.
 _NOT_SECRET = re.compile(r"^(?:[-+]?\d+(?:\.\d+)?|\d{1,3}(?:\.\d{1,3}){3}|localhost|true|false|yes|no)$", re.I)
+_SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASS|PWD|PIN|AUTH|CREDENTIAL|PRIVATE|SALT|SIGNATURE|DSN|COOKIE", re.I)
+# Credentials in a URL: scheme://<userinfo>@ (userinfo has no '/', '@' or whitespace).
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s\"'<>]+@")
 
 
 def redact_env_file(path: Path) -> None:
@@ -50,30 +69,52 @@ def redact_env_file(path: Path) -> None:
             continue
         if line.startswith("export "):
             line = line[7:]
-        value = line.split("=", 1)[1].strip()
+        key, value = (part.strip() for part in line.split("=", 1))
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        if value and not _NOT_SECRET.match(value):
+        if value and (not _NOT_SECRET.match(value) or _SECRET_KEY.search(key)):
             values.append(value)
+            if "://" in value:
+                redact_url(value)
     redact(*values)
 
 
 def scrub(text: str) -> str:
+    """`text` without URL credentials or any registered secret."""
+    if "://" in text and "@" in text:
+        text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
     for s in _secrets:
         if s in text:
             text = text.replace(s, "***")
     return text
 
 
+def scrub_obj(obj: Any, _depth: int = 0) -> Any:
+    """`scrub` applied to every string in a JSON-like value (dict keys and values, lists, tuples)."""
+    if isinstance(obj, str):
+        return scrub(obj)
+    if _depth > 50:
+        return obj
+    if isinstance(obj, dict):
+        return {scrub_obj(k, _depth + 1) if isinstance(k, str) else k: scrub_obj(v, _depth + 1)
+                for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [scrub_obj(x, _depth + 1) for x in obj]
+    return obj
+
+
 def _scrub_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    if not _secrets:
-        return event
+    # Runs twice: before rendering (event values) and after format_exc_info (the traceback text).
     for k, v in event.items():
-        if isinstance(v, str):
-            event[k] = scrub(v)
-        elif isinstance(v, list | tuple):
-            event[k] = [scrub(x) if isinstance(x, str) else x for x in v]
+        if isinstance(v, str | dict | list | tuple):
+            event[k] = scrub_obj(v)
+        elif isinstance(v, BaseException):
+            event[k] = scrub(repr(v))
     return event
+
+
+def _scrubbed_str(obj: Any) -> str:
+    return scrub(str(obj))
 
 
 def _console_renderer(_logger: Any, _name: str, event: dict[str, Any]) -> str:
@@ -87,7 +128,7 @@ def _console_renderer(_logger: Any, _name: str, event: dict[str, Any]) -> str:
     for k, v in event.items():
         if k in ("logger",):
             continue
-        text = str(v)
+        text = scrub(str(v))
         if " " in text or not text:
             text = repr(text)
         parts.append(f"{k}={text}")
@@ -118,7 +159,8 @@ def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
         fh.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.processors.format_exc_info,
-                        structlog.processors.JSONRenderer(default=str)],
+                        _scrub_processor,
+                        structlog.processors.JSONRenderer(default=_scrubbed_str)],
             foreign_pre_chain=_SHARED))
         root.addHandler(fh)
     if stderr:
@@ -126,6 +168,7 @@ def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
         sh.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.processors.format_exc_info,
+                        _scrub_processor,
                         _console_renderer],
             foreign_pre_chain=_SHARED))
         root.addHandler(sh)

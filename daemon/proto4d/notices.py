@@ -51,7 +51,7 @@ class Webhook:
     def send(self, event: str, payload: dict[str, Any]) -> None:
         if not self.url:
             return
-        body = {"event": event, "at": time.time(), "source": f"proto4d/{__version__}", **payload}
+        body = log.scrub_obj({"event": event, "at": time.time(), "source": f"proto4d/{__version__}", **payload})
         task = asyncio.get_running_loop().create_task(self._post(event, body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from proto4d import faults, fsutil
+from proto4d import faults, fsutil, log
 from proto4d.config import Config, find_uv
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, CommandFailed, PidRegistry
@@ -67,6 +67,22 @@ class Mirror:
         self._repo: git.Repo | None = None
 
     @property
+    def url(self) -> str:
+        return self._url
+
+    @url.setter
+    def url(self, url: str) -> None:
+        self._url = url
+        log.redact_url(url)
+        # The mirror's config (a readable file) holds the URL without its credentials; git gets the
+        # real one from an `insteadOf` rule in the fetch's own environment (readable by this user only).
+        self.safe_url = log.scrub(url)
+        self._git_env = {"GIT_TERMINAL_PROMPT": "0"}
+        if self.safe_url != url:
+            self._git_env.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{url}.insteadOf",
+                                  "GIT_CONFIG_VALUE_0": self.safe_url})
+
+    @property
     def repo(self) -> git.Repo:
         if self._repo is None:
             if not (self.path / "HEAD").exists():
@@ -89,13 +105,13 @@ class Mirror:
         faults.point_sync("fetch", cancel)
         repo = self.repo
         with repo.config_writer() as cw:
-            cw.set_value('remote "origin"', "url", self.url)
+            cw.set_value('remote "origin"', "url", self.safe_url)
         try:
             repo.git.fetch("--prune", "--force", "--no-write-fetch-head", "origin",
                            "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
-                           kill_after_timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
+                           kill_after_timeout=timeout, env=self._git_env)
         except _gitpython().GitCommandError as e:
-            raise ReleaseError(f"cannot fetch {self.url}: {_git_error(e)}") from None
+            raise ReleaseError(f"cannot fetch {self.safe_url}: {_git_error(e)}") from None
         if cancel is not None:
             cancel.check()
 

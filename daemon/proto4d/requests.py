@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from proto4d import fsutil
+from proto4d import fsutil, log
 from proto4d.paths import Paths
 
 MAX_REQUEST_BYTES = 16 * 1024
@@ -229,8 +229,8 @@ def prune_consumed(paths: Paths, keep: int = 100) -> None:
 
 
 def write_answer(paths: Paths, req_id: str, state: str, message: str, **extra: Any) -> None:
-    fsutil.atomic_write_json(paths.answers / f"{req_id}.json", {
-        "id": req_id, "state": state, "final": state in FINAL, "message": message, "at": time.time(), **extra})
+    fsutil.atomic_write_json(paths.answers / f"{req_id}.json", log.scrub_obj({
+        "id": req_id, "state": state, "final": state in FINAL, "message": message, "at": time.time(), **extra}))
 
 
 def read_answer(paths: Paths, req_id: str) -> dict[str, Any] | None:

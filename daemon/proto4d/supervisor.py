@@ -476,7 +476,7 @@ class Daemon:
         }
 
     def write_status(self) -> None:
-        fsutil.atomic_write_json(self.paths.status, self.status(), durable=False)
+        fsutil.atomic_write_json(self.paths.status, log.scrub_obj(self.status()), durable=False)
 
     def status_line(self) -> str:
         rel = self.runner.release
