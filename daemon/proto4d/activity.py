@@ -192,7 +192,7 @@ class History:
         row = {k: sample.get(k) for k in ("sampled_at", "verdict", "users", "requests_window", "rpm", "connections",
                                           "tunnel", "cpu_percent", "rss_bytes")}
         line = json.dumps(row, separators=(",", ":")) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(self.path, "a", encoding="utf-8", opener=fsutil.private_opener) as f:
             f.write(line)
             size = f.tell()
         if size > self.max_bytes:

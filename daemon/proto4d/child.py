@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto4d.fsutil import private_opener
 from proto4d.log import scrub
 from proto4d.procs import PidRegistry, kill_group
 
@@ -32,7 +33,7 @@ class RotatingLog:
         self.max_bytes = max_bytes
         self.backups = backups
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - long-lived handle
+        self._f = open(path, "a", encoding="utf-8", errors="replace", opener=private_opener)  # noqa: SIM115 - long-lived handle
         self._size = self._f.tell()
         self.dropped = 0  # lines lost to failed writes
 
@@ -49,7 +50,7 @@ class RotatingLog:
             self.dropped += 1
             if self._f.closed:  # a rotation that could not reopen the file: try again next time
                 with contextlib.suppress(OSError):
-                    self._f = open(self.path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+                    self._f = open(self.path, "a", encoding="utf-8", errors="replace", opener=private_opener)  # noqa: SIM115
                     self._size = self._f.tell()
 
     def flush(self) -> None:
@@ -66,7 +67,7 @@ class RotatingLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink(missing_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+        self._f = open(self.path, "a", encoding="utf-8", errors="replace", opener=private_opener)  # noqa: SIM115
         self._size = 0
 
     def reconfigure(self, max_bytes: int, backups: int) -> None:

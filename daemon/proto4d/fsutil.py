@@ -1,7 +1,11 @@
-"""Crash-safe file operations: everything proto4d writes goes through a temp file and a rename.
+"""Crash-safe file operations, and the modes of what proto4d writes.
 
-A reader (the CLI, a human, the next daemon after a crash) sees the old content or the
-new content, never half of either.
+Everything proto4d rewrites goes through a temp file and a rename: a reader (the CLI, a human,
+the next daemon after a crash) sees the old content or the new content, never half of either.
+
+What proto4d creates is private to its user: files 0600, directories 0700, never wider than the
+umask allows (status.json holds students' addresses, the logs what the app printed). A file
+meant for others to read (the notice) asks for `mode=None`: whatever the umask gives.
 """
 
 from __future__ import annotations
@@ -14,8 +18,46 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-FILE_MODE = 0o644
-DIR_MODE = 0o755
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def _read_umask() -> int:
+    # Read once, at import (single-threaded): os.umask() can only be read by setting it, which would
+    # race with other threads creating files.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+def file_mode(mode: int | None = FILE_MODE) -> int:
+    """The mode a created file gets: `mode` (None = 0666) without what the umask takes away."""
+    return (0o666 if mode is None else mode) & ~UMASK
+
+
+def private_opener(path: str, flags: int) -> int:
+    """`open(..., opener=private_opener)`: a log file created 0600, and one left wider by an older
+    version tightened."""
+    fd = os.open(path, flags, file_mode())
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 & ~file_mode() and st.st_uid == os.geteuid():
+            os.fchmod(fd, stat_mode(st.st_mode) & file_mode())
+    return fd
+
+
+def stat_mode(st_mode: int) -> int:
+    return st_mode & 0o7777
 
 
 def ensure_dir(path: Path, mode: int = DIR_MODE) -> Path:
@@ -33,8 +75,9 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = FILE_MODE, durable: bool = True) -> None:
-    """Write `data` to `path` via a temp file in the same directory and a rename.
+def atomic_write(path: Path, data: bytes | str, mode: int | None = FILE_MODE, durable: bool = True) -> None:
+    """Write `data` to `path` via a temp file in the same directory and a rename; the file gets
+    `file_mode(mode)` (0600 by default, never wider than the umask).
 
     `durable=False` skips the fsyncs, for files rewritten every few seconds whose loss on a
     power cut costs nothing (status.json); the rename still keeps readers from seeing a torn file.
@@ -49,7 +92,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int = FILE_MODE, durable: 
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, file_mode(mode))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -59,8 +102,8 @@ def atomic_write(path: Path, data: bytes | str, mode: int = FILE_MODE, durable: 
         fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", durable=durable)
+def atomic_write_json(path: Path, obj: Any, durable: bool = True, mode: int | None = FILE_MODE) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", durable=durable, mode=mode)
 
 
 def read_json(path: Path, default: Any = None) -> Any:

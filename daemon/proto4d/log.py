@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 import sys
 import threading
@@ -21,8 +22,11 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from proto4d import fsutil
+
 _secrets: tuple[str, ...] = ()  # longest first; replaced whole, so a reader in another thread never sees it change
 _lock = threading.Lock()
+_warned: set[tuple[str, int]] = set()
 _configured_file: Path | None = None
 
 
@@ -60,8 +64,14 @@ def redact_env_file(path: Path) -> None:
     """
     try:
         text = path.read_text(errors="replace")
+        st = os.stat(path)
     except OSError:
         return
+    if st.st_mode & 0o044 and (str(path), st.st_mode) not in _warned:
+        # The shared .env holds the app's secrets; anyone on the machine can read it.
+        _warned.add((str(path), st.st_mode))
+        get().warning("env.readable_by_others", path=str(path), mode=f"{st.st_mode & 0o777:o}",
+                      fix=f"chmod 600 {path}")
     values = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -143,6 +153,14 @@ _SHARED = [
 ]
 
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """The daemon's log is private to its user (0600, or narrower by the umask)."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=fsutil.private_opener)
+
+
 def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
           max_bytes: int = 10 << 20, backups: int = 5) -> None:
     """Configure structlog and the stdlib root logger; safe to call again (e.g. after a reload)."""
@@ -154,8 +172,7 @@ def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
     root.setLevel(level)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups,
-                                                  encoding="utf-8")
+        fh = _PrivateRotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         fh.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.processors.format_exc_info,

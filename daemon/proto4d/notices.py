@@ -26,7 +26,7 @@ def write_notice(path: Path, *, update_id: str, message: str, when: float, impac
         "expected_impact": impact,
         "update_id": update_id,
         "written_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    })
+    }, mode=None)  # read by the app or the hub, maybe as another user: as the umask allows
 
 
 def remove_notice(path: Path) -> None:

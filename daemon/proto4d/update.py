@@ -88,7 +88,8 @@ class UpdateLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._f: IO[str] = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the run
+        self._f: IO[str] = open(path, "a", encoding="utf-8", buffering=1,  # noqa: SIM115 - open for the run
+                                opener=fsutil.private_opener)
         self._step_started: float | None = None
 
     def line(self, text: str) -> None:
