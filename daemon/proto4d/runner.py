@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from proto4d import drain, faults, log
+from proto4d import appenv, drain, faults, log
 from proto4d.child import AppProcess, Backoff
 from proto4d.listener import free_port, open_listener, private_listener
 from proto4d.procs import lower_priority
@@ -26,10 +26,6 @@ from proto4d.releases import Release, python_for
 if TYPE_CHECKING:
     from proto4d.health import HealthReport
     from proto4d.supervisor import Daemon
-
-# The daemon's own plumbing must not leak into the app's environment.
-_SCRUB_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-              "PROTO4D_CONFIG", "PYTHONHOME", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
 
 
 class SwitchFailed(Exception):
@@ -96,11 +92,8 @@ class Runner:
                   "port": str(port if port is not None else cfg.listen.port),
                   "host": host or cfg.listen.host, "release": str(release.path)}
         argv = [arg.format(**values) for arg in cfg.app.command]
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
-        venv = python.parent.parent
-        env.update({"VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-                    "PYTHONUNBUFFERED": "1", "PROTO4D_RELEASE": release.name})
-        env.update(cfg.app.env_dict)
+        env = appenv.app_environment(os.environ, venv=python.parent.parent, release=release.name,
+                                     extra=cfg.app.env_dict)
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
         proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=release.path / cfg.app.workdir,
