@@ -7,8 +7,8 @@ import re
 import pytest
 
 from proto4d.accesslog import (
+    AccessRecord,
     ErrorCount,
-    Request,
     RequestWindow,
     WindowStats,
     is_loopback,
@@ -27,8 +27,8 @@ def colour(text: str, code: str) -> str:
 
 
 def R(client: str, port: int | None, method: str, path: str, query: str, status: int,
-      ua: str | None = None) -> Request:
-    return Request(client, port, method, path, query, status, ua)
+      ua: str | None = None) -> AccessRecord:
+    return AccessRecord(client, port, method, path, query, status, ua)
 
 
 # --------------------------------------------------------------------------- parse_line, built-in formats
@@ -193,7 +193,7 @@ def test_a_custom_regex_still_needs_an_address_and_a_status_in_range() -> None:
 
 
 @pytest.mark.parametrize(("line", "expected"), [r[1:] for r in PARSE_ROWS], ids=[r[0] for r in PARSE_ROWS])
-def test_parse_line(line: str, expected: Request) -> None:
+def test_parse_line(line: str, expected: AccessRecord) -> None:
     assert parse_line(line) == expected
 
 
@@ -244,7 +244,7 @@ CUSTOM_ROWS = [
 
 @pytest.mark.parametrize(("pattern", "line", "expected"), [r[1:] for r in CUSTOM_ROWS],
                          ids=[r[0] for r in CUSTOM_ROWS])
-def test_parse_line_custom(pattern: re.Pattern[str], line: str, expected: Request | None) -> None:
+def test_parse_line_custom(pattern: re.Pattern[str], line: str, expected: AccessRecord | None) -> None:
     assert parse_line(line, pattern) == expected
 
 
@@ -280,7 +280,7 @@ def test_split_hostport(token: str, expected: tuple[str, int | None]) -> None:
     (R("203.0.113.7", None, "GET", "/", "", 200, "curl/8 proto4d-probe"), (), False),
     (R("203.0.113.7", None, "GET", "/", "", 200, "Proto4d-Probe"), (), False),
 ])
-def test_is_probe(req: Request, ports: set[int], expected: bool) -> None:
+def test_is_probe(req: AccessRecord, ports: set[int], expected: bool) -> None:
     assert is_probe(req, ports) is expected
 
 
@@ -317,8 +317,8 @@ def test_path_ignored(path: str, ignore: list[str], expected: bool) -> None:
 # --------------------------------------------------------------------------- RequestWindow
 
 
-def req(client: str = "203.0.113.1", path: str = "/", status: int = 200) -> Request:
-    return Request(client, 0, "GET", path, "", status)
+def req(client: str = "203.0.113.1", path: str = "/", status: int = 200) -> AccessRecord:
+    return AccessRecord(client, 0, "GET", path, "", status)
 
 
 T0 = 1_800_000_000.0

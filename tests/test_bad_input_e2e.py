@@ -202,6 +202,13 @@ def _symlink_to_planted(p: Path) -> None:
     p.symlink_to(p.parent.parent / "planted.request")
 
 
+def _hard_link_to_a_consumed_request(p: Path) -> None:
+    """An old request the daemon consumed (daemon-owned, one link in state/requests/) linked back."""
+    old = p.parent / "state" / "requests" / "20200101-000000-abcdef.request"
+    old.write_text("force: true\nreason: replayed\n")
+    os.link(old, p)
+
+
 def _dir_with_a_file(p: Path) -> None:
     p.mkdir()
     (p / "ref").write_text("main\n")
@@ -232,6 +239,9 @@ TRUST_CASES = [
                root_mode=0o757),
     BadRequest("root-writable-by-group", write(b"force: true\n"), "writable by group or others (mode 775)",
                root_mode=0o775),
+    BadRequest("root-sticky-and-writable-by-others", write(b"force: true\n"),
+               "writable by group or others (mode 1777)", root_mode=0o1777),
+    BadRequest("hard-link-to-a-consumed-request", _hard_link_to_a_consumed_request, "has 2 hard links"),
 ]
 
 RESOLVE_CASES = [

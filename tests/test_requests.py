@@ -1,4 +1,4 @@
-"""The request-file parser (`proto4d.requests.parse`): pure bytes in, a Request or the reason out.
+"""The request-file parser (`proto4d.inbox.parse`): pure bytes in, a Request or the reason out.
 
 Every row is what an operator (or a script, or an attacker with write access to nothing but
 the file's content) can put in `<root>/update.request`. The trust rules about the file itself
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from proto4d.requests import KNOWN_KEYS, MAX_REQUEST_BYTES, Request, RequestRejected, parse
+from proto4d.inbox import KNOWN_KEYS, MAX_REQUEST_BYTES, Request, RequestRejected, parse
 
 FALLBACK = "20261126-030000-abcdef"
 

@@ -21,8 +21,8 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "AccessRecord",
     "ErrorCount",
-    "Request",
     "RequestWindow",
     "WindowStats",
     "is_loopback",
@@ -36,7 +36,7 @@ PROBE_USER_AGENT = "proto4d-probe"
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class AccessRecord:
     client: str  # address as logged, without the port: "203.0.113.7", "::1" ("" when the server logs none)
     port: int | None  # uvicorn logs one; behind proxy headers it logs 0
     method: str  # "GET", ...; "WEBSOCKET" for uvicorn's WebSocket handshake lines
@@ -77,7 +77,7 @@ _GUNICORN_ANCHOR = '] "'
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def parse_line(line: str, custom: re.Pattern[str] | None = None) -> Request | None:
+def parse_line(line: str, custom: re.Pattern[str] | None = None) -> AccessRecord | None:
     """The request an access-log line records, or None when the line is something else.
 
     `custom` (app.access_log_regex, compiled) is tried first; it needs the named groups client,
@@ -102,11 +102,11 @@ def parse_line(line: str, custom: re.Pattern[str] | None = None) -> Request | No
         m = _GUNICORN.fullmatch(line)
         if m is not None and _is_ip(m["client"]):
             path, query = _split_target(m["target"])
-            return Request(sys.intern(m["client"]), None, m["method"], path, query, int(m["status"]), m["ua"])
+            return AccessRecord(sys.intern(m["client"]), None, m["method"], path, query, int(m["status"]), m["ua"])
     return None
 
 
-def _uvicorn(m: re.Match[str]) -> Request | None:
+def _uvicorn(m: re.Match[str]) -> AccessRecord | None:
     token = m["client"]
     if not token:
         # uvicorn logs an empty address when the peer has none (a unix socket)
@@ -117,11 +117,11 @@ def _uvicorn(m: re.Match[str]) -> Request | None:
             return None
     if m["ws"] is not None:
         path, query = _split_target(m["ws"])
-        return Request(client, port, "WEBSOCKET", path, query, 101 if m["accepted"] else int(m["status"]))
+        return AccessRecord(client, port, "WEBSOCKET", path, query, 101 if m["accepted"] else int(m["status"]))
     if m["status"] is None:
         return None  # "[accepted]" belongs to WebSocket lines only
     path, query = _split_target(m["target"])
-    return Request(client, port, m["method"], path, query, int(m["status"]))
+    return AccessRecord(client, port, m["method"], path, query, int(m["status"]))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -134,7 +134,7 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def _parse_custom(line: str, pattern: re.Pattern[str]) -> Request | None:
+def _parse_custom(line: str, pattern: re.Pattern[str]) -> AccessRecord | None:
     m = pattern.search(line)
     if m is None:
         return None
@@ -163,7 +163,7 @@ def _parse_custom(line: str, pattern: re.Pattern[str]) -> Request | None:
     ua = groups.get("ua")
     if ua is None:
         ua = groups.get("user_agent")
-    return Request(sys.intern(client), port, groups.get("method") or "", path, query, status, ua)
+    return AccessRecord(sys.intern(client), port, groups.get("method") or "", path, query, status, ua)
 
 
 def split_hostport(token: str) -> tuple[str, int | None]:
@@ -197,7 +197,7 @@ def is_loopback(client: str) -> bool:
             or client.startswith("::ffff:127."))
 
 
-def is_probe(req: Request, probe_ports: Container[int]) -> bool:
+def is_probe(req: AccessRecord, probe_ports: Container[int]) -> bool:
     """A request the daemon made itself: its user agent, or a loopback client on a port it used.
 
     Behind a tunnel every visitor is also a loopback client, so the port is what tells them
@@ -299,7 +299,7 @@ class RequestWindow:
     def __len__(self) -> int:
         return len(self._recs)
 
-    def add(self, ts: float, req: Request) -> None:
+    def add(self, ts: float, req: AccessRecord) -> None:
         if ts < self._newest:
             ts = self._newest
         else:

@@ -42,7 +42,7 @@ class Sampler:
         self.custom = re.compile(custom_regex) if custom_regex else None
         self.probe_ports = probe_ports  # callable -> set of local ports the daemon's probes used
         self.window = accesslog.RequestWindow(cfg.window_s, cfg.ignore_paths)
-        self._pending: collections.deque[tuple[float, accesslog.Request]] = collections.deque(maxlen=100_000)
+        self._pending: collections.deque[tuple[float, accesslog.AccessRecord]] = collections.deque(maxlen=100_000)
         self._procs: dict[int, psutil.Process] = {}
         self._tunnel: psutil.Process | None = None
         self.last: dict[str, Any] = {}
@@ -55,7 +55,7 @@ class Sampler:
 
     # -- access log
 
-    def feed(self, line: str, now: float | None = None) -> accesslog.Request | None:
+    def feed(self, line: str, now: float | None = None) -> accesslog.AccessRecord | None:
         req = accesslog.parse_line(line, self.custom)
         if req is not None:
             self._pending.append((now if now is not None else time.time(), req))

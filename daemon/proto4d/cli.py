@@ -180,8 +180,8 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _lazy("proto4d.views", "cmd_status"),
     "activity": _lazy("proto4d.views", "cmd_activity"),
     "releases": _lazy("proto4d.views", "cmd_releases"),
-    "update": _lazy("proto4d.requests", "cmd_update"),
-    "rollback": _lazy("proto4d.requests", "cmd_rollback"),
+    "update": _lazy("proto4d.client", "cmd_update"),
+    "rollback": _lazy("proto4d.client", "cmd_rollback"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
     "demo": _lazy("proto4d.demo", "cmd_demo"),
 }

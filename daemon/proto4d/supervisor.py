@@ -26,11 +26,11 @@ from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
 from proto4d.health import Prober
+from proto4d.inbox import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
 from proto4d.listener import ListenError
 from proto4d.notices import Webhook
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
-from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
 from proto4d.runner import Runner
 from proto4d.service import Notifier
 

@@ -24,8 +24,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from proto4d import accesslog, faults, fsutil, log, notices, policy, releases, retention
 from proto4d.activity import iso
+from proto4d.inbox import Request, write_answer
 from proto4d.procs import Cancel, Cancelled
-from proto4d.requests import Request, write_answer
 from proto4d.runner import SwitchFailed
 
 if TYPE_CHECKING:

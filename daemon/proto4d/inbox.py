@@ -1,24 +1,20 @@
-"""Update and rollback requests: the drop-file protocol, its trust rules, and the CLI that writes it.
+"""The daemon's inbox: update and rollback requests, the drop-file protocol, its trust rules, answers.
 
 `<root>/update.request` may be empty (update to the branch head) or YAML with `ref`, `force`,
 `reason` (and, from `proto4d rollback`, `action: rollback` and `release`). The daemon claims
 it by renaming it into `state/requests/` before reading it, so each request is acted on
-exactly once; it trusts it only when it is a regular file owned by the daemon's user in a
-root directory nobody else can write. Every request gets an answer in `state/answers/<id>.json`.
+exactly once; it trusts it only when it is a regular file with one link, owned by the daemon's
+user, in a root directory nobody else can write. Every request gets an answer in
+`state/answers/<id>.json`. The CLI side (`proto4d update`, `rollback`) is client.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import getpass
 import os
 import re
 import secrets
-import signal
-import socket
 import stat
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,11 +158,14 @@ def _top_level_texts(text: str) -> dict[str, str | None]:
 
 
 def check_root_trusted(root: Path) -> None:
+    """Only the daemon's user may create entries in `root`. A sticky bit is no exception: it stops
+    others removing files, not adding them, and what another user adds can be a hard link to a
+    daemon-owned file (an old consumed request) that passes every rule on the file itself."""
     st = os.stat(root)
     if st.st_uid != os.geteuid():
         raise RequestRejected(f"{root} is owned by uid {st.st_uid}, not by the daemon's user (uid {os.geteuid()}); "
                               "requests there are not trusted")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise RequestRejected(f"{root} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
                               "requests there are not trusted: chmod go-w it")
 
@@ -192,24 +191,50 @@ def claim(paths: Paths) -> tuple[Path, bytes] | None:
 
 
 def vet(paths: Paths, claimed: Path) -> bytes:
-    """The trust rules for a claimed request file, then its content (RequestRejected says why not)."""
+    """The trust rules for a claimed request file, then its content (RequestRejected says why not).
+
+    Every rule is checked on the file that is read: it is opened first (never following a symlink,
+    never blocking on a fifo) and `fstat` of that descriptor decides, so nothing can be swapped in
+    between the check and the read.
+    """
+    name = paths.request.name
     st = os.lstat(claimed)
     if stat.S_ISLNK(st.st_mode):
-        raise RequestRejected(f"{paths.request.name} is a symlink (to {os.readlink(claimed)}); only a regular file "
-                              "is accepted")
+        raise RequestRejected(f"{name} is a symlink (to {os.readlink(claimed)}); only a regular file is accepted")
     if not stat.S_ISREG(st.st_mode):
-        raise RequestRejected(f"{paths.request.name} is not a regular file")
-    if st.st_uid != os.geteuid():
-        raise RequestRejected(f"{paths.request.name} is owned by uid {st.st_uid}, not by the daemon's user "
-                              f"(uid {os.geteuid()})")
-    if st.st_mode & stat.S_IWOTH:
-        raise RequestRejected(f"{paths.request.name} is world-writable; not trusted")
-    check_root_trusted(paths.root)
-    if st.st_size > MAX_REQUEST_BYTES:
-        raise RequestRejected(f"the request file is {st.st_size} bytes; at most {MAX_REQUEST_BYTES} are accepted")
-    fd = os.open(claimed, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        raise RequestRejected(f"{name} is not a regular file")
+    try:
+        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise RequestRejected(f"{name} cannot be opened ({e.strerror}); only a regular file is accepted") from None
     with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestRejected(f"{name} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise RequestRejected(f"{name} is owned by uid {st.st_uid}, not by the daemon's user "
+                                  f"(uid {os.geteuid()})")
+        if st.st_mode & stat.S_IWOTH:
+            raise RequestRejected(f"{name} is world-writable; not trusted")
+        if st.st_nlink != 1 and not (st.st_nlink == 2 and _is_cli_link(paths.root, st)):
+            raise RequestRejected(f"{name} has {st.st_nlink} hard links; a request file has one (a hard link "
+                                  "can bring back an old request)")
+        check_root_trusted(paths.root)
+        if st.st_size > MAX_REQUEST_BYTES:
+            raise RequestRejected(f"the request file is {st.st_size} bytes; at most {MAX_REQUEST_BYTES} are accepted")
         return f.read(MAX_REQUEST_BYTES + 1)
+
+
+def _is_cli_link(root: Path, st: os.stat_result) -> bool:
+    """Whether the file's other link is `proto4d update`'s own temp file, which it links as
+    `update.request` and then removes: the daemon can claim it in between."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if entry.name.startswith(".update.request.") and entry.is_file(follow_symlinks=False):
+                est = entry.stat(follow_symlinks=False)
+                if (est.st_ino, est.st_dev) == (st.st_ino, st.st_dev):
+                    return True
+    return False
 
 
 def set_aside(claimed: Path) -> None:
@@ -236,145 +261,3 @@ def write_answer(paths: Paths, req_id: str, state: str, message: str, **extra: A
 def read_answer(paths: Paths, req_id: str) -> dict[str, Any] | None:
     data = fsutil.read_json(paths.answers / f"{req_id}.json")
     return data if isinstance(data, dict) else None
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cmd_update(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "update"}
-    if args.ref:
-        doc["ref"] = args.ref
-    if args.force:
-        doc["force"] = True
-    if args.reason:
-        doc["reason"] = args.reason
-    return _submit(args, doc)
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "rollback", "force": True}
-    if args.release:
-        doc["release"] = args.release
-    if args.reason:
-        doc["reason"] = args.reason
-    return _submit(args, doc)
-
-
-def _submit(args: argparse.Namespace, doc: dict[str, Any]) -> int:
-    from proto4d import config as configmod
-    from proto4d import views
-
-    cfg = configmod.load(args.config)
-    paths = Paths(cfg.root)
-    doc["id"] = new_id()
-    try:
-        doc["requested_by"] = f"{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:
-        doc["requested_by"] = "unknown"
-    # Validate with the daemon's own parser so a mistake is reported here, not in the daemon's log.
-    try:
-        req = parse(yaml.safe_dump(doc).encode(), fallback_id=doc["id"])
-    except RequestRejected as e:
-        print(f"proto4d: {e}", file=sys.stderr)
-        return 2
-    if not paths.root.is_dir():
-        print(f"proto4d: {paths.root} does not exist: has the daemon ever run with this config ({cfg.source})?",
-              file=sys.stderr)
-        return 1
-    daemon = views.daemon_alive(paths)
-    try:
-        _drop(paths, yaml.safe_dump(doc, sort_keys=False).encode(), daemon_running=daemon is not None)
-    except OSError as e:
-        print(f"proto4d: cannot write {paths.request}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except TimeoutError as e:
-        print(f"proto4d: {e}", file=sys.stderr)
-        return 1
-    print(f"requested: {req.describe()} (id {req.id})")
-    if daemon is None:
-        print(f"warning: the daemon is not running for {paths.root}; the request waits in {paths.request.name} "
-              "until it starts", file=sys.stderr)
-        return 0 if not args.wait else 1
-    with contextlib.suppress(OSError):
-        os.kill(daemon, signal.SIGUSR2)  # "look at the request file now"; the daemon polls it anyway
-    return follow(paths, req.id, wait=args.wait, timeout=args.timeout)
-
-
-def _drop(paths: Paths, data: bytes, daemon_running: bool) -> None:
-    """Write the request file without ever clobbering one the daemon has not picked up yet."""
-    tmp = paths.root / f".update.request.{os.getpid()}.{secrets.token_hex(3)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        deadline = time.monotonic() + (15 if daemon_running else 0)
-        while True:
-            try:
-                os.link(tmp, paths.request)  # fails if a request is already waiting
-                return
-            except FileExistsError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"another request is waiting in {paths.request} and the daemon has not "
-                                       "picked it up; try again in a moment") from None
-                time.sleep(0.1)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def follow(paths: Paths, req_id: str, *, wait: bool, timeout: float | None) -> int:
-    """Print the request's progress; without `wait`, only until the daemon has accepted it."""
-    deadline = time.monotonic() + timeout if timeout else None
-    accept_deadline = time.monotonic() + 30
-    shown_state = None
-    log_pos = 0
-    log_path: Path | None = None
-    while True:
-        answer = read_answer(paths, req_id)
-        if answer is not None:
-            state = answer.get("state")
-            if state != shown_state and not wait:
-                print(f"{state}: {answer.get('message', '')}")
-                shown_state = state
-            if wait and answer.get("log") and log_path is None:
-                log_path = paths.root / answer["log"]
-            if wait and log_path is not None:
-                log_pos = _print_new(log_path, log_pos)
-            if answer.get("final"):
-                if wait:
-                    if log_path is not None:
-                        _print_new(log_path, log_pos)
-                    print(f"{state}: {answer.get('message', '')}")
-                if state == "done" and answer.get("verified", True):
-                    return 0
-                return 1
-            if not wait and state in ("accepted", "queued"):
-                return 0
-        elif time.monotonic() > accept_deadline:
-            print("proto4d: the daemon has not answered in 30 s (is it running? see `proto4d status`)",
-                  file=sys.stderr)
-            return 1
-        if deadline is not None and time.monotonic() > deadline:
-            print(f"proto4d: stopped following after {timeout:g} s; the operation goes on (see `proto4d status`)",
-                  file=sys.stderr)
-            return 1
-        time.sleep(0.2)
-
-
-def _print_new(path: Path, pos: int) -> int:
-    """Print whole lines appended to `path` since byte `pos`; return the new position."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(pos)
-            chunk = f.read()
-    except OSError:
-        return pos
-    end = chunk.rfind(b"\n")
-    if end < 0:
-        return pos
-    sys.stdout.write(chunk[: end + 1].decode("utf-8", "replace"))
-    sys.stdout.flush()
-    return pos + end + 1
