@@ -2,8 +2,11 @@
 
 The notice file (JSON: message, when, expected impact) is what the app or the hub shows
 while an update is imminent. The webhook gets a JSON POST per update event; it runs in the
-background with a short timeout and can never block or fail an update. Its URL may carry a
-token, so logs show only its scheme and host.
+background with one overall deadline (`notify.webhook_timeout_s` for the whole call, not per
+connect/read phase: a receiver trickling its answer cannot hold it longer) and can never block
+or fail an update. Only a 2xx answer is a delivery: a redirect is not followed (it would send
+the event, and the URL's token, somewhere not configured) and is logged as a failure like any
+other. Its URL may carry a token, so logs show only its scheme and host.
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ def remove_notice(path: Path) -> None:
 
 
 def safe_url(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}/..."
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(an invalid URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(port) if port else ''}/..."
 
 
 class Webhook:
@@ -60,10 +67,17 @@ class Webhook:
         try:
             # Loaded by the first event, not at start: an idle daemon without a webhook never pays for it.
             import httpx
-            async with httpx.AsyncClient(trust_env=False, timeout=self.timeout) as client:
-                r = await client.post(self.url, json=body)
-            if r.status_code >= 400:
+            async with asyncio.timeout(self.timeout):
+                async with httpx.AsyncClient(trust_env=False, timeout=self.timeout, follow_redirects=False) as client:
+                    r = await client.post(self.url, json=body)
+            if 300 <= r.status_code < 400:
+                log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), status=r.status_code,
+                                  error="redirect refused", location=safe_url(r.headers.get("location", "")))
+            elif not 200 <= r.status_code < 300:
                 log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), status=r.status_code)
+        except TimeoutError:
+            log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url),
+                              error=f"no answer within notify.webhook_timeout_s ({self.timeout:g} s)")
         except Exception as e:  # never let a webhook break anything
             log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url),
                               error=type(e).__name__)
