@@ -13,6 +13,7 @@ from proto4d.accesslog import (
     WindowStats,
     is_loopback,
     is_probe,
+    parse_channel_record,
     parse_line,
     path_ignored,
     rollback_for_5xx,
@@ -508,3 +509,26 @@ def test_errors_detail_counts_distinct_clients_of_5xx_answers() -> None:
         w.add(T0 + i, req(client, status=status))
     assert w.errors_detail(T0) == ErrorCount(5, 3, 2)
     assert w.errors_detail(T0 + 2) == ErrorCount(3, 1, 1)
+
+
+# --------------------------------------------------------------------------- the shim's access channel
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (b'{"c":"127.0.0.1:5000","m":"GET","t":"/x?y=1","s":200}', R("127.0.0.1", 5000, "GET", "/x", "y=1", 200)),
+    (b'{"c":"203.0.113.7:0","m":"POST","t":"/api","s":502}\n', AccessRecord("203.0.113.7", 0, "POST", "/api", "", 502)),
+    (b'{"c":"::1:5000","m":"GET","t":"/","s":200}', AccessRecord("::1", 5000, "GET", "/", "", 200)),
+    (b'{"c":"","m":"GET","t":"/","s":200}', AccessRecord("", None, "GET", "/", "", 200)),
+    (b'{"v":1}', None),
+    (b'{"c":"kim:5","m":"GET","t":"/","s":200}', None),
+    (b'{"c":"1.2.3.4","m":"GET","t":"/","s":200}', None),  # uvicorn always gives a port
+    (b'{"c":"1.2.3.4:5","m":"GET","t":"/","s":600}', None),
+    (b'{"c":"1.2.3.4:5","m":"GET","t":"/","s":true}', None),
+    (b'{"c":"1.2.3.4:5","m":"GET","t":"/","s":"200"}', None),
+    (b'{"c":"1.2.3.4:5","m":"G T","t":"/","s":200}', None),
+    (b'[1,2]', None),
+    (b'not json', None),
+    (b'[' * 5000, None),
+])
+def test_parse_channel_record(line: bytes, expected: AccessRecord | None) -> None:
+    assert parse_channel_record(line) == expected

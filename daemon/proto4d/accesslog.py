@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import re
 import sys
 from collections import deque
@@ -27,6 +28,7 @@ __all__ = [
     "WindowStats",
     "is_loopback",
     "is_probe",
+    "parse_channel_record",
     "parse_line",
     "path_ignored",
     "rollback_for_5xx",
@@ -104,6 +106,38 @@ def parse_line(line: str, custom: re.Pattern[str] | None = None) -> AccessRecord
             path, query = _split_target(m["target"])
             return AccessRecord(sys.intern(m["client"]), None, m["method"], path, query, int(m["status"]), m["ua"])
     return None
+
+
+CHANNEL_HELLO = {"v": 1}  # the drain shim's first line on the access channel
+
+
+def parse_channel_record(line: str | bytes) -> AccessRecord | None:
+    """One line of the drain shim's access channel -> the request it records, or None.
+
+    The channel is the app process's own pipe, not its output, but the line is still checked like
+    any input: a JSON object with the client ("host:port" as uvicorn logs it, an IP address or
+    empty), the method, the target and a status from 100 to 599.
+    """
+    try:
+        doc = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    client_addr, method, target, status = doc.get("c"), doc.get("m"), doc.get("t"), doc.get("s")
+    if not (isinstance(client_addr, str) and isinstance(method, str) and isinstance(target, str)
+            and type(status) is int and 100 <= status <= 599):
+        return None
+    if client_addr:
+        client, port = split_hostport(client_addr)
+        if port is None or port > 65535 or not _is_ip(client):
+            return None
+    else:
+        client, port = "", None
+    if not (method.isascii() and method.isalpha() and len(method) <= 20):
+        return None
+    path, query = _split_target(target)
+    return AccessRecord(client, port, method.upper(), path, query, status)
 
 
 def _uvicorn(m: re.Match[str]) -> AccessRecord | None:

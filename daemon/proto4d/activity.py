@@ -61,6 +61,10 @@ class Sampler:
             self._pending.append((now if now is not None else time.time(), req))
         return req
 
+    def feed_record(self, req: accesslog.AccessRecord, now: float | None = None) -> None:
+        """A record from the drain shim's access channel (already parsed and checked)."""
+        self._pending.append((now if now is not None else time.time(), req))
+
     def _settle(self, now: float) -> None:
         """Move parsed requests into the window, leaving out the daemon's own probes.
 

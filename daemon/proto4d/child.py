@@ -18,11 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto4d.accesschannel import AccessChannel
+from proto4d.accesslog import AccessRecord
 from proto4d.fsutil import private_opener
 from proto4d.log import scrub
 from proto4d.procs import PidRegistry, kill_group
 
 LineHandler = Callable[[str, "AppProcess"], None]
+RecordHandler = Callable[[AccessRecord, "AppProcess"], None]
 
 
 class RotatingLog:
@@ -106,7 +109,8 @@ class AppProcess:
 
     def __init__(self, *, release: str, role: str, argv: Sequence[str], cwd: Path, env: dict[str, str],
                  pass_fds: Sequence[int], on_line: LineHandler, registry: PidRegistry | None,
-                 ready_pattern: str) -> None:
+                 ready_pattern: str, access: AccessChannel | None = None,
+                 on_record: RecordHandler | None = None) -> None:
         self.release = release
         self.role = role
         self.argv = list(argv)
@@ -129,12 +133,33 @@ class AppProcess:
         self.tail: list[str] = []
         self._reader: asyncio.Task[None] | None = None
         self._waiter: asyncio.Task[None] | None = None
+        self.access = access  # the drain shim's access-record pipe, when the app runs through the shim
+        self.on_record = on_record
+        self._access_reader: asyncio.Task[None] | None = None
+
+    @property
+    def access_channel(self) -> bool:
+        """Whether access records come from the shim's pipe (so look-alikes in the output are ignored)."""
+        return self.access is not None and self.access.active
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=self.pass_fds,
-            start_new_session=True, limit=1 << 20)
+        extra = (self.access.write_fd,) if self.access is not None else ()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=(*self.pass_fds, *extra),
+                start_new_session=True, limit=1 << 20)
+        except BaseException:
+            if self.access is not None:
+                self.access.spawned()
+                with contextlib.suppress(OSError):
+                    os.close(self.access.read_fd)
+            raise
+        if self.access is not None:
+            self.access.spawned()
+            on_record = self.on_record or (lambda rec, proc: None)
+            self._access_reader = asyncio.create_task(
+                self.access.run(lambda rec: on_record(rec, self), lambda: None), name=f"access-{self.proc.pid}")
         self.pid = self.proc.pid
         self.started_at = time.time()
         self.started_mono = time.monotonic()
@@ -178,10 +203,13 @@ class AppProcess:
     async def _wait(self) -> None:
         assert self.proc is not None
         rc = await self.proc.wait()
-        if self._reader is not None:
-            # The pipe can stay open if the app left a grandchild holding it; do not wait forever.
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._reader), 2)
+        for reader in (self._reader, self._access_reader):
+            if reader is not None:
+                # The pipe can stay open if the app left a grandchild holding it; do not wait forever.
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(reader), 2)
+        if self._access_reader is not None and not self._access_reader.done():
+            self._access_reader.cancel()
         self.returncode = rc
         # Whatever the app forked must not outlive it (a crashed master leaves workers behind).
         kill_group(self.pid, signal.SIGKILL)

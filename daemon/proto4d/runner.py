@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import psutil
 
 from proto4d import appenv, drain, faults, log
+from proto4d.accesschannel import AccessChannel
+from proto4d.accesslog import AccessRecord
 from proto4d.child import AppProcess, Backoff
 from proto4d.listener import free_port, open_listener, private_listener
 from proto4d.procs import lower_priority
@@ -96,10 +98,18 @@ class Runner:
                                      extra=cfg.app.env_dict)
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
+        access = AccessChannel() if plan.kind == "shim" and role == "app" else None  # records the app cannot forge
+        if access is not None:
+            env.update(access.env)
         proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=release.path / cfg.app.workdir,
                           env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.d.on_app_line,
-                          registry=self.d.registry, ready_pattern=cfg.app.ready_pattern)
+                          registry=self.d.registry, ready_pattern=cfg.app.ready_pattern,
+                          access=access, on_record=self._on_access_record)
         return proc, plan
+
+    def _on_access_record(self, rec: AccessRecord, proc: AppProcess) -> None:
+        if proc.role == "app":
+            self.d.sampler.feed_record(rec)
 
     def _adopt(self, proc: AppProcess, release: Release, plan: drain.DrainPlan) -> None:
         self.proc = proc

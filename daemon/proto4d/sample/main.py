@@ -6,7 +6,8 @@ a different version: `healthy`, `unhealthy` (health check answers 503), `crash_a
 `unhealthy_after <seconds>` (health answers 503 after that long), `ignore_sigterm` (a process
 that will not stop when asked; only SIGKILL ends it), `ignore_sigterm child` (the same, plus a child
 process in its process group that ignores SIGTERM too; its pid is in every answer as "child").
-Endpoints: /health, / , /version, /slow?ms=N (an LLM call stand-in), POST /echo, /env?key=K.
+Endpoints: /health, / , /version, /slow?ms=N (an LLM call stand-in), POST /echo, /env?key=K,
+POST /say (prints the body to stdout, as a chat app logs a student's message).
 """
 
 import asyncio
@@ -81,6 +82,9 @@ async def app(scope, receive, send):
     elif path == "/echo":
         body = await _body(receive)
         payload["echo"] = body.decode(errors="replace")
+    elif path == "/say":  # what a chat app does with a student's message: print it
+        body = await _body(receive)
+        print(body.decode(errors="replace"), flush=True)
     elif path == "/env":
         payload["value"] = os.environ.get(query.get("key", [""])[0])
     elif path == "/file":

@@ -30,6 +30,13 @@ Everything else (keep-alive timeout, parsing, flow control) is uvicorn's own. Ea
 TCP connection also gets TCP_NODELAY (uvicorn treats a `--fd` socket as a Unix socket, so
 asyncio never sets it).
 
+Access records on their own channel: when proto4d passes a pipe (PROTO4D_ACCESS_FD), each
+request uvicorn logs to its "uvicorn.access" logger is also written to that pipe as one JSON
+line ({"c": client, "m": method, "t": target, "s": status}), after a first {"v": 1}. The daemon
+then counts users and 5xx answers from the pipe only, and ignores access-log look-alikes in the
+app's output: what the app prints (a student's text, say) cannot reach the pipe. Writes never
+block the app: a full pipe drops the record.
+
 If uvicorn's classes lack what this relies on (checked when a class is first asked for), the
 stock class is exported under the same name instead. Either way ONE line goes to stderr, the
 first time uvicorn picks a class (during its start-up, before "Uvicorn running on"):
@@ -38,6 +45,8 @@ first time uvicorn picks a class (during its start-up, before "Uvicorn running o
 """
 
 import importlib
+import json
+import logging
 import os
 import socket
 import sys
@@ -64,6 +73,53 @@ _LAUNCH_MAP = (("auto", "AutoDrainProtocol"), ("h11", "H11DrainProtocol"),
 
 _resolved = {}  # implementation name -> class
 _announced = []  # the one line printed, once per process
+ACCESS_FD_ENV = "PROTO4D_ACCESS_FD"
+_MAX_TARGET = 2000  # a record stays well under PIPE_BUF, so each write is atomic
+
+
+class _AccessChannel(logging.Handler):
+    """Writes uvicorn's access records to the daemon's pipe, one JSON line each."""
+
+    def __init__(self, fd):
+        logging.Handler.__init__(self, logging.INFO)
+        self.fd = fd
+        self.dropped = 0
+
+    def emit(self, record):
+        try:
+            args = record.args
+            # uvicorn: '%s - "%s %s HTTP/%s" %d' % (client_addr, method, path_with_query, http_version, status)
+            if not isinstance(args, tuple) or len(args) != 5:
+                return
+            client, method, target, _version, status = args
+            self.write({"c": str(client), "m": str(method)[:20], "t": str(target)[:_MAX_TARGET], "s": int(status)})
+        except Exception:  # never let the channel break a request
+            self.dropped += 1
+
+    def write(self, doc):
+        try:
+            os.write(self.fd, (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8", "replace"))
+        except BlockingIOError:
+            self.dropped += 1
+        except OSError:
+            self.dropped += 1
+
+
+def _attach_access_channel():
+    """Once per process, after uvicorn has configured its logging (its dictConfig would drop a
+    handler added earlier): add the channel to "uvicorn.access" when proto4d passed a pipe."""
+    raw = os.environ.pop(ACCESS_FD_ENV, "")
+    if not raw:
+        return
+    try:
+        fd = int(raw)
+        os.set_blocking(fd, False)
+    except (ValueError, OSError):
+        return
+    handler = _AccessChannel(fd)
+    logger = logging.getLogger("uvicorn.access")
+    logger.addHandler(handler)  # with --no-access-log, the channel is then the only handler
+    handler.write({"v": 1})
 
 
 def _grace_s():
@@ -258,6 +314,8 @@ def _build(impl):
 
 
 def _resolve(impl):
+    if not _resolved:
+        _attach_access_channel()
     if impl == "auto":
         impl = _auto_impl()
     cls = _resolved.get(impl)
