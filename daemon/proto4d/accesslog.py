@@ -59,6 +59,7 @@ _TIMESTAMP = r"\[?\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?: ?(?:[+-]
 # <levelprefix> is "INFO:" padded to 9 columns (access lines are always INFO).
 _UVICORN = re.compile(
     rf"(?:{_TIMESTAMP}\s+(?:-\s+)?)?"
+    r"(?:\[\d{1,10}\]\s+)?"  # gunicorn's UvicornWorker: [<pid>]
     r'(?:"?uvicorn\.access"?\s+-\s+)?'
     r"(?:INFO:|INFO\s+-|\[INFO\])[ \t]+"
     r'(?P<client>\S*?) - "'
