@@ -204,7 +204,7 @@ def _symlink_to_planted(p: Path) -> None:
 
 def _hard_link_to_a_consumed_request(p: Path) -> None:
     """An old request the daemon consumed (daemon-owned, one link in state/requests/) linked back."""
-    old = p.parent / "state" / "requests" / "20200101-000000-abcdef.request"
+    old = p.parent / "state" / "requests" / "20200101-000000-abcdef.request.taken"
     old.write_text("force: true\nreason: replayed\n")
     os.link(old, p)
 

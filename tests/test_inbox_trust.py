@@ -29,7 +29,7 @@ def test_a_plain_request_is_read(paths: Paths) -> None:
 
 
 def test_a_hard_link_to_a_consumed_request_is_refused(paths: Paths) -> None:
-    old = paths.requests / "20200101-000000-abcdef.request"
+    old = paths.requests / "20200101-000000-abcdef.request.taken"
     old.write_bytes(b"force: true\n")
     os.link(old, paths.request)
     with pytest.raises(RequestRejected, match="has 2 hard links"):
