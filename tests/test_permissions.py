@@ -90,3 +90,13 @@ def test_a_readable_env_is_warned_about_once(tmp_path: Path) -> None:
     warned = [r for r in rows if r["event"] == "env.readable_by_others"]
     assert len(warned) == 1, rows
     assert warned[0]["mode"] == "644" and warned[0]["fix"] == f"chmod 600 {env}"
+
+
+def test_make_dirs_root_traversable_and_everything_in_it_private(tmp_path: Path) -> None:
+    from proto4d.paths import Paths
+
+    p = Paths(tmp_path / "root")
+    p.make_dirs()
+    assert mode(p.root) == 0o755 & ~fsutil.UMASK
+    for d in (p.releases, p.venvs, p.shared, p.state, p.logs, p.requests, p.answers):
+        assert mode(d) == 0o700 & ~fsutil.UMASK, d

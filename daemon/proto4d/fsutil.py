@@ -20,6 +20,7 @@ from typing import Any
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+ROOT_MODE = 0o755  # `root` only: never group-writable (the request trust rule), its contents private
 
 
 def _read_umask() -> int:

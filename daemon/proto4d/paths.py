@@ -98,6 +98,7 @@ class Paths:
         return name if (self.releases / name).is_dir() else None
 
     def make_dirs(self) -> None:
-        for d in (self.root, self.releases, self.venvs, self.shared, self.state, self.logs, self.requests,
-                  self.answers):
+        # root itself stays traversable (the hub may read notice.json); everything in it is private.
+        fsutil.ensure_dir(self.root, mode=fsutil.ROOT_MODE)
+        for d in (self.releases, self.venvs, self.shared, self.state, self.logs, self.requests, self.answers):
             fsutil.ensure_dir(d)
