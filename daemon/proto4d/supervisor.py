@@ -248,7 +248,7 @@ class Daemon:
                                f"{proc.role}[{proc.pid}] {line}\n")
             if self._flush_handle is None:
                 self._flush_handle = asyncio.get_running_loop().call_later(0.2, self._flush_app_log)
-        if proc.role == "app":
+        if proc.role == "app" and not proc.access_channel:  # with the shim's channel, only its records count
             self.sampler.feed(line)
 
     def _flush_app_log(self) -> None:
