@@ -74,7 +74,10 @@ _LAUNCH_MAP = (("auto", "AutoDrainProtocol"), ("h11", "H11DrainProtocol"),
 _resolved = {}  # implementation name -> class
 _announced = []  # the one line printed, once per process
 ACCESS_FD_ENV = "PROTO4D_ACCESS_FD"
-_MAX_TARGET = 2000  # a record stays well under PIPE_BUF, so each write is atomic
+_MAX_TARGET = 300
+# A write of at most PIPE_BUF bytes to a pipe is atomic (all or EAGAIN, never half a record); PIPE_BUF
+# is 512 on macOS, 4096 on Linux.
+_MAX_RECORD = 512
 
 
 class _AccessChannel(logging.Handler):
@@ -97,8 +100,15 @@ class _AccessChannel(logging.Handler):
             self.dropped += 1
 
     def write(self, doc):
+        data = (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8", "replace")
+        if len(data) > _MAX_RECORD and "t" in doc:  # a target full of escapes: its start is enough
+            doc = dict(doc, t=doc["t"][:40])
+            data = (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8", "replace")
+        if len(data) > _MAX_RECORD:
+            self.dropped += 1
+            return
         try:
-            os.write(self.fd, (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8", "replace"))
+            os.write(self.fd, data)
         except BlockingIOError:
             self.dropped += 1
         except OSError:
