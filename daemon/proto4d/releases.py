@@ -523,7 +523,13 @@ def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: st
 
 
 def link_shared(release: Path, shared_root: Path, shared: Iterable[str], progress: Progress) -> None:
-    """Replace each shared path in the release by a symlink into `shared/` (seeded on first use)."""
+    """Replace each shared path in the release by a symlink into `shared/` (seeded on first use).
+
+    A shared path is linked whether or not it exists yet: an app that creates its SQLite file
+    on first start must create it in `shared/`, never inside a release that retention will
+    delete with everything written to it. A missing file gets a dangling link whose parent
+    exists (SQLite and open() create the target through it); a missing directory is created.
+    """
     for rel in shared:
         target = shared_root / rel
         inside = release / rel
@@ -537,8 +543,7 @@ def link_shared(release: Path, shared_root: Path, shared: Iterable[str], progres
                 target.mkdir(parents=True)
                 progress(f"shared {rel}: created empty directory")
             else:
-                progress(f"shared {rel}: absent (nothing to link yet; create shared/{rel} to provide it)")
-                continue
+                progress(f"shared {rel}: not there yet; linked, so the app creates it in shared/{rel}")
         if inside.exists() or inside.is_symlink():
             fsutil.remove_tree(inside)
         inside.parent.mkdir(parents=True, exist_ok=True)
@@ -546,8 +551,9 @@ def link_shared(release: Path, shared_root: Path, shared: Iterable[str], progres
 
 
 def _looks_like_dir(rel: str) -> bool:
-    name = Path(rel).name
-    return not name.startswith(".") and "." not in name
+    """`data`, `uploads/` are directories; `.env`, `app.db` are files (a name with a dot)."""
+    name = Path(rel.rstrip("/")).name
+    return rel.endswith("/") or (not name.startswith(".") and "." not in name)
 
 
 def env_keys(text: str) -> set[str]:
