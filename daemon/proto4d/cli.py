@@ -124,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", dest="print_only", help="print the file instead of writing it")
     p.add_argument("--output", metavar="FILE", help="write here instead of the default location")
 
+    p = sub.add_parser("backups", help="database snapshots: list, take one, restore one",
+                       description="SQLite databases under shared/ are snapshotted before every switch (a "
+                                   "consistent copy while the app writes). List them, take one now, or restore "
+                                   "one: restore first prints what it replaces and how many rows differ per "
+                                   "table, and only acts with --yes; the databases as they were are kept as a "
+                                   "snapshot of their own.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--take", action="store_true", help="take a snapshot now")
+    p.add_argument("--reason", help="with --take: why, kept in the snapshot")
+    p.add_argument("--restore", metavar="ID", help="restore snapshot ID (or `latest`)")
+    p.add_argument("--db", metavar="PATH", help="with --restore: only this database (relative to shared/)")
+    p.add_argument("--yes", action="store_true", help="with --restore: really replace the live databases")
+
     sub.add_parser("demo", help="the whole story on a bundled sample app, no set-up",
                    description="In a temporary directory: a local git origin with a sample app in three versions, "
                                "the daemon running it, simulated users, an update that waits for quiet and then "
@@ -183,5 +197,6 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "update": _lazy("proto4d.requests", "cmd_update"),
     "rollback": _lazy("proto4d.requests", "cmd_rollback"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
+    "backups": _lazy("proto4d.backups", "cmd_backups"),
     "demo": _lazy("proto4d.demo", "cmd_demo"),
 }
