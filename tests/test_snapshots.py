@@ -191,3 +191,50 @@ def test_restore_of_an_unknown_snapshot_names_it(tmp_path: Path, bad: str) -> No
     r = _cli(_config(tmp_path), "--restore", bad, "--yes")
     assert r.returncode == 1
     assert repr(bad) in r.stdout and "Traceback" not in r.stderr
+
+
+def test_the_canary_writes_only_its_own_copies(tmp_path: Path) -> None:
+    from proto4d import canarydata
+
+    shared, rel = tmp_path / "shared", tmp_path / "releases" / "r2"
+    (rel / "backend").mkdir(parents=True)
+    (rel / "backend" / "main.py").write_text("print('app')\n")
+    _wal_db(shared / "backend" / "data" / "app.db")
+    (shared / "backend" / "data" / "uploads").mkdir()
+    (shared / "backend" / "data" / "uploads" / "a.txt").write_text("upload")
+    (shared / "backend" / ".env").write_text("SECRET=1\n")
+    rels = ["backend/.env", "backend/data", "backend/new.db"]
+    releases.link_shared(rel, shared, rels, lambda _t: None)
+    w = Writer(shared / "backend" / "data" / "app.db")
+    w.start()
+    try:
+        w.wait_rows(50)
+        cd = canarydata.build(rel, shared, rels, tmp_path / "state" / "canary" / "r2")
+        w.wait_rows(w.acked + 20)  # production keeps being written while the canary runs
+    finally:
+        w.stop.set()
+        w.join()
+    assert cd.copied == ("backend/data/app.db",)
+    # The canary migrates and writes through the paths it sees, relative to its tree.
+    con = sqlite3.connect(cd.tree / "backend" / "data" / "app.db")
+    con.execute("ALTER TABLE answers ADD COLUMN hint TEXT")
+    con.execute("INSERT INTO answers (id, text) VALUES (-1, 'canary')")
+    con.commit()
+    con.close()
+    (cd.tree / "backend" / "data" / "uploads" / "a.txt").write_text("changed by the canary")
+    (cd.tree / "backend" / "new.db").write_text("created by the canary")
+    assert (cd.tree / "backend" / ".env").read_text() == "SECRET=1\n"
+    assert not os.access(cd.shared / "backend" / ".env", os.W_OK) or os.geteuid() == 0
+    assert oct((cd.shared / "backend" / ".env").stat().st_mode & 0o777) == "0o400"
+
+    live = sqlite3.connect(shared / "backend" / "data" / "app.db")
+    cols = [r[1] for r in live.execute("PRAGMA table_info(answers)")]
+    assert "hint" not in cols
+    assert live.execute("SELECT COUNT(*) FROM answers WHERE id < 0").fetchone()[0] == 0
+    assert live.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == w.acked
+    live.close()
+    assert (shared / "backend" / "data" / "uploads" / "a.txt").read_text() == "upload"
+    assert not (shared / "backend" / "new.db").exists()
+    assert (rel / "backend" / "main.py").read_text() == "print('app')\n"
+    cd.remove()
+    assert not cd.base.exists()
