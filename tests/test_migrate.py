@@ -88,3 +88,55 @@ def test_schema_revision_of_a_non_database_is_none(tmp_path: Path) -> None:
     (tmp_path / "x.db").write_text("not sqlite")
     assert migrate.schema_revision(tmp_path / "x.db") is None
     assert migrate.schema_revision(tmp_path / "missing.db") is None
+
+
+def _healthy(python: Path, tree: Path) -> tuple[int, str]:
+    """Start the app from `tree` with uvicorn on a free port, ask /health once it listens, stop it."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(python), "-m", "uvicorn", "main:app", "--port", str(port)], cwd=tree,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+            except OSError:
+                assert proc.poll() is None, "the app exited"
+                assert time.monotonic() < deadline, "the app never answered"
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_previous_release_on_the_migrated_copy_tells_compatible_from_not(tmp_path: Path,
+                                                                          venv_python: Path) -> None:
+    v1 = _release(tmp_path, "v1")
+    assert _migrate(venv_python, v1).ok
+    state = tmp_path / "state" / "canary"
+
+    v2 = _release(tmp_path, "v2", "0002_hint.py")
+    cd = canarydata.build(v2, tmp_path / "shared", ["data"], state / "v2")
+    assert _migrate(venv_python, cd.tree).ok
+    old_on_new = canarydata.view(v1, cd, ["data"], state / "v2-previous")
+    assert _healthy(venv_python, old_on_new)[0] == 200  # additive: a code-only rollback keeps every row
+
+    v3 = _release(tmp_path, "v3", "0002_hint.py", "0003_body.py")
+    (v3 / "mode.txt").write_text("body\n")
+    cd3 = canarydata.build(v3, tmp_path / "shared", ["data"], state / "v3")
+    assert _migrate(venv_python, cd3.tree).ok
+    assert _healthy(venv_python, cd3.tree)[0] == 200  # the new code runs on its schema
+    old_on_new = canarydata.view(v1, cd3, ["data"], state / "v3-previous")
+    status, body = _healthy(venv_python, old_on_new)
+    assert status == 503 and "OperationalError" in body  # destructive: the old code cannot run on it
+    assert migrate.schema_revision(tmp_path / "shared" / "data" / "app.db") == "0001"

@@ -69,17 +69,27 @@ def _copy_shared_dir(src: Path, dst: Path, copied: list[str], rel: str) -> None:
                 shutil.copy2(p, out / name)
 
 
+def _tree(release: Path, tree: Path, own: Path, shared: Iterable[str]) -> None:
+    shutil.copytree(release, tree, symlinks=True, copy_function=_link_or_copy)
+    for rel in shared:
+        inside = tree / rel
+        if inside.exists() or inside.is_symlink():
+            fsutil.remove_tree(inside)
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(own / rel, inside)
+
+
 def build(release: Path, shared_root: Path, shared: Iterable[str], dest: Path) -> CanaryData:
     """Make `dest/tree` (the release, its shared paths on copies) and `dest/shared` (the copies)."""
     t = time.monotonic()
+    shared = list(shared)
     fsutil.remove_tree(dest)
     dest.mkdir(parents=True, mode=0o700)
     tree, own = dest / "tree", dest / "shared"
     copied: list[str] = []
     try:
-        shutil.copytree(release, tree, symlinks=True, copy_function=_link_or_copy)
         for rel in shared:
-            live, mine, inside = shared_root / rel, own / rel, tree / rel
+            live, mine = shared_root / rel, own / rel
             mine.parent.mkdir(parents=True, exist_ok=True)
             if live.is_dir():
                 _copy_shared_dir(live, mine, copied, rel)
@@ -90,12 +100,16 @@ def build(release: Path, shared_root: Path, shared: Iterable[str], dest: Path) -
                 shutil.copy2(live, mine)
                 if Path(rel).name.startswith(".env"):
                     os.chmod(mine, 0o400)
-            if inside.exists() or inside.is_symlink():
-                fsutil.remove_tree(inside)
-            inside.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(mine, inside)
+        _tree(release, tree, own, shared)
     except BaseException:
         with contextlib.suppress(OSError):
             fsutil.remove_tree(dest)
         raise
     return CanaryData(dest, tree, own, tuple(copied), time.monotonic() - t)
+
+
+def view(release: Path, data: CanaryData, shared: Iterable[str], dest: Path) -> Path:
+    """Another release on the same copies (the previous release against the migrated copy)."""
+    fsutil.remove_tree(dest)
+    _tree(release, dest, data.shared, shared)
+    return dest
