@@ -8,7 +8,6 @@ when run from the canary's tree, the live database at the switch.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,8 @@ def run(template: Sequence[str], *, python: Path, release: Path, workdir: Path, 
 
 def schema_revision(db: Path) -> str | None:
     """alembic's revision of a database (None: not a database, or not managed by alembic)."""
+    import sqlite3  # only apps with a database pay for the module
+
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     except sqlite3.Error:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,9 @@ def find_databases(shared: Path, declared: Sequence[str] = ()) -> list[str]:
     return found
 
 
-def _connect_ro(path: Path) -> sqlite3.Connection:
+def _connect_ro(path: Path) -> Any:
+    import sqlite3  # only apps with a database pay for the module (the daemon's memory target)
+
     # Read-only through a URI so a snapshot never creates or changes the live file; WAL is still read.
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
 
@@ -79,6 +80,8 @@ def row_counts(path: Path) -> dict[str, int]:
 
 def copy_database(src: Path, dest: Path) -> None:
     """A consistent copy of `src` at `dest` while writers go on: backup API into a temp file, fsync, rename."""
+    import sqlite3
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -245,6 +248,8 @@ def save_rows_since(plan: RestorePlan, dest: Path) -> Path:
 
 def restore(plan: RestorePlan) -> None:
     """Write the snapshot's pages into the live database through SQLite, under its lock."""
+    import sqlite3
+
     plan.live.parent.mkdir(parents=True, exist_ok=True)
     try:
         source = _connect_ro(plan.snapshot_file)

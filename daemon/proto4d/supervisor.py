@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from proto4d import __version__, faults, fsutil, log, releases, update
@@ -61,6 +62,7 @@ class Daemon:
         self.webhook = Webhook(cfg.notify.webhook_url, cfg.notify.webhook_timeout_s)
         self.green_since: float | None = None
         self.release_error = ""
+        self._data_cache: tuple[float, tuple[str, bool], dict[str, Any]] | None = None
         self.app_log: RotatingLog | None = None
         self.runner = Runner(self)
         self.updates = update.UpdateManager(self)
@@ -188,10 +190,33 @@ class Daemon:
             return
         except Cancelled:
             return
+        if cfg.app.migrate and not await self._first_migration(prepared.release, progress):
+            return
         releases.switch_current(self.paths, prepared.release.name)
         releases.set_outcome(self.paths, prepared.release.name, "serving")
         self.release_error = ""
         self.log.info("first_release.ready", release=prepared.release.name, commit=sha[:7])
+
+    async def _first_migration(self, rel: releases.Release, progress: Callable[[str], None]) -> bool:
+        """The first release creates or upgrades the schema before it starts (snapshot first, if data exists)."""
+        from proto4d import datasteps
+
+        cfg = self.cfg
+        data = datasteps.DataSteps(
+            shared_root=self.paths.shared, shared=cfg.app.shared, declared=cfg.app.databases,
+            migrate_argv=cfg.app.migrate, workdir=cfg.app.workdir, state_dir=self.paths.state,
+            backups=self.paths.backups, timeout_s=cfg.update.migrate_timeout_s, app_env=cfg.app.env_dict,
+            python_for=lambda r: releases.python_for(self.paths, r), progress=progress, registry=self.registry)
+        try:
+            await asyncio.to_thread(data.take_snapshot, rel, release_name="")
+            await asyncio.to_thread(data.migrate_live, rel)
+        except datasteps.DataStepFailed as e:
+            self.release_error = f"first release {rel.name}: {e}"
+            self.log.error("first_release.failed", error=self.release_error)
+            with contextlib.suppress(OSError):
+                fsutil.remove_tree(rel.path)
+            return False
+        return True
 
     async def _rebuild_venv(self, rel: releases.Release) -> None:
         req = rel.path / self.cfg.app.requirements if self.cfg.app.requirements else None
@@ -472,8 +497,23 @@ class Daemon:
                                               "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
                                               "sampled_at": None},
             "update": self.updates.status(),
+            "data": self._data_status(),
             "written_at": iso(time.time()),
         }
+
+    def _data_status(self) -> dict[str, Any] | None:
+        # Walking shared/ for databases is not free: once a minute is enough for sizes and ages.
+        # A switch (or the end of an update) changes revisions and snapshots: look again then too.
+        now = time.monotonic()
+        key = (self.runner.release.name if self.runner.release else "", self.updates.run is None)
+        if self._data_cache is None or now - self._data_cache[0] > 60 or self._data_cache[1] != key:
+            from proto4d import datasteps
+            try:
+                self._data_cache = (now, key, datasteps.status(self.paths.shared, self.cfg.app.databases,
+                                                               self.paths.backups))
+            except OSError:
+                return None
+        return self._data_cache[2]
 
     def write_status(self) -> None:
         fsutil.atomic_write_json(self.paths.status, self.status(), durable=False)
@@ -494,8 +534,12 @@ class Daemon:
         removed, venvs = update.retained(self.paths, self.cfg, sorted(in_use))
         for name in removed:
             self.mirror.unpin(name)
-        if removed or venvs:
-            self.log.info("retention.removed", releases=removed, venvs=venvs)
+        from proto4d import datasteps
+
+        snaps = datasteps.prune(self.paths.backups, keep_days=self.cfg.update.keep_days,
+                                keep_min=self.cfg.update.keep_min)
+        if removed or venvs or snaps:
+            self.log.info("retention.removed", releases=removed, venvs=venvs, snapshots=snaps)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

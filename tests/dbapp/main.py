@@ -3,8 +3,10 @@
 Its schema comes only from alembic (`python -m alembic upgrade head`, run by proto4d as
 `app.migrate`); the app never creates tables. `mode.txt` makes versions misbehave the way
 real ones do: `write_at_start` inserts a row at start-up and then exits (a canary that
-writes), `healthy` is the default. `/health` reads the database, so a schema the code
-cannot use fails the health check.
+writes); `body` reads and writes the column the destructive migration renames;
+`crash_on_post N` exits on the Nth POST (after N-1 acknowledged rows; health checks never
+trigger it, so the canary passes and production crashes); `healthy` is the default.
+`/health` reads the database, so a schema the code cannot use fails the health check.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ MODE = (HERE / "mode.txt").read_text().strip() if (HERE / "mode.txt").exists() e
 # Relative to the working directory, as Proto4 does: the canary's copy when run from its tree.
 URL = os.environ.get("DBAPP_URL", "sqlite:///data/app.db")
 # v1 writes `text`; from v3 on (the destructive migration) the column is `body`.
-COLUMN = "body" if MODE.startswith("body") else "text"
+COLUMN = "body" if "body" in MODE.split() else "text"
+_words = MODE.split()
+CRASH_ON_POST = int(_words[_words.index("crash_on_post") + 1]) if "crash_on_post" in _words else 0
+_posts = 0
 
 engine = create_engine(URL, connect_args={"timeout": 30})
 
@@ -67,6 +72,11 @@ def index() -> dict:
 
 @app.post("/answers")
 def add(answer: Answer) -> dict:
+    global _posts
+    _posts += 1
+    if CRASH_ON_POST and _posts >= CRASH_ON_POST:
+        print(f"dbapp: crashing on POST {_posts} as mode.txt asks", file=sys.stderr, flush=True)
+        os._exit(4)
     with engine.begin() as c:
         new_id = c.execute(text(f"INSERT INTO answers ({COLUMN}) VALUES (:t) RETURNING id"),
                            {"t": answer.text}).scalar_one()
