@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from proto4d import __version__, faults, fsutil, log, releases, update
@@ -28,11 +29,11 @@ from proto4d.child import RotatingLog
 from proto4d.health import Prober
 from proto4d.listener import ListenError
 from proto4d.notices import Webhook
+from proto4d.notifier import Notifier
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
 from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
 from proto4d.runner import Runner
-from proto4d.service import Notifier
 
 REQUEST_POLL_S = 1.0  # `proto4d update` also sends SIGUSR2 to have it looked at at once
 NO_RELEASE_RETRY_S = 60.0
@@ -498,14 +499,30 @@ class Daemon:
             self.log.info("retention.removed", releases=removed, venvs=venvs)
 
 
+def root_refusal(euid: int, allow_flag: bool, environ: Mapping[str, str]) -> str | None:
+    """Why `proto4d run` must not start as this user, or None. Root is refused unless told:
+    the app, git and every venv build would run as root, from files the operator's user can change."""
+    if euid != 0 or allow_flag or environ.get("PROTO4D_ALLOW_ROOT", "") == "1":
+        return None
+    return ("refusing to run as root: the app, git and the venv builds would all run as root. Run it as the "
+            "operator's user (a LaunchDaemon from `sudo proto4d install-service --launchd` does), or pass "
+            "--allow-root / set PROTO4D_ALLOW_ROOT=1 if root is really meant")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    refusal = root_refusal(os.geteuid(), getattr(args, "allow_root", False), os.environ)
+    if refusal:
+        print(f"proto4d run: {refusal}", file=sys.stderr)
+        return 1
     cfg = configmod.load(args.config)  # ConfigError -> exit 78 in cli.main
     # Nothing the daemon (or the app it starts) creates is writable by others, whatever umask it was
     # started with (a stricter one, such as 077, is kept).
     os.umask(os.umask(0o022) | 0o022)
     paths = Paths(cfg.root)
     paths.make_dirs()
-    log.setup(paths.daemon_log, stderr=True)
+    # Under launchd stderr is a file nothing rotates: the plist sets PROTO4D_LOG_STDERR=0 so that
+    # events are written once, to the rotated logs/proto4d.log.
+    log.setup(paths.daemon_log, stderr=os.environ.get("PROTO4D_LOG_STDERR", "1") != "0")
     daemon = Daemon(cfg, args.config or str(configmod.default_config_path()))
     try:
         daemon.acquire_lock()
