@@ -188,21 +188,99 @@ def _git_error(e: git.GitCommandError) -> str:
         text = text[len("stderr:"):].strip().strip("'")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     fatal = [ln for ln in lines if ln.lower().startswith(("fatal:", "error:"))]
-    return (fatal[0] if fatal else lines[-1] if lines else str(e))[:500]
+    return (fatal[0] if fatal else lines[-1] if lines else text)[:500]
 
 
 # --------------------------------------------------------------------------- venvs
 
 
+# Homebrew keeps each installed version under <prefix>/Cellar/<formula>/<version>/ and points
+# <prefix>/opt/<formula> at the current one; `brew upgrade` (and `brew cleanup`) delete the old
+# version's directory. A path through opt/ follows upgrades; a Cellar path dangles after one.
+_CELLAR = re.compile(r"^(?P<prefix>/.*)/Cellar/(?P<formula>[^/]+)/(?P<version>[^/]+)/(?P<rest>.+)$")
+
+
+def stable_interpreter(path: str) -> str:
+    """The path to record for an interpreter: resolved, but never into a versioned Cellar directory.
+
+    `realpath` of Homebrew's python3 is `<prefix>/Cellar/python@3.12/3.12.7/...`, which the next
+    `brew upgrade` removes; the same file through `<prefix>/opt/python@3.12/...` survives it.
+    """
+    real = os.path.realpath(path)
+    m = _CELLAR.match(real)
+    if m:
+        stable = f"{m['prefix']}/opt/{m['formula']}/{m['rest']}"
+        if os.path.realpath(stable) == real:
+            return stable
+    return real
+
+
 def python_identity(python: str) -> tuple[str, str]:
-    """(real path, version) of an interpreter: half of a venv's key."""
+    """(stable path, version) of an interpreter: half of a venv's key."""
     exe = shutil.which(python) or python
     try:
         out = subprocess.run([exe, "-c", "import sys; print(sys.executable); print(sys.version.split()[0])"],
                              capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
     except (OSError, subprocess.SubprocessError) as e:
         raise ReleaseError(f"python: cannot run {python!r}: {e}") from None
-    return os.path.realpath(out[0].strip() or exe), out[1].strip()
+    return stable_interpreter(out[0].strip() or exe), out[1].strip()
+
+
+def _stabilise_venv(venv: Path) -> None:
+    """Point a new venv's interpreter links and pyvenv.cfg through opt/ rather than a Cellar version.
+
+    `python -m venv` and uv link bin/python to the base interpreter as they resolve it, which for
+    Homebrew can be the Cellar path: after `brew upgrade` every such venv has a dangling bin/python.
+    """
+    bindir = venv / "bin"
+    for link in bindir.iterdir() if bindir.is_dir() else ():
+        if not link.is_symlink():
+            continue
+        target = os.readlink(link)
+        absolute = os.path.normpath(os.path.join(link.parent, target))
+        if "/Cellar/" not in os.path.realpath(absolute):
+            continue
+        stable = stable_interpreter(absolute)
+        if stable != os.path.realpath(absolute):
+            tmp = link.with_name(f".{link.name}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.symlink(stable, tmp)
+            os.replace(tmp, link)
+    cfg = venv / "pyvenv.cfg"
+    if cfg.is_file():
+        lines = []
+        for line in cfg.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            value = value.strip()
+            if sep and key.strip() in ("home", "executable", "base-executable") and "/Cellar/" in value:
+                m = _CELLAR.match(value)
+                if m:
+                    opt = f"{m['prefix']}/opt/{m['formula']}/{m['rest']}"
+                    if os.path.realpath(opt) == os.path.realpath(value):
+                        line = f"{key.strip()} = {opt}"
+            lines.append(line)
+        cfg.write_text("\n".join(lines) + "\n")
+
+
+def venv_problem(venv: Path, timeout: float = 30) -> str | None:
+    """Why the venv's interpreter cannot run (None when it runs): checked before starting or switching
+    to a release, so a venv left dangling by an interpreter upgrade is rebuilt, not exec'd."""
+    python = venv_python(venv)
+    if not (venv / "venv.json").is_file():
+        return f"{venv.name}: no venv.json (removed or never finished)"
+    try:
+        r = subprocess.run([str(python), "-c", "import sys, encodings"], capture_output=True, text=True,
+                           timeout=timeout)
+    except FileNotFoundError:
+        target = os.readlink(python) if python.is_symlink() else ""
+        return (f"{python} -> {target}: the interpreter it was built from is gone (upgraded or removed)"
+                if target else f"{python} is missing")
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{python} cannot run: {e}"
+    if r.returncode != 0:
+        return f"{python} exits {r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}"
+    return None
 
 
 def venv_key(requirements: bytes, python_real: str, python_version: str) -> str:
@@ -265,6 +343,7 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
                 run_cmd([str(venv_python(tmp)), "-m", "pip", "install", "--no-input", "-r", str(requirements_file)],
                         cancel=cancel, env=env, on_line=out, registry=registry, kind="build")
         _fix_scripts(tmp, final)
+        _stabilise_venv(tmp)
         _no_world_write(tmp)
         faults.point_sync("venv", cancel)
         info = {"key": key, "python": real, "python_version": version, "installer": tool,
@@ -595,3 +674,36 @@ def switch_current(paths: Paths, name: str) -> None:
 
 def python_for(paths: Paths, release: Release) -> Path:
     return venv_python(paths.venvs / release.venv)
+
+
+def repair_venv(cfg: Config, paths: Paths, release: Release, *, progress: Progress,
+                cancel: Cancel | None = None, registry: PidRegistry | None = None) -> Release:
+    """Make sure `release`'s venv runs before it is started or switched to; rebuild it when not.
+
+    The rebuilt venv may get a new key (a new interpreter path or version): release.json then
+    records it. A broken venv under the same key is moved aside first (the `.build-` prefix makes
+    the next start's cleanup remove it), so a venv.json cannot make ensure_venv reuse it.
+    """
+    venv = paths.venvs / release.venv if release.venv else None
+    problem = venv_problem(venv) if venv is not None else "the release names no venv"
+    if problem is None:
+        return release
+    progress(f"the venv of {release.name} cannot run ({problem}); rebuilding it")
+    req = release.path / cfg.app.requirements if cfg.app.requirements else None
+    real, version = python_identity(cfg.python)
+    key = venv_key(req.read_bytes() if req is not None and req.is_file() else b"", real, version)
+    broken = paths.venvs / key
+    if broken.exists():
+        aside = paths.venvs / f".build-broken-{key}-{os.getpid()}"
+        fsutil.remove_tree(aside)
+        os.rename(broken, aside)
+    result = ensure_venv(paths, req if req is not None and req.is_file() else None, cfg.python,
+                         cfg.update.installer, progress=progress, cancel=cancel, registry=registry)
+    problem = venv_problem(result.path)
+    if problem is not None:
+        raise ReleaseError(f"the rebuilt venv of {release.name} cannot run either: {problem}")
+    if result.key != release.venv:
+        release.info["venv"] = result.key
+        fsutil.atomic_write_json(release.path / "release.json", release.info)
+    return release
+

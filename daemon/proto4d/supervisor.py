@@ -154,8 +154,7 @@ class Daemon:
                 self.release_error = f"releases/{name} has no readable release.json"
                 self.log.error("release.unreadable", release=name)
             else:
-                if not (self.paths.venvs / rel.venv / "venv.json").exists():
-                    await self._rebuild_venv(rel)
+                await self._rebuild_venv(rel)
                 self.runner.release = rel
                 try:
                     if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
@@ -195,18 +194,16 @@ class Daemon:
         self.log.info("first_release.ready", release=prepared.release.name, commit=sha[:7])
 
     async def _rebuild_venv(self, rel: releases.Release) -> None:
-        req = rel.path / self.cfg.app.requirements if self.cfg.app.requirements else None
+        """A venv removed, or left dangling by an interpreter upgrade (brew upgrade), is rebuilt before the start."""
         try:
-            result = await asyncio.to_thread(releases.ensure_venv, self.paths, req if req and req.is_file() else None,
-                                             self.cfg.python, self.cfg.update.installer,
-                                             progress=lambda t: self.log.info("venv.progress", text=t),
-                                             registry=self.registry)
+            await asyncio.to_thread(releases.repair_venv, self.cfg, self.paths, rel,
+                                    progress=lambda t: self.log.warning("venv.repair", text=t)
+                                    if not t.startswith("  |") else None,
+                                    cancel=self._startup_cancel, registry=self.registry)
         except releases.ReleaseError as e:
             self.log.error("venv.rebuild_failed", release=rel.name, error=str(e))
+        except Cancelled:
             return
-        if result.key != rel.venv:
-            rel.info["venv"] = result.key
-            fsutil.atomic_write_json(rel.path / "release.json", rel.info)
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self.stopping:
