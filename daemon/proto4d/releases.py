@@ -57,13 +57,17 @@ def _gitpython() -> ModuleType:
 class Mirror:
     """A bare clone of `app.repo` under `state/repo.git`, fetched before every update.
 
-    Branches land in refs/remotes/origin/* (pruned), tags in refs/tags/*; each release's
-    commit is pinned under refs/proto4d/ so a force-push upstream never loses what runs.
+    Only the configured branch lands (in refs/remotes/origin/<branch>), and tags in refs/tags/*:
+    on a case-insensitive file system (APFS by default) two upstream branches that differ only
+    in case would collide as loose refs and fail every fetch. A request naming another branch
+    fetches that one on demand. Each release's commit is pinned under refs/proto4d/ so a
+    force-push upstream never loses what runs.
     """
 
-    def __init__(self, path: Path, url: str) -> None:
+    def __init__(self, path: Path, url: str, branch: str = "") -> None:
         self.path = path
         self.url = url
+        self.branch = branch
         self._repo: git.Repo | None = None
 
     @property
@@ -85,24 +89,47 @@ class Mirror:
             with contextlib.suppress(OSError):
                 lock.unlink()
 
-    def fetch(self, cancel: Cancel | None = None, timeout: float = 600) -> None:
+    def refspecs(self, branch: str | None = None) -> list[str]:
+        branch = self.branch if branch is None else branch
+        heads = [f"+refs/heads/{branch}:refs/remotes/origin/{branch}"] if branch else \
+            ["+refs/heads/*:refs/remotes/origin/*"]
+        return [*heads, "+refs/tags/*:refs/tags/*"]
+
+    def fetch(self, cancel: Cancel | None = None, timeout: float = 600, branch: str | None = None) -> None:
         faults.point_sync("fetch", cancel)
         repo = self.repo
         with repo.config_writer() as cw:
             cw.set_value('remote "origin"', "url", self.url)
+        # git runs in its own process group with our own deadline: GitPython's kill_after_timeout
+        # looks for the children with GNU `ps --ppid` in the versions that pyproject allows, which
+        # BSD ps (macOS) does not have.
         try:
-            repo.git.fetch("--prune", "--force", "--no-write-fetch-head", "origin",
-                           "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
-                           kill_after_timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
-        except _gitpython().GitCommandError as e:
-            raise ReleaseError(f"cannot fetch {self.url}: {_git_error(e)}") from None
+            run_cmd(["git", "--git-dir", str(self.path), "fetch", "--prune", "--force", "--no-write-fetch-head",
+                     "origin", *self.refspecs(branch)], cancel=cancel, timeout=timeout,
+                    env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, kind="git")
+        except CommandFailed as e:
+            raise ReleaseError(f"cannot fetch {self.url}: {_git_error_text(e.tail)}") from None
+        except OSError as e:  # no git on PATH (launchd's PATH is short)
+            raise ReleaseError(f"cannot run git to fetch {self.url}: {e.strerror or e}") from None
         if cancel is not None:
             cancel.check()
 
     def resolve(self, ref: str) -> str | None:
-        """A branch, tag or (abbreviated) commit -> full commit sha, or None."""
+        """A branch, tag or (abbreviated) commit -> full commit sha, or None.
+
+        A branch other than the configured one is not in the mirror until asked for: it is
+        fetched here, once, when nothing local matches.
+        """
         if not ref or ref.startswith("-") or any(c.isspace() for c in ref):
             return None
+        found = self._resolve_local(ref)
+        if found is None and ref != self.branch and not ref.startswith("refs/"):
+            with contextlib.suppress(ReleaseError):
+                self.fetch(branch=ref, timeout=300)
+                found = self._resolve_local(ref)
+        return found
+
+    def _resolve_local(self, ref: str) -> str | None:
         for cand in (f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref):
             try:
                 return self.repo.git.rev_parse("--verify", "--quiet", "--end-of-options",
@@ -183,7 +210,11 @@ class Mirror:
 
 def _git_error(e: git.GitCommandError) -> str:
     """The line of git's stderr that says what went wrong (its first fatal/error line, not the advice after)."""
-    text = (e.stderr or str(e)).strip()
+    return _git_error_text(e.stderr or str(e))
+
+
+def _git_error_text(text: str) -> str:
+    text = text.strip()
     if text.startswith("stderr:"):
         text = text[len("stderr:"):].strip().strip("'")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -470,7 +501,36 @@ class Release:
         return str(self.info.get("outcome", "unknown"))
 
 
+def disk_name(paths: Paths, name: str) -> str | None:
+    """The release's name as its directory is spelled on disk, matched without regard to case.
+
+    APFS (macOS's default) is case-insensitive: `releases/PROTO4_...` opens `proto4_...`, and a
+    name taken as typed would then be compared, linked and pinned in a spelling no listing shows,
+    so retention could not recognise the release that serves. An exact match wins (a
+    case-sensitive file system may hold both spellings).
+    """
+    if not name or "/" in name or name.startswith("."):
+        return None
+    entries = _entries(paths)
+    if name in entries:
+        return name
+    folded = name.casefold()
+    matches = [e for e in entries if e.casefold() == folded]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _entries(paths: Paths) -> list[str]:
+    try:
+        return [e for e in os.listdir(paths.releases) if not e.startswith(".")]
+    except OSError:
+        return []
+
+
 def read_release(paths: Paths, name: str) -> Release | None:
+    found = disk_name(paths, name)
+    if found is None:
+        return None
+    name = found
     path = paths.release(name)
     info = fsutil.read_json(path / "release.json")
     if not isinstance(info, dict):

@@ -58,7 +58,7 @@ class Daemon:
         self.sampler = Sampler(cfg.activity, cfg.safety, cfg.listen.port, cfg.app.access_log_regex,
                                self.prober.probe_ports)
         self.history = History(self.paths.activity, cfg.activity.history_max_bytes)
-        self.mirror = releases.Mirror(self.paths.mirror, cfg.app.repo)
+        self.mirror = releases.Mirror(self.paths.mirror, cfg.app.repo, cfg.app.branch)
         self.webhook = Webhook(cfg.notify.webhook_url, cfg.notify.webhook_timeout_s)
         self.green_since: float | None = None
         self.release_error = ""
@@ -427,6 +427,7 @@ class Daemon:
         self.sampler.reconfigure(new.activity, new.safety, new.listen.port, new.app.access_log_regex)
         self.history.max_bytes = new.activity.history_max_bytes
         self.mirror.url = new.app.repo
+        self.mirror.branch = new.app.branch
         self.webhook = Webhook(new.notify.webhook_url, new.notify.webhook_timeout_s)
         self.runner.configure()
         if self.app_log is not None:
