@@ -72,12 +72,12 @@ def test_a_holder_on_ipv6_loopback_is_refused_by_name(foreign):
     with pytest.raises(ListenError) as e:
         open_listener("127.0.0.1", port, 16)
     msg = str(e.value)
-    assert f"[::1]:{port} already answers" in msg and f"pid {pid}" in msg and "holder.py" in msg
+    assert f"the port is already in use: [::1]:{port} answers" in msg and f"pid {pid}" in msg and "holder.py" in msg
 
 
 def test_a_holder_on_ipv4_loopback_is_refused_before_binding_anywhere(foreign):
     pid, port = foreign("127.0.0.1")
-    with pytest.raises(ListenError, match=rf"127\.0\.0\.1:{port} already answers, served by pid {pid} "):
+    with pytest.raises(ListenError, match=rf"in use: 127\.0\.0\.1:{port} answers, served by pid {pid} "):
         open_listener("0.0.0.0", port, 16)
 
 

@@ -65,9 +65,9 @@ def check_port_free(host: str, port: int, ours: set[int] | None = None) -> None:
         if pids and not foreign_holders(port, ours):
             continue  # only our own socket (e.g. the old one while the address changes) answers
         where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-        raise ListenError(f"listen {host}:{port}: {where} already answers, served by {who_listens(port, ours)}; "
-                          f"stop it (or move it to another port) so that traffic for port {port} reaches "
-                          f"proto4d's app only")
+        raise ListenError(f"listen {host}:{port}: the port is already in use: {where} answers, served by "
+                          f"{who_listens(port, ours)}; stop it (or move it to another port) so that traffic for "
+                          f"port {port} reaches proto4d's app only")
 
 
 def open_listener(host: str, port: int, backlog: int, *, check: bool = True,
