@@ -227,6 +227,23 @@ def test_the_mac_as_found_fails_with_a_fix_for_each(tmp_path: Path, foreign):
     assert "serves the app to the whole LAN" in warns and "bind 127.0.0.1" in warns
 
 
+def test_a_holder_this_user_cannot_see_is_still_found(tmp_path: Path, foreign):
+    """On macOS psutil shows another user's sockets only to root: the port itself is asked."""
+    mac = Mac(tmp_path)
+    foreign(mac.port)
+
+    class NotRoot(Host):
+        def listeners(self, port: int) -> list:
+            return []
+
+    h = mac.host()
+    blind = NotRoot(system=h.system, home=h.home, uid=h.uid, run=h.run, library=h.library, localtime=h.localtime,
+                    environ=h.environ)
+    found = doctor.diagnose(config.load(mac.config), blind)
+    port = [f for f in found if f.check == "port"]
+    assert port[0].level == "fail" and "127.0.0.1" in port[0].message and "sudo lsof" in port[0].fix
+
+
 def test_root_in_a_protected_folder_fails(tmp_path: Path):
     mac = Mac(tmp_path, root_under="Documents")
     found = mac.diagnose()

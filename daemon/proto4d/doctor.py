@@ -134,9 +134,17 @@ def check_port(cfg: configmod.Config, host: Host) -> Iterable[Finding]:
     port = cfg.listen.port
     ours = _our_pids(cfg, host)
     jobs = {j.pid: j.label for j in host.launchd_jobs() if j.pid}
-    others = [li for li in host.listeners(port) if li.pid not in ours]
+    visible = host.listeners(port)
+    others = [li for li in visible if li.pid not in ours]
     if not others:
-        yield Finding("port", "ok", f"port {port}: nothing but proto4d listens on it")
+        # macOS shows another user's sockets only to root: ask the port itself
+        hidden = [a for a in ("127.0.0.1", "::1") if host.answers(a, port)] if not visible else []
+        if hidden:
+            yield Finding("port", "fail", f"port {port} answers on {', '.join(hidden)} but no process of this user "
+                                          "holds it: another user's process (a LaunchDaemon?) serves it",
+                          f"sudo lsof -nP -iTCP:{port} -sTCP:LISTEN, then stop what it names")
+        else:
+            yield Finding("port", "ok", f"port {port}: nothing but proto4d listens on it")
         return
     for li in others:
         label = jobs.get(li.pid)

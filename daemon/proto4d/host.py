@@ -177,6 +177,11 @@ class Host:
             out.append(Listener(pid, cmd[:300], f"*:{port}"))
         return out
 
+    def answers(self, address: str, port: int) -> bool:
+        """Whether anything accepts connections on address:port (seen even when its process is not)."""
+        from proto4d.listener import answers
+        return answers(address, port)
+
     def descendants(self, pid: int) -> set[int]:
         import psutil
         try:
