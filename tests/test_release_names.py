@@ -71,6 +71,13 @@ def test_the_mirror_fetches_only_the_branch_and_tags(tmp_path: Path):
     assert mirror.resolve("feature") == main
     assert "refs/remotes/origin/feature" in git(mirror.path, "for-each-ref", "--format=%(refname)").split()
     assert mirror.resolve("no-such-branch") is None
+    # ... each time it is resolved: moved upstream, then gone
+    moved = origin.commit("2", push=False)
+    git(origin.work, "push", "-q", "--force", "origin", "HEAD:refs/heads/feature")
+    assert mirror.resolve("feature") == moved
+    git(origin.work, "push", "-q", "origin", "--delete", "feature")
+    assert mirror.resolve("feature") is None
+    assert mirror.branch_head("main") == main and mirror.resolve(main[:10]) == main
 
 
 def test_a_fetch_failure_is_one_clear_line(tmp_path: Path):

@@ -117,17 +117,40 @@ class Mirror:
     def resolve(self, ref: str) -> str | None:
         """A branch, tag or (abbreviated) commit -> full commit sha, or None.
 
-        A branch other than the configured one is not in the mirror until asked for: it is
-        fetched here, once, when nothing local matches.
+        fetch() brings only the configured branch, so a request naming another branch fetches
+        that branch here, each time it is resolved (it may have moved, or gone: then its stale
+        remote-tracking ref is dropped and the name no longer resolves).
         """
         if not ref or ref.startswith("-") or any(c.isspace() for c in ref):
             return None
-        found = self._resolve_local(ref)
-        if found is None and ref != self.branch and not ref.startswith("refs/"):
-            with contextlib.suppress(ReleaseError):
-                self.fetch(branch=ref, timeout=300)
-                found = self._resolve_local(ref)
-        return found
+        if ref != self.branch and self._may_be_other_branch(ref):
+            self._fetch_other_branch(ref)
+        return self._resolve_local(ref)
+
+    def _may_be_other_branch(self, ref: str) -> bool:
+        if ref.startswith("refs/") or self._has_ref(f"refs/tags/{ref}"):
+            return False
+        # a commit id already here needs no fetch
+        return not (re.fullmatch(r"[0-9a-f]{7,40}", ref) and self.has_commit(ref))
+
+    def _has_ref(self, name: str) -> bool:
+        try:
+            self.repo.git.rev_parse("--verify", "--quiet", name)
+            return True
+        except _gitpython().GitCommandError:
+            return False
+
+    def _fetch_other_branch(self, branch: str) -> None:
+        try:
+            run_cmd(["git", "--git-dir", str(self.path), "fetch", "--force", "--no-write-fetch-head", "origin",
+                     f"+refs/heads/{branch}:refs/remotes/origin/{branch}"], timeout=300,
+                    env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, kind="git")
+        except CommandFailed as e:
+            if "couldn't find remote ref" in e.tail.lower():  # gone upstream: forget what we knew of it
+                with contextlib.suppress(_gitpython().GitCommandError):
+                    self.repo.git.update_ref("-d", f"refs/remotes/origin/{branch}")
+        except OSError:
+            pass
 
     def _resolve_local(self, ref: str) -> str | None:
         for cand in (f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref):
