@@ -5,6 +5,7 @@ configured branch and tags (refs differing only in case would collide there)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from harness import Origin, git
@@ -89,3 +90,15 @@ def test_a_fetch_failure_is_one_clear_line(tmp_path: Path):
     else:
         raise AssertionError("fetching from a missing origin succeeded")
     assert msg.startswith(f"cannot fetch {tmp_path / 'nowhere.git'}: ") and "\n" not in msg
+
+
+def test_rollback_by_a_name_in_another_case_serves_the_release_as_spelled_on_disk(make_daemon, origin):
+    d = make_daemon().start()
+    first = d.status()["app"]["release"]
+    origin.commit("2")
+    assert d.update("--force", "--wait").returncode == 0
+    r = d.cli("rollback", first.upper(), "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = d.wait_healthy(release=first)
+    assert s["app"]["release"] == first and d.get()["version"] == "1"
+    assert os.readlink(d.root / "current") == f"releases/{first}"  # never the spelling as typed
