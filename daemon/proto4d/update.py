@@ -597,20 +597,12 @@ class UpdateRun:
     async def _prepare_rollback(self) -> None:
         target = self.new
         assert target is not None
-        venv = self.d.paths.venvs / target.venv
-        if not (venv / "venv.json").exists():
-            self.ulog.line(f"  the venv of {target.name} was removed; rebuilding it")
-            req = target.path / self.d.cfg.app.requirements if self.d.cfg.app.requirements else None
-            try:
-                result = await asyncio.to_thread(
-                    releases.ensure_venv, self.d.paths, req if req and req.is_file() else None, self.d.cfg.python,
-                    self.d.cfg.update.installer, progress=self._progress, cancel=self.cancel,
-                    registry=self.d.registry)
-            except releases.ReleaseError as e:
-                raise Aborted(str(e)) from None
-            if result.key != target.venv:
-                target.info["venv"] = result.key
-                fsutil.atomic_write_json(target.path / "release.json", target.info)
+        # a venv removed by retention, or left dangling by an interpreter upgrade, is rebuilt first
+        try:
+            await asyncio.to_thread(releases.repair_venv, self.d.cfg, self.d.paths, target, progress=self._progress,
+                                    cancel=self.cancel, registry=self.d.registry)
+        except releases.ReleaseError as e:
+            raise Aborted(str(e)) from None
         self.journal.note(new_release=target.name, new_commit=target.commit)
 
     def _progress(self, text: str) -> None:
