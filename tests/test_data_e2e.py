@@ -243,3 +243,47 @@ def test_an_incompatible_migration_is_refused_unless_allowed_and_its_rollback_co
     assert set(w2.texts[11:]) <= live and set(w3.texts) <= live  # after the rollback: the old release writes
     assert w3.failed == []
     assert kept <= ids_in(db)
+
+
+KILL_POINTS = {
+    # point, incompatible -> revision after the restart
+    ("snapshot_taken", False): "0001",  # killed before the live migration: nothing changed
+    ("migrated", False): "0002",  # a compatible migration stays; the old code runs on it
+    ("migrated", True): "0001",  # an incompatible one is undone from the snapshot
+}
+
+
+@pytest.mark.parametrize(("point", "incompatible"), list(KILL_POINTS))
+def test_killed_inside_the_data_steps_settles_on_one_release_with_its_data(dbd, point, incompatible) -> None:
+    d = dbd(update={"allow_incompatible": True}).start(env={"PROTO4D_FAULTS": "1"})
+    db = d.root / "shared" / "data" / "app.db"
+    v1 = d.status()["app"]["release"]
+    with Writers(d.port) as w:
+        w.wait(10)
+    if incompatible:
+        d.origin.commit("2", mode="body", files={**migration("0002_hint.py"), **migration("0003_body.py")})
+        wait_for(lambda: d.status()["activity"]["verdict"] == "green", 30, "a green verdict (nobody on)")
+    else:
+        d.origin.commit("2", files=migration("0002_hint.py"))
+    (d.root / "state" / "pause-at").write_text(point)
+    rid = f"kp-{point}"
+    (d.root / "update.request").write_text(f"id: {rid}\nforce: true\n")
+    marker = d.root / "state" / f"paused-at-{point}"
+    wait_for(marker.exists, 90, f"the daemon to reach {point}")
+    d.kill()
+    (d.root / "state" / "pause-at").unlink()
+    marker.unlink()
+    d.start(env={"PROTO4D_FAULTS": "1"}, wait_healthy=False)
+    answer = d.root / "state" / "answers" / f"{rid}.json"
+    wait_for(lambda: json.loads(answer.read_text())["final"], 90, "the final answer")
+    s = d.wait_status(lambda s: s["app"]["healthy"] and s["update"]["state"] == "idle", 60, "one healthy release")
+    assert json.loads(answer.read_text())["state"] == "rolled_back"
+    assert s["app"]["release"] == v1 and (d.root / "current").resolve().name == v1
+    assert revision(db) == KILL_POINTS[(point, incompatible)]
+    assert set(w.acked) <= ids_in(db)
+    if incompatible:
+        assert "restored snapshot" in d.journal().get("restored", "")
+    wait_for(lambda: d.app_pids() == [s["app"]["pid"]], 30, "only the serving process")
+    with Writers(d.port) as w2:
+        w2.wait(5)
+    assert w2.failed == []
