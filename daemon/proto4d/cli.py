@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
 
+    p = sub.add_parser("pending", help="what an update would bring: commits, requirements, .env keys, migrations",
+                       description="Fetch the branch head (into state/pending.git, never the daemon's own mirror) "
+                                   "and show what an update would bring: the commits since the running release, "
+                                   "requirement lines added and removed, new .env.example keys (and those the "
+                                   "shared .env lacks), migration files added, and whether a release is staged.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("backups", help="database snapshots: list, take one, restore one",
                        description="SQLite databases under shared/ are snapshotted before every switch (a "
                                    "consistent copy while the app writes). List them, take one now, or restore "
@@ -214,6 +222,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rollback": _lazy("proto4d.requests", "cmd_rollback"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
     "backups": _lazy("proto4d.backups", "cmd_backups"),
+    "pending": _lazy("proto4d.pending", "cmd_pending"),
     "demo": _lazy("proto4d.demo", "cmd_demo"),
     "doctor": _lazy("proto4d.doctor", "cmd_doctor"),
 }
