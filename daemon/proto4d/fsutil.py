@@ -11,6 +11,7 @@ meant for others to read (the notice) asks for `mode=None`: whatever the umask g
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -66,12 +67,29 @@ def ensure_dir(path: Path, mode: int = DIR_MODE) -> Path:
     return path
 
 
+def sync_fd(fd: int) -> None:
+    """Make what was written to `fd` durable.
+
+    On macOS fsync() only hands the data to the drive, whose cache can still lose it on a power
+    cut; F_FULLFSYNC asks the drive to flush. Where it is missing (Linux, where fsync is enough)
+    or refused (some network and FAT volumes), fsync.
+    """
+    full = getattr(fcntl, "F_FULLFSYNC", None)
+    if full is not None:
+        try:
+            fcntl.fcntl(fd, full)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
 def fsync_dir(path: Path) -> None:
     # Makes the rename itself durable; some filesystems (and macOS) refuse O_RDONLY fsync on dirs.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            sync_fd(fd)
         finally:
             os.close(fd)
 
@@ -92,7 +110,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = FILE_MODE, du
             f.write(data)
             if durable:
                 f.flush()
-                os.fsync(f.fileno())
+                sync_fd(f.fileno())
         os.chmod(tmp, file_mode(mode))
         os.replace(tmp, path)
     except BaseException:
