@@ -23,6 +23,7 @@ from proto4d import releases
 from proto4d.host import Host
 from proto4d.paths import Paths
 from proto4d.service import LAUNCHD_LABEL
+from proto4d.textsafe import safe_text
 
 LEVELS = ("fail", "warn", "info", "ok")
 # Folders macOS privacy protection (TCC) hides from background jobs unless granted Full Disk Access.
@@ -404,5 +405,5 @@ def cmd_doctor(args: argparse.Namespace, host: Host | None = None) -> int:
     if getattr(args, "json", False):
         print(json.dumps([asdict(f) for f in findings], indent=2, ensure_ascii=False))
     else:
-        print(render(findings, cfg.source))
+        print(safe_text(render(findings, cfg.source), multiline=True))  # process names, launchctl output
     return 1 if any(f.level == "fail" for f in findings) else 0

@@ -28,6 +28,7 @@ from proto4d import config as configmod
 from proto4d import fsutil
 from proto4d.envwatch import parse_env
 from proto4d.paths import Paths
+from proto4d.textsafe import safe_text
 
 EX_OK, EX_FAILED = 0, 1
 MIGRATION_DIR = re.compile(r"(^|/)(migrations|alembic)/versions/[^/]+\.py$")
@@ -227,7 +228,9 @@ def cmd_pending(args: argparse.Namespace) -> int:
     try:
         p = collect(cfg, paths, _running_commit(paths))
     except PendingError as e:
-        print(f"proto4d pending: cannot tell what an update would bring: {e}")
+        print(safe_text(f"proto4d pending: cannot tell what an update would bring: {e}"))
         return EX_FAILED
-    print(json.dumps(asdict(p) | {"up_to_date": p.up_to_date}, indent=2) if args.json else render(p))
+    # Commit subjects and authors come from the repository: shown through textsafe.
+    print(json.dumps(asdict(p) | {"up_to_date": p.up_to_date}, indent=2) if args.json
+          else safe_text(render(p), multiline=True))
     return EX_OK
