@@ -129,3 +129,19 @@ def test_the_mirror_uses_the_token_but_never_writes_it(tmp_path: Path) -> None:
         if f.is_file():
             assert b"tok-mirror-42" not in f.read_bytes(), f
     assert f"http://***@127.0.0.1:{server.port}/o/r.git" in (tmp_path / "repo.git" / "config").read_text()
+
+
+def test_check_config_prints_no_credentials(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "proto4d.yaml"
+    cfg.write_text(f"root: {tmp_path / 'state'}\npython: {sys.executable}\n"
+                   "app:\n  repo: https://deploy:tok-in-config-77@github.com/o/r.git\n"
+                   "notify:\n  webhook_url: https://hooks.example.org/services/T0/hook-secret-88\n")
+    for extra in ((), ("--json",)):
+        r = subprocess.run([sys.executable, "-m", "proto4d", "check-config", "--config", str(cfg), *extra],
+                           capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "tok-in-config-77" not in r.stdout and "hook-secret-88" not in r.stdout, r.stdout
+        assert "https://***@github.com/o/r.git" in r.stdout and "https://hooks.example.org/..." in r.stdout

@@ -195,7 +195,12 @@ def _load(args: argparse.Namespace) -> configmod.Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    data = configmod.to_dict(cfg)
+    # What is printed may end up in a terminal log or a CI job: no URL credentials, no webhook token.
+    from proto4d import log, notices
+
+    data = log.scrub_obj(configmod.to_dict(cfg))
+    if data.get("notify", {}).get("webhook_url"):
+        data["notify"]["webhook_url"] = notices.safe_url(data["notify"]["webhook_url"])
     if args.json:
         print(json.dumps(data, indent=2))
     else:
