@@ -88,6 +88,7 @@ def test_the_attack_table(make_daemon):
     d = make_daemon(activity={"window_s": 60}).start(
         env={"SSH_AUTH_SOCK": "/tmp/agent.sock", "PROTO4D_TEST_SECRET": "daemon-only", "AWS_SECRET_ACCESS_KEY": "k"})
     wait_for(lambda: any(e.get("event") == "app.ready" for e in d.log_events()), 10, "app.ready")
+    d.wait_status(lambda s: s["app"]["access_records"] == "the drain shim's channel", 10, "the shim's channel")
 
     seen: set[str] = set()
     failures = []
@@ -136,6 +137,8 @@ def test_without_the_shim_only_exact_format_lines_can_be_forged(make_daemon):
     """app.drain: sigterm runs uvicorn without the shim, so there is no channel: the anchored parser
     refuses look-alikes inside longer lines but cannot refuse a line in the exact format (README)."""
     d = make_daemon(activity={"window_s": 60}, app={"drain": "sigterm"}).start()
+    assert d.status()["app"]["access_records"] == "parsed from the app's output"
+    assert "access   records parsed from the app's output" in d.cli("status").stdout
     say(EMBEDDED + "\n" + "tutor> " + FAKE_5XX.splitlines()[0])(d.port)
     say('INFO:     192.0.2.99:1234 - "GET / HTTP/1.1" 200 OK')(d.port)
     act = wait_for(lambda: activity_with(d, {"192.0.2.99"}), 10, "the exact-format line counted")

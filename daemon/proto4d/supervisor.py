@@ -489,6 +489,9 @@ class Daemon:
                     "last_exit": runner.last_exit, "drain": f"{runner.drain_kind}; the app says: {proc.drain_note}"
                     if proc is not None and proc.drain_note else runner.drain_kind,
                     "draining": sorted(p.pid for p in runner.draining if p.alive),
+                    # where users and 5xx come from: only the shim's channel is out of the app's reach
+                    "access_records": "the drain shim's channel" if proc is not None and proc.access_channel
+                    else "parsed from the app's output",
                     "port": runner.production_port},
             "activity": self.sampler.last or {"verdict": "red", "reasons": ["not sampled yet"], "users": 0,
                                               "requests_window": 0, "connections": 0, "last_request": None,

@@ -112,6 +112,8 @@ def render_status(status: dict[str, Any], problem: str) -> str:
         lines.append(f"         last exit: {app['last_exit']}")
     if app.get("drain"):
         lines.append(f"drain    {app['drain']}")
+    if app.get("access_records"):
+        lines.append(f"access   records {app['access_records']}")
     lines.append(f"activity {str(act.get('verdict', '?')).upper()}: {act.get('users', 0)} users, "
                  f"{act.get('requests_window', 0)} requests in window, {act.get('connections', 0)} connections, "
                  f"tunnel {_tunnel(act.get('tunnel'))}, cpu {act.get('cpu_percent', 0)}%, "
