@@ -41,7 +41,7 @@ def test_url_credentials_are_masked_without_registration(text: str, shown: str) 
 def test_scrub_obj_reaches_nested_values_and_keys() -> None:
     log.redact("hunter2-secret")
     doc = {"a": {"b": ["x hunter2-secret y", ("https://u:p@h/",)]}, "hunter2-secret": 1, "n": 5}
-    assert log.scrub_obj(doc) == {"a": {"b": ["x *** y", ["https://***@h/"]]}, "***": 1, "n": 5}
+    assert log.scrub_obj(doc) == {"a": {"b": ["x *** y", ("https://***@h/",)]}, "***": 1, "n": 5}
 
 
 def test_redact_url_registers_user_and_password() -> None:
@@ -145,3 +145,21 @@ def test_check_config_prints_no_credentials(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert "tok-in-config-77" not in r.stdout and "hook-secret-88" not in r.stdout, r.stdout
         assert "https://***@github.com/o/r.git" in r.stdout and "https://hooks.example.org/..." in r.stdout
+
+
+def test_an_exception_passed_as_exc_info_keeps_its_traceback_scrubbed(tmp_path: Path) -> None:
+    logfile = tmp_path / "proto4d.log"
+    log.setup(logfile, stderr=False)
+    try:
+        try:
+            raise ValueError("push to https://u:tok-exc-info@h/r.git refused")
+        except ValueError as e:
+            err = e
+        log.get().error("push.failed", exc_info=err)
+    finally:
+        for h in logging.getLogger().handlers:
+            h.flush()
+        log.setup(None, stderr=False)
+    row = json.loads(logfile.read_text().splitlines()[-1])
+    assert "Traceback" in row["exception"] and "https://***@h/r.git" in row["exception"], row
+    assert "tok-exc-info" not in logfile.read_text()

@@ -108,18 +108,19 @@ def scrub_obj(obj: Any, _depth: int = 0) -> Any:
     if isinstance(obj, dict):
         return {scrub_obj(k, _depth + 1) if isinstance(k, str) else k: scrub_obj(v, _depth + 1)
                 for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
+    if isinstance(obj, list):
         return [scrub_obj(x, _depth + 1) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(scrub_obj(x, _depth + 1) for x in obj)
     return obj
 
 
 def _scrub_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    # Runs twice: before rendering (event values) and after format_exc_info (the traceback text).
+    # Runs twice: before rendering (event values) and after format_exc_info (the traceback text, which
+    # is a string by then). exc_info is left whole for format_exc_info to render.
     for k, v in event.items():
-        if isinstance(v, str | dict | list | tuple):
+        if k != "exc_info" and isinstance(v, str | dict | list | tuple):
             event[k] = scrub_obj(v)
-        elif isinstance(v, BaseException):
-            event[k] = scrub(repr(v))
     return event
 
 
