@@ -67,3 +67,32 @@ def test_the_daemon_reads_records_after_the_hello() -> None:
     assert ch.active and hellos == [True]
     assert [(g.client, g.status) for g in got] == [("198.51.100.4", 200), ("198.51.100.5", 500)]
     assert ch.rejected == 3
+
+
+def test_the_shim_attaches_at_connections_says_hello_once_and_comes_back_after_a_logging_reset(
+        monkeypatch) -> None:
+    shim = shim_module()
+    r, w = os.pipe()
+    logger = logging.getLogger("uvicorn.access")
+    before, level = list(logger.handlers), logger.level
+    logger.setLevel(logging.INFO)  # as uvicorn's logging config sets it
+    monkeypatch.setenv(shim.ACCESS_FD_ENV, str(w))
+    try:
+        shim._take_access_channel()
+        assert shim.ACCESS_FD_ENV not in os.environ  # the app never sees it
+        shim._ensure_access_channel()  # the first connection
+        shim._ensure_access_channel()
+        logger.handlers = [h for h in logger.handlers if h not in shim._channel]  # the app's dictConfig
+        shim._ensure_access_channel()  # the next connection puts it back
+        assert logger.handlers.count(shim._channel[0]) == 1
+        logger.info('%s - "%s %s HTTP/%s" %d', "198.51.100.9:7", "GET", "/", "1.1", 200)
+        os.close(w)
+        w = -1
+        lines = os.read(r, 1 << 16).splitlines()
+    finally:
+        logger.handlers = before
+        logger.setLevel(level)
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert lines == [b'{"v":1}', b'{"c":"198.51.100.9:7","m":"GET","t":"/","s":200}']

@@ -34,8 +34,11 @@ Access records on their own channel: when proto4d passes a pipe (PROTO4D_ACCESS_
 request uvicorn logs to its "uvicorn.access" logger is also written to that pipe as one JSON
 line ({"c": client, "m": method, "t": target, "s": status}), after a first {"v": 1}. The daemon
 then counts users and 5xx answers from the pipe only, and ignores access-log look-alikes in the
-app's output: what the app prints (a student's text, say) cannot reach the pipe. Writes never
-block the app: a full pipe drops the record.
+app's output: what the app prints (a student's text, say) cannot reach the pipe. The handler is
+attached at each new connection if it is missing (an app that configures logging when imported
+replaces uvicorn's handlers), so the hello goes out only once records really flow. Writes never
+block the app: a full pipe drops the record. With the stock classes (the fallback) there is no
+channel, and the daemon keeps parsing the output.
 
 If uvicorn's classes lack what this relies on (checked when a class is first asked for), the
 stock class is exported under the same name instead. Either way ONE line goes to stderr, the
@@ -87,6 +90,7 @@ class _AccessChannel(logging.Handler):
         logging.Handler.__init__(self, logging.INFO)
         self.fd = fd
         self.dropped = 0
+        self.said_hello = False
 
     def emit(self, record):
         try:
@@ -115,21 +119,41 @@ class _AccessChannel(logging.Handler):
             self.dropped += 1
 
 
-def _attach_access_channel():
-    """Once per process, after uvicorn has configured its logging (its dictConfig would drop a
-    handler added earlier): add the channel to "uvicorn.access" when proto4d passed a pipe."""
+_channel = []  # the one _AccessChannel of this process, once proto4d's pipe is taken
+
+
+def _take_access_channel():
+    """Take the pipe proto4d passed (once, before uvicorn imports the app, so the app never sees
+    PROTO4D_ACCESS_FD)."""
     raw = os.environ.pop(ACCESS_FD_ENV, "")
-    if not raw:
+    if not raw or _channel:
         return
     try:
         fd = int(raw)
         os.set_blocking(fd, False)
     except (ValueError, OSError):
         return
-    handler = _AccessChannel(fd)
+    _channel.append(_AccessChannel(fd))
+
+
+def _ensure_access_channel():
+    """On every new connection: the channel is a handler of "uvicorn.access".
+
+    Not earlier: uvicorn's logging config, and an app that configures logging when it is imported,
+    replace the logger's handlers. The hello goes out with the first attachment, so the daemon
+    stops reading access lines from the output only once records really flow here; a handler the
+    app removes later is put back at the next connection.
+    """
+    if not _channel:
+        return
+    handler = _channel[0]
     logger = logging.getLogger("uvicorn.access")
+    if handler in logger.handlers:
+        return
     logger.addHandler(handler)  # with --no-access-log, the channel is then the only handler
-    handler.write({"v": 1})
+    if not handler.said_hello:
+        handler.said_hello = True
+        handler.write({"v": 1})
 
 
 def _grace_s():
@@ -226,6 +250,11 @@ class _DrainMixin:
 
     # -- Protocol interface ----------------------------------------------------------------
     def connection_made(self, transport):
+        if _channel:
+            _ensure_access_channel()
+            logger = getattr(self, "access_logger", None)
+            if logger is not None:  # uvicorn decided in __init__, before the channel was attached
+                self.access_log = logger.hasHandlers()
         super().connection_made(transport)
         _set_nodelay(transport)
 
@@ -325,7 +354,7 @@ def _build(impl):
 
 def _resolve(impl):
     if not _resolved:
-        _attach_access_channel()
+        _take_access_channel()
     if impl == "auto":
         impl = _auto_impl()
     cls = _resolved.get(impl)
