@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", dest="print_only", help="print the file instead of writing it")
     p.add_argument("--output", metavar="FILE", help="write here instead of the default location")
 
+    p = sub.add_parser("web", help="the status page and /metrics (a separate process reading the state files)",
+                       description="Serve the read-only status page and /metrics (Prometheus) on web.listen "
+                                   "(default 127.0.0.1:8099). It reads the files under root and never talks to "
+                                   "the daemon, so it can be started, stopped and restarted on its own.")
+    _add_config(p)
+    p.add_argument("--port", type=int, metavar="PORT",
+                   help="listen on this port instead of web.listen.port (0: any free port, printed)")
+
     sub.add_parser("demo", help="the whole story on a bundled sample app, no set-up",
                    description="In a temporary directory: a local git origin with a sample app in three versions, "
                                "the daemon running it, simulated users, an update that waits for quiet and then "
@@ -184,4 +192,5 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rollback": _lazy("proto4d.requests", "cmd_rollback"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
     "demo": _lazy("proto4d.demo", "cmd_demo"),
+    "web": _lazy("proto4d.web.server", "cmd_web"),
 }
