@@ -78,7 +78,8 @@ def last_lines(path: Path, n: int) -> tuple[list[str], int]:
 
 def follow(path: Path, offset: int, stop: Callable[[str], bool] = lambda _: False,
            poll_s: float = POLL_S) -> Iterator[str]:
-    """Lines added to `path` after `offset`, across rotation, until `stop(line)` is true or Ctrl-C."""
+    """Lines added to `path` after `offset`, across rotation, until a read brings a line for which
+    `stop(line)` is true (that read's other lines included), or Ctrl-C."""
     f: IO[bytes] | None = None
     ino: int | None = None
     buf = b""
@@ -96,11 +97,13 @@ def follow(path: Path, offset: int, stop: Callable[[str], bool] = lambda _: Fals
                 if data:
                     buf += data
                     *lines, buf = buf.split(b"\n")
+                    ended = False
                     for line in lines:
                         text = line.decode("utf-8", errors="replace")
                         yield text
-                        if stop(text):
-                            return
+                        ended = ended or stop(text)
+                    if ended:  # what was written with the last line (an update's timings) is shown too
+                        return
                     continue
                 try:
                     st = os.stat(path)

@@ -187,7 +187,7 @@ function renderChart(h) {
     const lr = svg("text", { x: W - R + 4, y: y + 4 }); lr.textContent = tick(maxR * (1 - i / 4));
     kids.push(lu, lr);
   }
-  const ticks = h.span === "24h" ? 6 : 7;
+  const ticks = W < 520 ? 3 : h.span === "24h" ? 6 : 7;
   for (let i = 0; i <= ticks; i++) {
     const t = h.start + (h.end - h.start) * i / ticks;
     const d = new Date(t * 1000);
