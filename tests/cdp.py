@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from cdp import Browser, find_chromium
 from harness import Daemon, Origin, wait_for
 

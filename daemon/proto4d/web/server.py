@@ -61,6 +61,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "proto4d-web"
     sys_version = ""
+    _head = False
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a page polling every 2 s would fill any log; errors are answered, not logged
@@ -72,6 +73,7 @@ class Handler(BaseHTTPRequestHandler):
         self._route(head=False)
 
     def _not_allowed(self) -> None:
+        self.close_connection = True  # its body is never read
         self._send(405, b"read-only: GET and HEAD only\n", "text/plain; charset=utf-8", extra={"Allow": "GET, HEAD"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
