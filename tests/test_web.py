@@ -257,3 +257,16 @@ def test_logs_command_tells_an_update_and_daemon_events(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no update log for 'nope'" in r.stderr
     r = logs("--app")
     assert r.returncode == 1 and "app.log does not exist yet" in r.stderr
+
+
+# --------------------------------------------------------------------------- status --watch
+
+
+def test_sparkline_scales_to_the_peak_and_shows_gaps(tmp_path: Path) -> None:
+    from proto4d import views
+    assert views.sparkline([0, 1, 2, 4, None, 4]) == "▁▃▅█ █"
+    assert views.sparkline([0, 0, None]) == "▁▁ "
+    _, paths = _root(tmp_path)
+    line = views.users_sparkline(paths)
+    bars = line.split("|")[1]
+    assert len(bars) == 36 and "█" in bars and line.endswith("now 0, peak 2")
