@@ -270,3 +270,18 @@ def test_sparkline_scales_to_the_peak_and_shows_gaps(tmp_path: Path) -> None:
     line = views.users_sparkline(paths)
     bars = line.split("|")[1]
     assert len(bars) == 36 and "█" in bars and line.endswith("now 0, peak 2")
+
+
+def test_the_daemon_rolls_up_5_minute_peaks_that_the_7_day_chart_reads(served) -> None:
+    from proto4d.activity import History
+    srv, paths, _ = served
+    h = History(paths.activity, 5 << 20)
+    three_days_ago = (time.time() - 3 * 86400) // 300 * 300
+    for i, users in enumerate([1, 4, 2]):       # one 5-minute bucket, peak 4
+        h.append({"sampled_at": "x", "users": users, "rpm": 10.0 * i}, now=three_days_ago + i)
+    h.append({"sampled_at": "x", "users": 0, "rpm": 0}, now=three_days_ago + 300)  # the next one closes it
+    lines = [json.loads(x) for x in h.rollup_path.read_text().splitlines()]
+    assert lines == [{"t": three_days_ago, "users": 4, "rpm": 20.0}]
+    week = json.loads(_get(srv, "/api/history?span=7d")[2])
+    i = int((three_days_ago - week["start"]) // week["step"])
+    assert week["users"][i] == 4 and week["rpm"][i] == 20.0

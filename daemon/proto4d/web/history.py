@@ -43,6 +43,16 @@ def parse_row(obj: Any) -> Row | None:
         return None
 
 
+def parse_rollup(obj: Any) -> Row | None:
+    """One line of activity_5m.jsonl (the daemon's 5-minute peaks), as a row at the bucket's start."""
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return Row(float(obj["t"]), int(obj.get("users") or 0), float(obj.get("rpm") or 0.0), "")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def buckets(rows: Sequence[Row], now: float, span: str) -> dict[str, Any]:
     """The chart's series for `span`: per bucket the most users seen and the highest requests/min.
 

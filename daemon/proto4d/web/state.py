@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ KEEP_S = 7 * 24 * 3600 + 3600
 
 
 class ActivityCache:
-    """The rows of activity.jsonl from the last 7 days, kept up to date by reading only what was added."""
+    """The rows of activity.jsonl (or activity_5m.jsonl) from the last 7 days, kept up to date by
+    reading only what was added."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, parse: Callable[[Any], history.Row | None] = history.parse_row) -> None:
         self.path = path
+        self.parse = parse
         self.rows: list[history.Row] = []
         self._ino: int | None = None
         self._offset = 0
@@ -52,7 +55,7 @@ class ActivityCache:
                 self._offset += end
                 for raw in data[:end].splitlines():
                     with contextlib.suppress(ValueError):
-                        row = history.parse_row(json.loads(raw))
+                        row = self.parse(json.loads(raw))
                         if row is not None:
                             self.rows.append(row)
                 cutoff = time.time() - KEEP_S
@@ -123,11 +126,14 @@ class StateReader:
         self.cfg = cfg
         self.paths = Paths(cfg.root)
         self.activity = ActivityCache(self.paths.activity)
+        self.rollup = ActivityCache(self.paths.activity.with_name("activity_5m.jsonl"), history.parse_rollup)
         self.updates = UpdateLogs(self.paths.logs)
 
     def history(self, span: str) -> dict[str, Any]:
+        # The 5-minute peaks reach back 7 days; the samples cover the latest day or two (and the
+        # 5 minutes not rolled up yet). A bucket keeps the peak of both, so overlap is harmless.
         rows = self.activity.refresh()
-        out = history.buckets(rows, time.time(), span)
+        out = history.buckets([*self.rollup.refresh(), *rows], time.time(), span)
         out["markers"] = history.markers(self.updates.all(), out["start"], out["end"])
         out["samples"] = sum(1 for r in rows if r.t >= out["start"])
         return out
