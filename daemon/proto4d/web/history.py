@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-SPANS = {"24h": (24 * 3600, 300), "7d": (7 * 24 * 3600, 3600)}  # span -> (seconds, bucket seconds)
+# span -> (seconds, bucket seconds); "1h" is the view during a class
+SPANS = {"1h": (3600, 30), "24h": (24 * 3600, 300), "7d": (7 * 24 * 3600, 3600)}
 OUTCOMES = ("done", "rolled_back", "aborted", "rejected")
 
 LOG_NAME = re.compile(r"^update_(\d{8})_(\d{6})(?:_\d+)?\.log$")

@@ -163,6 +163,14 @@ class StateReader:
             rels.append({"name": r.name, "commit": r.commit, "subject": r.info.get("subject", ""),
                          "created_at": r.created_at, "outcome": r.outcome, "current": r.name == current})
         subject = next((r["subject"] for r in rels if r["name"] == app.get("release")), "")
+        verdict_doc = {"color": verdict.color, "reasons": list(verdict.reasons),
+                       "recommendation": policy.recommendation(verdict, now, cfg.safety, cfg.schedule,
+                                                               cfg.update.notice_grace_s),
+                       "window": window.kind, "window_text": str(window.window) if window.window else None,
+                       "next": nxt, "timezone": cfg.schedule.timezone}
+        if not act:  # no sample to judge from: say so rather than a red that nobody measured
+            verdict_doc.update(color="unknown", reasons=[problem or "no activity sample yet"],
+                               recommendation="Nothing to judge from until the daemon samples activity.")
         return {
             "now": time.time(),
             "problem": problem,
@@ -171,11 +179,7 @@ class StateReader:
             "app": {**app, "subject": subject},
             "health": status.get("health"),
             "activity": act,
-            "verdict": {"color": verdict.color, "reasons": list(verdict.reasons),
-                        "recommendation": policy.recommendation(verdict, now, cfg.safety, cfg.schedule,
-                                                                cfg.update.notice_grace_s),
-                        "window": window.kind, "window_text": str(window.window) if window.window else None,
-                        "next": nxt, "timezone": cfg.schedule.timezone},
+            "verdict": verdict_doc,
             "update": {**upd, "steps": live},
             "updates": [_brief(u) for u in updates[:20]],
             "releases": rels,

@@ -187,12 +187,12 @@ function renderChart(h) {
     const lr = svg("text", { x: W - R + 4, y: y + 4 }); lr.textContent = tick(maxR * (1 - i / 4));
     kids.push(lu, lr);
   }
-  const ticks = W < 520 ? 3 : h.span === "24h" ? 6 : 7;
+  const ticks = W < 520 ? 3 : h.span === "7d" ? 7 : 6;
   for (let i = 0; i <= ticks; i++) {
     const t = h.start + (h.end - h.start) * i / ticks;
     const d = new Date(t * 1000);
     const lab = svg("text", { x: x(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === ticks ? "end" : "middle" });
-    lab.textContent = h.span === "24h" ? d.toTimeString().slice(0, 5) : d.toDateString().slice(0, 10);
+    lab.textContent = h.span === "7d" ? d.toDateString().slice(0, 10) : d.toTimeString().slice(0, 5);
     kids.push(lab);
   }
   for (const m of h.markers) {
