@@ -69,7 +69,8 @@ def test_an_update_log_becomes_steps_with_durations_across_midnight() -> None:
     assert u["outcome"] == "rolled_back" and u["seconds"] == 9.0 and u["message"] == "/health answered 500"
     steps = {s["state"]: s for s in u["steps"]}
     assert list(steps) == ["waiting", "noticed", "preparing", "switching", "verifying", "rolling_back"]
-    assert steps["waiting"]["seconds"] == 3.0 and u["waited_s"] == 3.0  # no done line: until the next step
+    assert steps["waiting"]["seconds"] == 3.0  # no done line: until the next step
+    assert u["waited_s"] == 5.0                # waiting, then the notice's grace
     assert steps["preparing"]["seconds"] == 1.1
     assert steps["rolling_back"]["seconds"] == 1.0                     # the last step ends with the outcome
     assert u["finished_at"] == dt.datetime(2026, 11, 30, 0, 0, 7, tzinfo=UTC).timestamp()  # the next day
@@ -224,8 +225,10 @@ def test_logs_follow_across_rotation(tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text("old 1\n")
     got: list[str] = []
+    start = log.stat().st_size
+
     def reader() -> None:
-        for line in logview.follow(log, log.stat().st_size, stop=lambda ln: ln == "end", poll_s=0.02):
+        for line in logview.follow(log, start, stop=lambda ln: ln == "end", poll_s=0.02):
             got.append(line)
     t = threading.Thread(target=reader, daemon=True)
     t.start()

@@ -16,6 +16,7 @@ from typing import Any
 # span -> (seconds, bucket seconds); "1h" is the view during a class
 SPANS = {"1h": (3600, 30), "24h": (24 * 3600, 300), "7d": (7 * 24 * 3600, 3600)}
 OUTCOMES = ("done", "rolled_back", "aborted", "rejected")
+WAITING = ("waiting", "noticed")  # the update waited for a quiet moment (or the notice's grace)
 
 LOG_NAME = re.compile(r"^update_(\d{8})_(\d{6})(?:_\d+)?\.log$")
 _LINE = re.compile(r"^(\d\d):(\d\d):(\d\d)  (.*)$")
@@ -126,9 +127,8 @@ def parse_update_log(name: str, text: str, tz: dt.tzinfo | None = None) -> dict[
             a["seconds"] = round(max(0.0, b["at"] - a["at"]), 2)
     if steps and steps[-1]["seconds"] is None and out.get("finished_at") is not None:
         steps[-1]["seconds"] = round(max(0.0, out["finished_at"] - steps[-1]["at"]), 2)
-    for s in steps:
-        if s["state"] == "waiting" and s["seconds"]:
-            out["waited_s"] = s["seconds"]
+    waited = sum(s["seconds"] or 0 for s in steps if s["state"] in WAITING)
+    out["waited_s"] = round(waited, 2) if waited else None
     return out
 
 
@@ -139,10 +139,12 @@ def markers(updates: Iterable[dict[str, Any]], start: float, end: float) -> list
         label = u.get("what") or u.get("id") or ""
         if start <= u["started_at"] < end:
             out.append({"kind": "requested", "t": u["started_at"], "label": label, "log": u["log"]})
-        for s in u.get("steps") or []:
-            if s["state"] == "waiting" and s.get("seconds"):
-                out.append({"kind": "waited", "t": s["at"], "until": s["at"] + s["seconds"], "label": label,
-                            "log": u["log"]})
+        waits = [s for s in u.get("steps") or [] if s["state"] in WAITING and s.get("seconds")]
+        if waits and u.get("waited_s"):  # waiting and the notice's grace: one span
+            t0 = waits[0]["at"]
+            t1 = max(s["at"] + s["seconds"] for s in waits)
+            if t1 > start and t0 < end:
+                out.append({"kind": "waited", "t": t0, "until": t1, "label": label, "log": u["log"]})
         fin = u.get("finished_at")
         if fin is not None and start <= fin < end and u.get("outcome"):
             out.append({"kind": u["outcome"], "t": fin, "label": f"{label}: {u.get('message', '')}",
