@@ -75,6 +75,8 @@ function renderState(s) {
   $("now-users").textContent = `${act.users || 0} users · ${act.rpm || 0} req/min`;
   replace($("reasons"), ...v.reasons.map((r) => el("li", {}, r)));
   $("recommendation").textContent = v.recommendation;
+  const tunnel = { true: "tunnel up", false: "tunnel DOWN" }[String(act.tunnel)] || "tunnel not watched";
+  $("last-request").textContent = `${tunnel} · last request ${act.last_request ? ago(act.last_request) + " ago" : "none in the window"}`;
   const parts = [`now: ${v.window}${v.window_text ? " window " + v.window_text : ""}`];
   if (v.next.preferred) parts.push("next preferred window " + v.next.preferred.replace("T", " "));
   if (v.next.acceptable) parts.push("next acceptable " + v.next.acceptable.replace("T", " "));
@@ -112,9 +114,12 @@ function renderUpdate(s) {
   const u = s.update || {};
   const box = $("update"), ol = $("steps");
   box.dataset.state = u.state || "idle";
+  const notes = [];
+  if (u.queued) notes.push(el("p", {}, `queued next: ${u.queued.id} (${u.queued.action || "update"} ${u.queued.ref || u.queued.release || ""})`));
+  if (u.last_rejected) notes.push(el("p", { class: "muted" }, `last rejected: ${u.last_rejected.id}: ${u.last_rejected.reason || ""}`));
   if (!u.state || u.state === "idle") {
     const last = u.last;
-    replace(box, el("p", { class: "muted" }, "None." + (last ? ` Last: ${last.id} ${last.state}: ${last.message || ""}` : "")));
+    replace(box, el("p", { class: "muted" }, "None." + (last ? ` Last: ${last.id} ${last.state}: ${last.message || ""}` : "")), ...notes);
     replace(ol);
     return;
   }
@@ -124,7 +129,7 @@ function renderUpdate(s) {
   if (u.waiting_for) extra.push(el("p", {}, "waiting for: " + u.waiting_for + (u.until ? " until " + u.until : "")));
   else if (u.message) extra.push(el("p", {}, u.message));
   if (u.log) extra.push(el("p", {}, el("a", { href: "/logs/" + encodeURIComponent(u.log.split("/").pop()) }, "its log")));
-  replace(box, head, ...extra);
+  replace(box, head, ...extra, ...notes);
   const steps = u.steps || [];
   replace(ol, ...steps.map((st, i) => {
     const current = i === steps.length - 1;
