@@ -170,6 +170,14 @@ function renderReleases(rels) {
 
 // ------------------------------------------------------------------ chart
 
+// The axis top: four even steps of 1, 2 or 5 times a power of ten (whole steps for users).
+function niceMax(v, whole) {
+  const raw = v / 4, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  let step = [1, 2, 5, 10].map((k) => k * mag).find((s) => s >= raw);
+  if (whole) step = Math.max(1, Math.ceil(step));
+  return step * 4;
+}
+
 function tick(v) { return v >= 10 ? String(Math.round(v)) : String(Math.round(v * 10) / 10); }
 
 function renderChart(h) {
@@ -180,8 +188,8 @@ function renderChart(h) {
   const L = 34, R = 40, T = 10, B = 22;
   const n = h.users.length;
   const x = (t) => L + (W - L - R) * (t - h.start) / (h.end - h.start);
-  const maxU = Math.max(1, ...h.users.filter((v) => v !== null));
-  const maxR = Math.max(1, ...h.rpm.filter((v) => v !== null));
+  const maxU = niceMax(Math.max(1, ...h.users.filter((v) => v !== null)), true);
+  const maxR = niceMax(Math.max(1, ...h.rpm.filter((v) => v !== null)), false);
   const yU = (v) => T + (H - T - B) * (1 - v / maxU);
   const yR = (v) => T + (H - T - B) * (1 - v / maxR);
   const kids = [];
