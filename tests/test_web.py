@@ -120,6 +120,11 @@ def _root(tmp_path: Path, web: dict | None = None) -> tuple[Path, Paths]:
         f"0.50 s\n{clock}  outcome: DONE after 0.6 s: r1 serves \x1b[31mand\x1b[0m is verified\n")
     (paths.answers / "req1.json").write_text(json.dumps({"id": "req1", "state": "done",
                                                          "log": f"logs/update_{stamp}.log"}))
+    snap = paths.backups / "20261129_101010_r1"
+    snap.mkdir(parents=True)
+    (snap / "snapshot.json").write_text(json.dumps({
+        "id": snap.name, "created_at": time.time() - 60, "release": "r1", "reason": "before the switch <i>",
+        "databases": [{"path": "data/app.db", "bytes": 8192, "rows": {"users": 3, "notes": 4}}]}))
     cfg = {"root": str(root), "app": {"repo": str(tmp_path / "origin.git")}}
     if web:
         cfg["web"] = web
@@ -159,6 +164,8 @@ def test_state_history_logs_and_metrics_from_the_files(served) -> None:
     s = json.loads(body)
     assert s["verdict"]["color"] == "yellow" and s["verdict"]["reasons"] == ["1 user <b>"]
     assert [u["outcome"] for u in s["updates"]] == ["done"] and s["updates"][0]["steps"][0]["seconds"] == 0.5
+    assert [(sn["id"], sn["databases"][0]["rows"]) for sn in s["snapshots"]] == [("20261129_101010_r1", 7)]
+    assert any("backups" in c and "--restore 20261129_101010_r1" in c for c in s["commands"])
     code, _, body = _get(srv, "/api/history?span=24h")
     hist = json.loads(body)
     assert code == 200 and max(v or 0 for v in hist["users"]) == 2 and hist["samples"] == 86

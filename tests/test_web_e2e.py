@@ -53,6 +53,7 @@ def test_page_follows_a_real_update(make_daemon, origin: Origin, browser: Browse
     d.start(env=ROOT_ENV)
     for _ in range(3):  # one visitor: the chart has a user
         assert d.get("/version")["status"] == 200
+    d.wait_status(lambda s: s["activity"]["users"] >= 1, 10, "the visitor sampled")  # so in activity.jsonl
     web, url = start_web(d)
     try:
         b = browser

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proto4d import config as configmod
-from proto4d import fsutil, policy, releases, views
+from proto4d import fsutil, policy, releases, snapshots, views
 from proto4d.paths import Paths
 from proto4d.web import history
 
@@ -163,6 +163,12 @@ class StateReader:
             rels.append({"name": r.name, "commit": r.commit, "subject": r.info.get("subject", ""),
                          "created_at": r.created_at, "outcome": r.outcome, "current": r.name == current})
         subject = next((r["subject"] for r in rels if r["name"] == app.get("release")), "")
+        snaps = []
+        for sn in snapshots.listing(paths.backups)[:20]:
+            snaps.append({"id": sn.id, "created_at": sn.created_at, "release": sn.info.get("release", ""),
+                          "reason": sn.info.get("reason", ""),
+                          "databases": [{"path": d.get("path"), "bytes": d.get("bytes"),
+                                         "rows": sum((d.get("rows") or {}).values())} for d in sn.databases]})
         verdict_doc = {"color": verdict.color, "reasons": list(verdict.reasons),
                        "recommendation": policy.recommendation(verdict, now, cfg.safety, cfg.schedule,
                                                                cfg.update.notice_grace_s),
@@ -183,7 +189,9 @@ class StateReader:
             "update": {**upd, "steps": live},
             "updates": [_brief(u) for u in updates[:20]],
             "releases": rels,
-            "commands": _commands(cfg, rels, current),
+            "data": status.get("data"),
+            "snapshots": snaps,
+            "commands": _commands(cfg, rels, current, snaps),
         }
 
 
@@ -201,11 +209,15 @@ def _brief(u: dict[str, Any]) -> dict[str, Any]:
                                   "message", "waited_s", "steps")}
 
 
-def _commands(cfg: configmod.Config, rels: list[dict[str, Any]], current: str | None) -> list[str]:
+def _commands(cfg: configmod.Config, rels: list[dict[str, Any]], current: str | None,
+              snaps: list[dict[str, Any]]) -> list[str]:
     conf = f" --config {cfg.source}" if cfg.source else ""
-    out = [f"proto4d status{conf}", f"proto4d update{conf} --wait", f"proto4d rollback{conf} --wait",
-           f"proto4d logs{conf} --update"]
+    out = [f"proto4d status{conf}", f"proto4d pending{conf}", f"proto4d update{conf} --wait",
+           f"proto4d rollback{conf} --wait"]
     older = [r["name"] for r in rels if r["name"] != current]
     if older:
-        out.insert(3, f"proto4d rollback{conf} {older[0]} --wait")
+        out.append(f"proto4d rollback{conf} {older[0]} --wait")
+    out.append(f"proto4d logs{conf} --update")
+    if snaps:
+        out.append(f"proto4d backups{conf} --restore {snaps[0]['id']}   # says what it replaces; add --yes to act")
     return out

@@ -86,6 +86,7 @@ function renderState(s) {
   renderUpdate(s);
   renderTimeline(s.updates);
   renderReleases(s.releases);
+  renderSnapshots(s.snapshots || []);
   $("commands").textContent = s.commands.join("\n");
 }
 
@@ -103,6 +104,9 @@ function renderApp(s) {
     ["drain", a.drain || "-"],
     ["daemon", `${(s.daemon && s.daemon.state) || "not running"}, ${mb(s.daemon && s.daemon.rss_bytes)}`],
   ];
+  for (const db of (s.data && s.data.databases) || []) {
+    rows.push(["database", `${db.path}: ${mb(db.bytes)}${db.wal_bytes ? " + WAL " + mb(db.wal_bytes) : ""}${db.revision ? ", revision " + db.revision : ""}`]);
+  }
   if (a.message) rows.push(["message", a.message]);
   if (a.last_exit) rows.push(["last exit", a.last_exit]);
   const dl = $("app");
@@ -166,6 +170,16 @@ function renderReleases(rels) {
   replace(tb, ...rels.map((r) => el("tr", { "data-current": r.current ? "1" : null },
     el("td", {}, r.current ? "●" : ""), el("td", { class: "mono" }, r.name), el("td", { class: "mono" }, String(r.commit).slice(0, 7)),
     el("td", { class: "subject" }, r.subject || ""), el("td", {}, r.outcome || ""), el("td", {}, dur(now - r.created_at)))));
+}
+
+function renderSnapshots(snaps) {
+  const tb = $("snapshots").tBodies[0];
+  const now = Date.now() / 1000;
+  if (!snaps.length) { replace(tb, el("tr", {}, el("td", { colspan: 5, class: "muted" }, "None yet (one is taken before every switch when the app has SQLite databases)."))); return; }
+  replace(tb, ...snaps.map((sn) => el("tr", {},
+    el("td", { class: "mono" }, sn.id), el("td", {}, dur(now - sn.created_at)), el("td", { class: "mono" }, sn.release || "-"),
+    el("td", { class: "subject" }, sn.databases.map((d) => `${d.path} ${mb(d.bytes)} ${d.rows} rows`).join(", ")),
+    el("td", { class: "subject" }, sn.reason || ""))));
 }
 
 // ------------------------------------------------------------------ chart
@@ -254,7 +268,9 @@ async function pollState() {
     const s = await getJSON("/api/state");
     renderState(s);
     page.states++;
-    const key = (s.updates[0] && (s.updates[0].log + s.updates[0].outcome)) + "|" + (s.update && s.update.state);
+    // The chart is fetched again when an update moves on or the number of users changes (else every 30 s).
+    const key = (s.updates[0] && (s.updates[0].log + s.updates[0].outcome)) + "|" + (s.update && s.update.state) +
+      "|" + (s.activity && s.activity.users);
     if (key !== lastOutcomeKey) { lastOutcomeKey = key; pollHistory(); }
   } catch (e) {
     $("live").textContent = "cannot reach proto4d web: " + e.message;
