@@ -234,12 +234,14 @@ function renderChart(h) {
       kids.push(line);
     }
   }
+  // A step line: each bucket's peak held across its width, so a lone bucket still shows.
   const path = (vals, y) => {
     let d = "", pen = false;
     vals.forEach((v, i) => {
       if (v === null) { pen = false; return; }
-      const px = x(h.start + (i + 0.5) * h.step).toFixed(1), py = y(v).toFixed(1);
-      d += (pen ? "L" : "M") + px + " " + py; pen = true;
+      const x0 = x(h.start + i * h.step).toFixed(1), x1 = x(h.start + (i + 1) * h.step).toFixed(1);
+      const py = y(v).toFixed(1);
+      d += (pen ? "L" : "M") + x0 + " " + py + "L" + x1 + " " + py; pen = true;
     });
     return d;
   };
