@@ -295,3 +295,12 @@ def test_the_daemon_rolls_up_5_minute_peaks_that_the_7_day_chart_reads(served) -
     week = json.loads(_get(srv, "/api/history?span=7d")[2])
     i = int((three_days_ago - week["start"]) // week["step"])
     assert week["users"][i] == 4 and week["rpm"][i] == 20.0
+
+
+def test_the_daemon_never_loads_the_web_side() -> None:
+    # The daemon's memory target: the page, its history and prometheus-client live in `proto4d web` only.
+    code = ("import sys, proto4d.supervisor, proto4d.cli; "
+            "bad = [m for m in sys.modules if m.startswith(('prometheus_client', 'proto4d.web', 'http.server'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
