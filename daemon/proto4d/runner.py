@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from proto4d import drain, faults, log
+from proto4d import drain, faults, log, states
 from proto4d.child import AppProcess, Backoff
 from proto4d.listener import free_port, open_listener, private_listener
 from proto4d.procs import lower_priority
 from proto4d.releases import Release, python_for
+from proto4d.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING
 
 if TYPE_CHECKING:
     from proto4d.health import HealthReport
@@ -40,7 +41,7 @@ class Runner:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.log = log.get("proto4d.app")
-        self.state = "stopped"
+        self._machine = states.Machine(states.APP, STOPPED, self._record)
         self.proc: AppProcess | None = None
         self.release: Release | None = None
         self.listener: socket.socket | None = None
@@ -59,6 +60,18 @@ class Runner:
         self._restart: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.configure()
+
+    @property
+    def state(self) -> str:
+        return self._machine.state
+
+    def _change(self, new: str) -> None:
+        """Every change of the app's state goes through here (checked against states.APP)."""
+        self._machine.change(new)
+
+    def _record(self, old: str, new: str, fields: dict[str, object]) -> None:
+        if old != new:
+            self.log.debug("app.state", old=old, new=new, release=self.release.name if self.release else None)
 
     def configure(self) -> None:
         app = self.d.cfg.app
@@ -127,7 +140,7 @@ class Runner:
     async def start(self, release: Release) -> bool:
         """Start `release` on the production socket and wait until every health check passes."""
         cfg = self.d.cfg
-        self.state = "starting"
+        self._change(STARTING)
         self.healthy = None
         sock = self.production_listener()
         proc, plan = self.build(release, "app", sock)
@@ -138,10 +151,10 @@ class Runner:
         report = await self.d.prober.wait_healthy(cfg.listen.probe_host, self.production_port, cfg.health.checks,
                                                   cfg.health.start_timeout_s, cfg.health.timeout_s,
                                                   alive=lambda: proc.alive)
-        if proc is not self.proc:
+        if proc is not self.proc or self.state == STOPPING:
             return False
         if report.ok:
-            self.state = "running"
+            self._change(RUNNING)
             self.healthy = True
             self.since = time.time()
             self.message = ""
@@ -169,7 +182,7 @@ class Runner:
         if self.hold:
             self.crashed.set()
             return
-        if self.state == "starting":
+        if self.state == STARTING:
             return  # start() sees the death through wait_healthy and calls _failed itself
         self._failed(proc, f"{desc}: {proc.last_lines()}")
 
@@ -179,14 +192,14 @@ class Runner:
         self.last_exit = why
         action, delay = self.backoff.on_exit(proc.ran_for)
         if action == "fatal":
-            self.state = "fatal"
+            self._change(FATAL)
             self.healthy = False
             self.message = (f"gave up after {self.backoff.failures} fast failures in a row "
                             f"(each under {self.backoff.stable_s:g} s); last: {why}")
             self.log.critical("app.fatal", release=proc.release, failures=self.backoff.failures, last=why[:500])
             self.d.on_app_fatal()
             return
-        self.state = "backoff"
+        self._change(BACKOFF)
         self.restarts += 1
         self.message = f"restarting in {delay:g} s after: {why[:300]}"
         self.log.warning("app.backoff", release=proc.release, delay_s=delay, failures=self.backoff.failures)
@@ -194,16 +207,22 @@ class Runner:
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self.state != "backoff" or self.d.stopping or self.hold or self.release is None:
+        if self.state != BACKOFF or self.d.stopping or self.hold or self.release is None:
             return
         await self.start(self.release)
+
+    def give_up(self, why: str) -> None:
+        """The app cannot be started at all (e.g. the port is taken): fatal until a SIGHUP or an update."""
+        self._change(FATAL)
+        self.healthy = False
+        self.message = why
 
     def release_hold(self) -> None:
         """End an update's hold. A process that died while held, and that the update did not act on,
         is handed to the normal restart policy: never left dead with nobody watching."""
         self.hold = False
         proc = self.proc
-        if proc is not None and not proc.alive and not proc.stop_requested and self.state == "running" \
+        if proc is not None and not proc.alive and not proc.stop_requested and self.state == RUNNING \
                 and not self.d.stopping:
             self._failed(proc, f"{proc.exit_description()}: {proc.last_lines()}")
 
@@ -214,7 +233,7 @@ class Runner:
 
     async def revive(self) -> bool:
         """Leave `fatal` (on SIGHUP or an operator action) and try again from a clean backoff."""
-        if self.state != "fatal" or self.release is None:
+        if self.state != FATAL or self.release is None:
             return False
         self.backoff.reset()
         self.log.info("app.revive", release=self.release.name)
@@ -238,7 +257,7 @@ class Runner:
         await faults.point("new_started")
         old = self.proc
         self._adopt(proc, release, plan)
-        self.state = "running"
+        self._change(RUNNING)
         self.healthy = None
         self.since = time.time()
         self.restarts = 0
@@ -258,7 +277,7 @@ class Runner:
         proc, plan = self.build(release, "app")
         await proc.start()
         self._adopt(proc, release, plan)
-        self.state = "starting"
+        self._change(STARTING)
         report = await self.d.prober.wait_healthy(cfg.listen.probe_host, cfg.listen.port, cfg.health.checks,
                                                   cfg.health.start_timeout_s, cfg.health.timeout_s,
                                                   alive=lambda: proc.alive)
@@ -267,7 +286,7 @@ class Runner:
             why = report.failures() if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
             await proc.stop(5)
             raise SwitchFailed(f"{release.name} did not become healthy after stop-then-start: {why}")
-        self.state = "running"
+        self._change(RUNNING)
         self.healthy = None
         self.since = time.time()
         self.backoff.reset()
@@ -343,7 +362,7 @@ class Runner:
 
     async def stop_all(self) -> None:
         """Drain every app process (the serving one and any still draining), then close the sockets."""
-        self.state = "stopping"
+        self._change(STOPPING)
         if self._restart is not None:
             self._restart.cancel()
         timeout = self.d.cfg.update.drain_timeout_s
@@ -355,7 +374,7 @@ class Runner:
                     s.close()
         self.listener = None
         self._retired_listeners.clear()
-        self.state = "stopped"
+        self._change(STOPPED)
         self.healthy = False
 
     def pids(self) -> list[int]:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from proto4d import __version__, faults, fsutil, log, releases, update
+from proto4d import __version__, faults, fsutil, log, releases, states, update
 from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
@@ -48,7 +48,7 @@ class Daemon:
         self.config_path = config_path
         self.paths = Paths(cfg.root)
         self.log = log.get("proto4d")
-        self.state = "starting"
+        self._machine = states.Machine(states.DAEMON, states.STARTING, self._record_state)
         self.stopping = False
         self.started_at = time.time()
         self.notifier = Notifier()
@@ -70,6 +70,23 @@ class Daemon:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._startup_cancel = Cancel()
+
+    @property
+    def state(self) -> str:
+        return self._machine.state
+
+    def _change(self, new: str) -> None:
+        """Every change of the daemon's state goes through here (checked against states.DAEMON)."""
+        self._machine.change(new)
+
+    def _record_state(self, old: str, new: str, fields: dict[str, Any]) -> None:
+        if old != new:
+            self.log.debug("daemon.state", old=old, new=new)
+
+    def _running(self) -> None:
+        """Startup or a reload is over; a stop that arrived meanwhile wins."""
+        if not self.stopping and self.state != states.RUNNING:
+            self._change(states.RUNNING)
 
     # -- lifecycle
 
@@ -111,7 +128,7 @@ class Daemon:
                 return 0
             stop.cancel()
             startup.result()
-            self.state = "running"
+            self._running()
             self.write_status()
             self._tasks = [asyncio.create_task(self._sample_loop(), name="sample"),
                            asyncio.create_task(self._request_loop(), name="requests"),
@@ -135,9 +152,9 @@ class Daemon:
         self._resubmit_claimed()
         resume = self.updates.recover()
         await self._start_current()
-        self.state = "running"
+        self._running()
         self.write_status()
-        if self.runner.state in ("running", "fatal") or self.runner.release is None:
+        if self.runner.state in (states.RUNNING, states.FATAL) or self.runner.release is None:
             self.notifier.ready()
         if resume is not None:
             self.updates.submit(resume)
@@ -162,8 +179,7 @@ class Daemon:
                         releases.set_outcome(self.paths, rel.name, "verified")
                 except ListenError as e:
                     self.log.critical("listen.failed", error=str(e))
-                    self.runner.state = "fatal"
-                    self.runner.message = str(e)
+                    self.runner.give_up(str(e))
 
     async def _first_release(self) -> None:
         """No `current` yet: fetch the branch head and prepare it exactly as an update would."""
@@ -211,12 +227,12 @@ class Daemon:
         if not self.stopping:
             self.log.info("daemon.stopping", signal=signal.Signals(sig).name if sig else None)
         self.stopping = True
-        self.state = "stopping"
+        self._change(states.STOPPING)
         self._stop.set()
 
     async def _shutdown(self) -> None:
         self.stopping = True
-        self.state = "stopping"
+        self._change(states.STOPPING)
         self.notifier.stopping()
         with contextlib.suppress(Exception):
             self.write_status()
@@ -233,7 +249,7 @@ class Daemon:
         if left:
             self.log.warning("stop.ended_unheld", pids=[e["pid"] for e in left])
         await self.webhook.flush()
-        self.state = "stopped"
+        self._change(states.STOPPED)
         with contextlib.suppress(Exception):
             self.write_status()
         if self.app_log is not None:
@@ -275,7 +291,7 @@ class Daemon:
     def sample(self) -> None:
         runner = self.runner
         runner.stable_check()
-        act = self.sampler.sample(runner.pids(), app_up=runner.state == "running")
+        act = self.sampler.sample(runner.pids(), app_up=runner.state == states.RUNNING)
         if act["verdict"] == "green":
             if self.green_since is None:
                 self.green_since = time.time()
@@ -410,9 +426,11 @@ class Daemon:
     # -- reload
 
     async def reload(self) -> None:
+        if self.stopping:
+            return  # a SIGHUP during the shutdown: nothing left to reconfigure
         self.notifier.reloading()
         previous_state = self.state
-        self.state = "reloading"
+        self._change(states.RELOADING)
         path = self.config_path
         try:
             new = configmod.load(path)
@@ -421,7 +439,7 @@ class Daemon:
                                             "restart the daemon to move it", new.root)
         except configmod.ConfigError as e:
             self.log.error("reload.refused", error=str(e), kept=self.cfg.source)
-            self.state = previous_state
+            self._change(previous_state)
             self.notifier.ready()
             return
         now_keys, later_keys = configmod.reload_differences(self.cfg, new)
@@ -437,9 +455,9 @@ class Daemon:
         if later_keys:
             self.log.info("reload.pending", keys=later_keys,
                           msg="these take effect at the next switch (update or rollback)")
-        self.state = previous_state if previous_state != "reloading" else "running"
+        self._change(previous_state)
         self.notifier.ready()
-        if self.runner.state == "fatal":
+        if self.runner.state == states.FATAL:
             await self.runner.revive()
         elif self.runner.release is None and self.updates.run is None:
             await self._start_current()

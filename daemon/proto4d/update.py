@@ -22,19 +22,34 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from proto4d import faults, fsutil, log, notices, policy, releases, retention
+from proto4d import faults, fsutil, log, notices, policy, releases, retention, states
 from proto4d.activity import iso
 from proto4d.procs import Cancel, Cancelled
 from proto4d.requests import Request, write_answer
 from proto4d.runner import SwitchFailed
+from proto4d.states import (
+    ABORTED,
+    BEFORE_SWITCH,
+    CANARY,
+    DONE,
+    FINAL,
+    NOTICED,
+    PENDING,
+    PREPARING,
+    REJECTED,
+    REQUESTED,
+    ROLLED_BACK,
+    ROLLING_BACK,
+    SUPERSEDED,
+    SWITCHING,
+    VERIFYING,
+    WAITING,
+    WATCHING,
+)
 
 if TYPE_CHECKING:
     from proto4d.supervisor import Daemon
 
-PENDING = ("requested", "waiting", "noticed")
-BEFORE_SWITCH = ("preparing", "canary")
-AFTER_SWITCH = ("switching", "verifying", "watching", "rolling_back")
-FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded")
 UPDATE_LOGS_KEPT = 50
 
 
@@ -60,9 +75,9 @@ class Journal:
         self.data: dict[str, Any] = {}
 
     def start(self, req: Request, **fields: Any) -> None:
-        self.data = {"id": req.id, "action": req.action, "request": req.to_dict(), "state": "requested",
+        self.data = {"id": req.id, "action": req.action, "request": req.to_dict(), "state": REQUESTED,
                      "steps": [], **fields}
-        self.write("requested")
+        self.write(REQUESTED)
 
     def write(self, state: str, **fields: Any) -> None:
         now = time.time()
@@ -138,13 +153,13 @@ class UpdateManager:
 
     def _replace_queued(self, req: Request) -> None:
         if self.queued is not None:
-            write_answer(self.d.paths, self.queued.id, "superseded", f"superseded by request {req.id}")
+            write_answer(self.d.paths, self.queued.id, SUPERSEDED, f"superseded by request {req.id}")
             self.log.info("request.superseded", id=self.queued.id, by=req.id)
         self.queued = req
 
     def reject(self, req_id: str, why: str, source: str) -> None:
         self.last_rejected = {"id": req_id, "reason": why, "at": iso(time.time()), "source": source}
-        write_answer(self.d.paths, req_id, "rejected", why)
+        write_answer(self.d.paths, req_id, REJECTED, why)
         self.log.warning("request.rejected", id=req_id, reason=why, source=source)
 
     async def loop(self) -> None:
@@ -157,7 +172,7 @@ class UpdateManager:
                     run = UpdateRun(self.d, req)
                 except OSError as e:  # cannot even open its log (disk full): nothing was touched
                     self.log.error("update.cannot_start", id=req.id, error=str(e))
-                    self.last = {"id": req.id, "state": "aborted", "message": f"could not start: {e}"}
+                    self.last = {"id": req.id, "state": ABORTED, "message": f"could not start: {e}"}
                     continue
                 self.run = run
                 try:
@@ -167,9 +182,7 @@ class UpdateManager:
                         raise
                 except Exception as e:  # e.g. the journal could not be written: this loop must go on
                     self.log.exception("update.failed", id=req.id)
-                    if run.state not in FINAL:
-                        run.message = f"{type(e).__name__}: {e}"
-                        run.state = "aborted" if not run.switched else run.state
+                    run.crashed(e)
                 finally:
                     self.last = run.summary()
                     self.run = None
@@ -203,35 +216,38 @@ class UpdateManager:
     def recover(self) -> Request | None:
         """Settle an update a previous daemon left unfinished. Returns a request to resume, if any."""
         j = Journal.read(self.d.paths.journal)
-        if j is None or j.get("state") in FINAL:
+        if j is None:
             return None
         state = j["state"]
+        outcome = states.recovery_outcome(state)
+        if outcome is None:
+            return None
         req_id = j.get("id", "?")
         paths = self.d.paths
         journal = Journal(paths.journal)
         journal.data = j
-        if state in PENDING:
+        if outcome == states.RESUME:
             self.log.info("recover.resume", id=req_id, state=state)
             return Request.from_dict(j.get("request") or {"id": req_id})
         new, old = j.get("new_release"), j.get("old_release")
-        if state in BEFORE_SWITCH:
+        if outcome == ABORTED:
             if new and new != paths.current_release() and paths.release(new).exists():
                 with contextlib.suppress(OSError):
                     fsutil.remove_tree(paths.release(new))
             why = f"interrupted by a daemon restart during {state}; the live service was not touched"
-            journal.write("aborted", message=why, outcome="aborted")
-            write_answer(paths, req_id, "aborted", why)
+            journal.write(ABORTED, message=why, outcome=ABORTED)
+            write_answer(paths, req_id, ABORTED, why)
             self.log.warning("recover.aborted", id=req_id, state=state)
         else:
             back = old if old and paths.release(old).exists() else paths.current_release()
             if back and paths.current_release() != back:
                 releases.switch_current(paths, back)
             if new and new != back:
-                releases.set_outcome(paths, new, "rolled_back", why=f"daemon restarted during {state}")
+                releases.set_outcome(paths, new, ROLLED_BACK, why=f"daemon restarted during {state}")
             why = (f"the daemon restarted during {state}; back on {back} (the new release had not finished "
                    "its verification)")
-            journal.write("rolled_back", message=why, outcome="rolled_back")
-            write_answer(paths, req_id, "rolled_back", why, release=back)
+            journal.write(ROLLED_BACK, message=why, outcome=ROLLED_BACK)
+            write_answer(paths, req_id, ROLLED_BACK, why, release=back)
             self.log.warning("recover.rolled_back", id=req_id, state=state, release=back)
         self.last = {"id": req_id, "state": journal.data["state"], "message": journal.data.get("message", "")}
         return None
@@ -243,7 +259,7 @@ class UpdateRun:
         self.d = daemon
         self.req = req
         self.log = log.get("proto4d.update").bind(id=req.id)
-        self.state = "requested"
+        self._machine = states.Machine(states.UPDATE, REQUESTED, self._record)
         self.message = ""
         self.waiting_for = ""
         self.until: dt.datetime | None = None
@@ -256,6 +272,8 @@ class UpdateRun:
         self.new: releases.Release | None = None
         self.old: releases.Release | None = daemon.runner.release
         self.switched = False
+        self.switched_at = 0.0  # wall clock of the switch: the watch counts 5xx answers from it
+        self._fetched_at: float | None = None  # monotonic; None: not fetched by this run yet
         self.waited = False  # the update waited for a safe moment: refetch before preparing
         self.timings: dict[str, float] = {}
         stamp = time.strftime("%Y%m%d_%H%M%S")
@@ -270,6 +288,20 @@ class UpdateRun:
         self.started = time.monotonic()
 
     # -- public
+
+    @property
+    def state(self) -> str:
+        return self._machine.state
+
+    def crashed(self, e: Exception) -> None:
+        """An exception escaped execute() (its own handlers failed, e.g. on a full disk): end the run
+        as aborted if the live service was not touched yet; after the switch the state stays, and the
+        next start settles it from the journal."""
+        if self.state in FINAL:
+            return
+        self.message = f"{type(e).__name__}: {e}"
+        if not self.switched:
+            self._machine.change(ABORTED, outcome=ABORTED, message=self.message)
 
     def summary(self) -> dict[str, Any]:
         r = self.req
@@ -304,7 +336,7 @@ class UpdateRun:
                            old_commit=self.old.commit if self.old else None,
                            log=str(self.log_path.relative_to(paths.root)))
         self._answer("accepted", f"{r.describe()} accepted")
-        self.d.webhook.send("requested", self._event())
+        self.d.webhook.send(REQUESTED, self._event())
         try:
             await self._resolve()
             if r.action == "update" and not r.force:
@@ -313,31 +345,31 @@ class UpdateRun:
                 self.ulog.line("forced: not waiting for a quiet moment (health checks still run)")
             self._post_notice("An update is being applied now.", time.time())
             self.d.webhook.send("started", self._event())
-            await self._step("preparing", self._prepare)
+            await self._step(PREPARING, self._prepare)
             if self._canary_possible():
-                await self._step("canary", self._canary)
+                await self._step(CANARY, self._canary)
                 await faults.point("canary_done")
             try:
-                await self._step("switching", self._switch)
-                await self._step("verifying", self._verify)
-                await self._step("watching", self._watch)
+                await self._step(SWITCHING, self._switch)
+                await self._step(VERIFYING, self._verify)
+                await self._step(WATCHING, self._watch)
             except (RollBack, SwitchFailed) as e:
                 await self._rollback(str(e))
                 return
-            self._finish("done", f"{self.new.name if self.new else '?'} serves and is verified "
+            self._finish(DONE, f"{self.new.name if self.new else '?'} serves and is verified "
                                  f"(commit {self.target_commit[:7]})")
             releases.set_outcome(paths, self.new.name, "verified")
             await asyncio.to_thread(self.d.prune)
         except Done as e:
-            self._finish("done", str(e))
+            self._finish(DONE, str(e))
         except Rejected as e:
             self.d.updates.last_rejected = {"id": r.id, "reason": str(e), "at": iso(time.time()),
                                             "source": r.source}
             self.log.warning("request.rejected", reason=str(e), source=r.source)  # as for a malformed file
-            self._finish("rejected", str(e))
+            self._finish(REJECTED, str(e))
         except Aborted as e:
             self._discard_new()
-            self._finish("aborted", str(e))
+            self._finish(ABORTED, str(e))
         except (asyncio.CancelledError, Cancelled):
             self._on_cancel()
             raise
@@ -347,7 +379,7 @@ class UpdateRun:
                 await self._rollback(f"internal error: {type(e).__name__}: {e}")
             else:
                 self._discard_new()
-                self._finish("aborted", f"internal error before the switch: {type(e).__name__}: {e}")
+                self._finish(ABORTED, f"internal error before the switch: {type(e).__name__}: {e}")
         finally:
             self.d.runner.release_hold()
             notices.remove_notice(self.d.cfg.notice_path)
@@ -365,11 +397,21 @@ class UpdateRun:
         self.log.info("update.step_done", step=state, seconds=round(took, 3))
 
     def _enter(self, state: str, **fields: Any) -> None:
-        self.journal.write(state, **fields)  # durable before the step does anything
-        self.state = state
+        self._machine.change(state, **fields)
         self.ulog.line(f"{state} ...")
         self.log.info("update.step", step=state, **{k: v for k, v in fields.items() if isinstance(v, str | int)})
         self.d.status_changed()
+
+    def _record(self, old: str, new: str, fields: dict[str, Any]) -> None:
+        """The journal is written before the state changes: durable before the step does anything. Going
+        back (rolling_back) and the outcome are recorded best-effort: on a full disk they still happen,
+        are logged, answered if possible and shown in status."""
+        try:
+            self.journal.write(new, **fields)
+        except OSError as e:
+            if new not in FINAL and new != ROLLING_BACK:
+                raise
+            self.log.error("journal.write_failed", state=new, error=str(e))
 
     def _answer(self, state: str, message: str, **extra: Any) -> None:
         write_answer(self.d.paths, self.req.id, state, message, log=str(self.log_path.relative_to(self.d.paths.root)),
@@ -382,23 +424,19 @@ class UpdateRun:
 
     def _finish(self, outcome: str, message: str) -> None:
         notices.remove_notice(self.d.cfg.notice_path)  # before the answer: whoever waits sees it gone
-        self.state = outcome
         self.message = message
         took = time.monotonic() - self.started
-        try:
-            self.journal.write(outcome, outcome=outcome, message=message, seconds=round(took, 2))
-        except OSError as e:  # disk full: the outcome is still logged, answered if possible, and in status
-            self.log.error("journal.write_failed", state=outcome, error=str(e))
+        self._machine.change(outcome, outcome=outcome, message=message, seconds=round(took, 2))
         self.ulog.line(f"outcome: {outcome.upper()} after {took:.1f} s: {message}")
         if self.timings:
             self.ulog.line("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         # Answered by the manager once this run is over and status says so: whoever waits on the
         # answer then reads a status that agrees with it.
-        self.final_answer = (outcome, message, {"verified": outcome == "done", "release":
+        self.final_answer = (outcome, message, {"verified": outcome == DONE, "release":
                              self.d.runner.release.name if self.d.runner.release else None})
-        level = "info" if outcome == "done" else "warning"
-        getattr(self.log, level)("update.finished", outcome=outcome, message=message, seconds=round(took, 2))
-        if outcome in ("done", "rolled_back", "aborted", "rejected"):
+        (self.log.info if outcome == DONE else self.log.warning)("update.finished", outcome=outcome, message=message,
+                                                                 seconds=round(took, 2))
+        if outcome in (DONE, ROLLED_BACK, ABORTED, REJECTED):
             self.d.webhook.send(outcome, self._event(message=message))
         self.d.status_changed()
 
@@ -413,13 +451,13 @@ class UpdateRun:
 
     def _on_cancel(self) -> None:
         if self.superseded_by:
-            self._finish("superseded", f"superseded by request {self.superseded_by} before anything was touched")
+            self._finish(SUPERSEDED, f"superseded by request {self.superseded_by} before anything was touched")
         elif self.state in PENDING:
             # The daemon is stopping while this waits: the journal keeps it, the next start resumes it.
             self.ulog.line("daemon stopping: the request stays pending and resumes at the next start")
         elif self.state in BEFORE_SWITCH:
             self._discard_new()
-            self._finish("aborted", f"the daemon stopped during {self.state}; the live service was not touched")
+            self._finish(ABORTED, f"the daemon stopped during {self.state}; the live service was not touched")
         else:
             self.ulog.line(f"daemon stopping during {self.state}: the next start returns to "
                            f"{self.old.name if self.old else 'the previous release'}")
@@ -448,7 +486,7 @@ class UpdateRun:
                 raise Rejected(f"branch {self.d.cfg.app.branch!r} does not exist in {self.d.cfg.app.repo}")
         self.target_commit = sha
         self.journal.note(target_commit=sha)
-        if running == sha and self.d.runner.state == "running":
+        if running == sha and self.d.runner.state == states.RUNNING:
             raise Done(f"already running {sha[:7]} ({self.old.name if self.old else '?'}); nothing to do")
         commits = await asyncio.to_thread(mirror.log_between, running, sha)
         self.ulog.line(f"from {running[:7] if running else '(nothing)'} to {sha[:7]}: {len(commits)} commit(s)")
@@ -473,7 +511,7 @@ class UpdateRun:
             if rel is None:
                 known = ", ".join(r.name for r in releases.list_releases(paths)[:5])
                 raise Rejected(f"release {self.req.release!r} is not retained (see `proto4d releases`: {known})")
-            if rel.name == current and self.d.runner.state == "running":
+            if rel.name == current and self.d.runner.state == states.RUNNING:
                 raise Rejected(f"{rel.name} is already the current release")
             return rel
         cur = releases.read_release(paths, current) if current else None
@@ -492,8 +530,8 @@ class UpdateRun:
 
     async def _wait_for_window(self) -> None:
         cfg = self.d.cfg
-        self._enter("waiting")
-        self.d.webhook.send("waiting", self._event())
+        self._enter(WAITING)
+        self.d.webhook.send(WAITING, self._event())
         last_reason = ""
         while True:
             if self.cancelling:  # superseded or stopping, even if a cancellation was lost on the way
@@ -526,8 +564,8 @@ class UpdateRun:
                 grace = policy.duration_words(cfg.update.notice_grace_s)
                 self._post_notice(f"An update will be applied in about {grace}. It should not interrupt you; "
                                   "requests in progress will finish.", when)
-                self._enter("noticed", noticed_at=now.timestamp())
-                self.d.webhook.send("noticed", self._event(notice_until=iso(when), verdict=verdict.color))
+                self._enter(NOTICED, noticed_at=now.timestamp())
+                self.d.webhook.send(NOTICED, self._event(notice_until=iso(when), verdict=verdict.color))
                 continue
             await self.d.wait_sample(1.0)
 
@@ -543,7 +581,7 @@ class UpdateRun:
             await self._prepare_rollback()
             return
         # What was resolved at request time may be stale after a wait: look again.
-        if self.waited or time.monotonic() - getattr(self, "_fetched_at", 0) > 30:
+        if self.waited or self._fetched_at is None or time.monotonic() - self._fetched_at > 30:
             await self._fetch()
         if not self.req.ref:
             head = await asyncio.to_thread(self.d.mirror.branch_head, cfg.app.branch)
@@ -560,7 +598,7 @@ class UpdateRun:
                 self.target_commit = sha
         self.journal.note(target_commit=self.target_commit)
         running = self.old.commit if self.old else None
-        if running == self.target_commit and self.d.runner.state == "running":
+        if running == self.target_commit and self.d.runner.state == states.RUNNING:
             raise Done(f"already running {running[:7]}; nothing to do")
         mirror = self.d.mirror
         if (not self.req.ref and running and await asyncio.to_thread(mirror.has_commit, running)
@@ -692,7 +730,7 @@ class UpdateRun:
         cfg = self.d.cfg
         runner = self.d.runner
         end = time.monotonic() + cfg.update.watch_s
-        since = getattr(self, "switched_at", time.time())
+        since = self.switched_at or time.time()
         failures = 0
         await faults.point("watch")
         while True:
@@ -742,12 +780,8 @@ class UpdateRun:
         paths, runner, cfg = self.d.paths, self.d.runner, self.d.cfg
         self.message = why
         self.ulog.line(f"FAILED: {why}")
-        try:
-            self._enter("rolling_back", message=why)
-        except OSError as e:  # disk full: going back to what served is the safe direction, journal or not
-            self.state = "rolling_back"
-            self.log.error("journal.write_failed", state="rolling_back", error=str(e))
-        self.d.webhook.send("rolling_back", self._event(message=why))
+        self._enter(ROLLING_BACK, message=why)  # recorded best-effort: going back is the safe direction
+        self.d.webhook.send(ROLLING_BACK, self._event(message=why))
         back = self.old
         new = self.new
         t = time.monotonic()
@@ -785,9 +819,9 @@ class UpdateRun:
         finally:
             runner.hold = False
         if new is not None and (back is None or new.name != back.name):
-            releases.set_outcome(paths, new.name, "rolled_back", why=why)
+            releases.set_outcome(paths, new.name, ROLLED_BACK, why=why)
         self.timings["rollback"] = time.monotonic() - t
-        self._finish("rolled_back", f"{why}; back on {back.name if back else '?'}")
+        self._finish(ROLLED_BACK, f"{why}; back on {back.name if back else '?'}")
 
 
 def retained(paths, cfg, in_use: list[str]) -> tuple[list[str], list[str]]:
