@@ -595,3 +595,21 @@ def switch_current(paths: Paths, name: str) -> None:
 
 def python_for(paths: Paths, release: Release) -> Path:
     return venv_python(paths.venvs / release.venv)
+
+
+def is_installer_output(text: str) -> bool:
+    """A progress line that is the installer's own output (pip/uv), not a step: the update log keeps it,
+    the daemon's log does not."""
+    return text.startswith("  |")
+
+
+def rebuild_venv(cfg: Config, paths: Paths, release: Release, *, progress: Progress, cancel: Cancel | None = None,
+                 registry: PidRegistry | None = None) -> None:
+    """Give `release` back a venv that was removed (a rollback target, or `current` after a crash mid-build),
+    and record its key in release.json if the build gave another one. Raises ReleaseError."""
+    req = release.path / cfg.app.requirements if cfg.app.requirements else None
+    result = ensure_venv(paths, req if req and req.is_file() else None, cfg.python, cfg.update.installer,
+                         progress=progress, cancel=cancel, registry=registry)
+    if result.key != release.venv:
+        release.info["venv"] = result.key
+        fsutil.atomic_write_json(release.path / "release.json", release.info)

@@ -12,21 +12,21 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 
 from proto4d import drain, faults, log, states
-from proto4d.child import AppProcess, Backoff
+from proto4d.child import AppProcess, Backoff, LineHandler
+from proto4d.config import Config
+from proto4d.health import HealthReport, Prober
 from proto4d.listener import free_port, open_listener, private_listener
-from proto4d.procs import lower_priority
+from proto4d.paths import Paths
+from proto4d.procs import PidRegistry, lower_priority
 from proto4d.releases import Release, python_for
 from proto4d.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING
-
-if TYPE_CHECKING:
-    from proto4d.health import HealthReport
-    from proto4d.supervisor import Daemon
 
 # The daemon's own plumbing must not leak into the app's environment.
 _SCRUB_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
@@ -37,9 +37,22 @@ class SwitchFailed(Exception):
     """The new process did not become ready; the old one still serves."""
 
 
+@dataclass(frozen=True)
+class RunnerDeps:
+    """What the runner needs from the daemon that owns it, and nothing more."""
+
+    config: Callable[[], Config]  # the config in force (a reload replaces it)
+    paths: Paths
+    prober: Prober
+    registry: PidRegistry
+    on_line: LineHandler  # every line the app prints
+    on_fatal: Callable[[], None]  # the app gave up (status must say so)
+    stopping: Callable[[], bool]  # the daemon is shutting down: restart nothing
+
+
 class Runner:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, deps: RunnerDeps) -> None:
+        self.deps = deps
         self.log = log.get("proto4d.app")
         self._machine = states.Machine(states.APP, STOPPED, self._record)
         self.proc: AppProcess | None = None
@@ -73,15 +86,19 @@ class Runner:
         if old != new:
             self.log.debug("app.state", old=old, new=new, release=self.release.name if self.release else None)
 
+    @property
+    def cfg(self) -> Config:
+        return self.deps.config()
+
     def configure(self) -> None:
-        app = self.d.cfg.app
+        app = self.cfg.app
         self.backoff.stable_s = app.stable_s
         self.backoff.max_fast_failures = app.max_fast_failures
 
     # -- building a process
 
     def production_listener(self) -> socket.socket | None:
-        cfg = self.d.cfg
+        cfg = self.cfg
         if not cfg.app.uses_fd:
             return None
         key = (cfg.listen.host, cfg.listen.port, cfg.listen.backlog)
@@ -98,11 +115,11 @@ class Runner:
 
     def build(self, release: Release, role: str, sock: socket.socket | None = None,
               port: int | None = None, host: str | None = None) -> tuple[AppProcess, drain.DrainPlan]:
-        cfg = self.d.cfg
+        cfg = self.cfg
         for rel in cfg.app.shared:  # what the app may print from its .env is masked (read now: it may have changed)
             if Path(rel).name.startswith(".env"):
-                log.redact_env_file(self.d.paths.shared / rel)
-        python = python_for(self.d.paths, release)
+                log.redact_env_file(self.deps.paths.shared / rel)
+        python = python_for(self.deps.paths, release)
         if sock is not None:
             port = int(sock.getsockname()[1])
         values = {"python": str(python), "fd": str(sock.fileno()) if sock is not None else "",
@@ -117,8 +134,8 @@ class Runner:
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
         proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=release.path / cfg.app.workdir,
-                          env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.d.on_app_line,
-                          registry=self.d.registry, ready_pattern=cfg.app.ready_pattern)
+                          env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.deps.on_line,
+                          registry=self.deps.registry, ready_pattern=cfg.app.ready_pattern)
         return proc, plan
 
     def _adopt(self, proc: AppProcess, release: Release, plan: drain.DrainPlan) -> None:
@@ -133,13 +150,39 @@ class Runner:
     def production_port(self) -> int:
         if self.listener is not None:
             return int(self.listener.getsockname()[1])
-        return self.d.cfg.listen.port
+        return self.cfg.listen.port
+
+    # -- health
+
+    def serving_alive(self) -> bool:
+        return self.proc is not None and self.proc.alive
+
+    async def wait_healthy(self, *, alive: Callable[[], bool] | None = None, timeout: float | None = None,
+                           host: str | None = None, port: int | None = None) -> HealthReport:
+        """Every health check passing, within `timeout` (default health.start_timeout_s), on the production
+        port unless told otherwise; gives up early once `alive` (default: the serving process) says no."""
+        cfg = self.cfg
+        return await self.deps.prober.wait_healthy(
+            host or cfg.listen.probe_host, port if port is not None else self.production_port, cfg.health.checks,
+            cfg.health.start_timeout_s if timeout is None else timeout, cfg.health.timeout_s,
+            alive=alive or self.serving_alive)
+
+    async def check(self) -> HealthReport:
+        """One round of every health check against the production port."""
+        cfg = self.cfg
+        return await self.deps.prober.check(cfg.listen.probe_host, self.production_port, cfg.health.checks,
+                                            cfg.health.timeout_s)
+
+    def mark_healthy(self, ok: bool) -> None:
+        """The update verified (or failed to verify) the serving process."""
+        self.healthy = ok
 
     # -- first start and restarts
 
     async def start(self, release: Release) -> bool:
         """Start `release` on the production socket and wait until every health check passes."""
-        cfg = self.d.cfg
+        cfg = self.cfg
+        self.release = release  # even if it never starts: a restart or a revive tries it again
         self._change(STARTING)
         self.healthy = None
         sock = self.production_listener()
@@ -148,9 +191,7 @@ class Runner:
                       cwd=str(proc.cwd), drain=plan.description)
         await proc.start()
         self._adopt(proc, release, plan)
-        report = await self.d.prober.wait_healthy(cfg.listen.probe_host, self.production_port, cfg.health.checks,
-                                                  cfg.health.start_timeout_s, cfg.health.timeout_s,
-                                                  alive=lambda: proc.alive)
+        report = await self.wait_healthy(alive=lambda: proc.alive)
         if proc is not self.proc or self.state == STOPPING:
             return False
         if report.ok:
@@ -187,7 +228,7 @@ class Runner:
         self._failed(proc, f"{desc}: {proc.last_lines()}")
 
     def _failed(self, proc: AppProcess, why: str) -> None:
-        if self.d.stopping or self.hold:
+        if self.deps.stopping() or self.hold:
             return
         self.last_exit = why
         action, delay = self.backoff.on_exit(proc.ran_for)
@@ -197,7 +238,7 @@ class Runner:
             self.message = (f"gave up after {self.backoff.failures} fast failures in a row "
                             f"(each under {self.backoff.stable_s:g} s); last: {why}")
             self.log.critical("app.fatal", release=proc.release, failures=self.backoff.failures, last=why[:500])
-            self.d.on_app_fatal()
+            self.deps.on_fatal()
             return
         self._change(BACKOFF)
         self.restarts += 1
@@ -207,7 +248,7 @@ class Runner:
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self.state != BACKOFF or self.d.stopping or self.hold or self.release is None:
+        if self.state != BACKOFF or self.deps.stopping() or self.hold or self.release is None:
             return
         await self.start(self.release)
 
@@ -217,13 +258,26 @@ class Runner:
         self.healthy = False
         self.message = why
 
+    def hold_for_switch(self) -> None:
+        """An update switches: from now on an exit is the update's to act on (it rolls back), not restarted."""
+        self.hold = True
+        self.crashed.clear()
+
+    def fall_back(self, release: Release, why: str) -> None:
+        """A rollback could not start `release`: it stays the runner's release and the restart policy takes
+        over from here."""
+        self.hold = False
+        self.release = release
+        if self.proc is not None:
+            self._failed(self.proc, why)
+
     def release_hold(self) -> None:
         """End an update's hold. A process that died while held, and that the update did not act on,
         is handed to the normal restart policy: never left dead with nobody watching."""
         self.hold = False
         proc = self.proc
         if proc is not None and not proc.alive and not proc.stop_requested and self.state == RUNNING \
-                and not self.d.stopping:
+                and not self.deps.stopping():
             self._failed(proc, f"{proc.exit_description()}: {proc.last_lines()}")
 
     def stable_check(self) -> None:
@@ -243,7 +297,7 @@ class Runner:
 
     async def handoff(self, release: Release) -> AppProcess:
         """Start `release` on the same listening socket; once it is ready, retire the old process."""
-        cfg = self.d.cfg
+        cfg = self.cfg
         sock = self.production_listener()
         proc, plan = self.build(release, "app", sock)
         self.log.info("switch.start_new", release=release.name, argv=" ".join(proc.argv), drain=plan.description)
@@ -269,7 +323,7 @@ class Runner:
 
     async def stop_then_start(self, release: Release) -> tuple[AppProcess, float]:
         """For apps that bind the port themselves: the gap is as long as the new one's start-up."""
-        cfg = self.d.cfg
+        cfg = self.cfg
         old = self.proc
         t0 = time.monotonic()
         if old is not None:
@@ -278,9 +332,7 @@ class Runner:
         await proc.start()
         self._adopt(proc, release, plan)
         self._change(STARTING)
-        report = await self.d.prober.wait_healthy(cfg.listen.probe_host, cfg.listen.port, cfg.health.checks,
-                                                  cfg.health.start_timeout_s, cfg.health.timeout_s,
-                                                  alive=lambda: proc.alive)
+        report = await self.wait_healthy(alive=lambda: proc.alive, port=self.cfg.listen.port)
         gap = time.monotonic() - t0
         if not report.ok:
             why = report.failures() if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
@@ -300,7 +352,7 @@ class Runner:
 
     async def _drain(self, old: AppProcess) -> None:
         t = time.monotonic()
-        timeout = self.d.cfg.update.drain_timeout_s
+        timeout = self.cfg.update.drain_timeout_s
         rc = await old.stop(timeout)
         took = time.monotonic() - t
         self.log.info("app.drained", release=old.release, pid=old.pid, seconds=round(took, 2),
@@ -341,16 +393,14 @@ class Runner:
 
     async def canary(self, release: Release) -> tuple[HealthReport, str]:
         """Run `release` on a private loopback port and check it; always stopped afterwards."""
-        cfg = self.d.cfg
+        cfg = self.cfg
         sock = private_listener() if cfg.app.uses_fd else None
         port = int(sock.getsockname()[1]) if sock is not None else free_port()
         proc, _plan = self.build(release, "canary", sock, port, host="127.0.0.1")
         try:
             await proc.start()
             lower_priority(proc.pid)
-            report = await self.d.prober.wait_healthy("127.0.0.1", port, cfg.health.checks,
-                                                      cfg.health.start_timeout_s, cfg.health.timeout_s,
-                                                      alive=lambda: proc.alive)
+            report = await self.wait_healthy(alive=lambda: proc.alive, host="127.0.0.1", port=port)
             died = "" if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
             return report, died
         finally:
@@ -365,7 +415,7 @@ class Runner:
         self._change(STOPPING)
         if self._restart is not None:
             self._restart.cancel()
-        timeout = self.d.cfg.update.drain_timeout_s
+        timeout = self.cfg.update.drain_timeout_s
         procs = [p for p in {self.proc, *self.draining} if p is not None]
         await asyncio.gather(*(p.stop(timeout) for p in procs), return_exceptions=True)
         for s in [self.listener, *self._retired_listeners]:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from proto4d import __version__, faults, fsutil, log, releases, states, update
+from proto4d import __version__, faults, fsutil, log, prune, releases, states
 from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
@@ -31,8 +31,9 @@ from proto4d.notices import Webhook
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
 from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
-from proto4d.runner import Runner
+from proto4d.runner import Runner, RunnerDeps
 from proto4d.service import Notifier
+from proto4d.update import UpdateDeps, UpdateManager
 
 REQUEST_POLL_S = 1.0  # `proto4d update` also sends SIGUSR2 to have it looked at at once
 NO_RELEASE_RETRY_S = 60.0
@@ -62,8 +63,14 @@ class Daemon:
         self.green_since: float | None = None
         self.release_error = ""
         self.app_log: RotatingLog | None = None
-        self.runner = Runner(self)
-        self.updates = update.UpdateManager(self)
+        self.runner = Runner(RunnerDeps(config=lambda: self.cfg, paths=self.paths, prober=self.prober,
+                                        registry=self.registry, on_line=self.on_app_line,
+                                        on_fatal=self.on_app_fatal, stopping=lambda: self.stopping))
+        self.updates = UpdateManager(UpdateDeps(
+            config=lambda: self.cfg, paths=self.paths, runner=self.runner, mirror=self.mirror, prober=self.prober,
+            registry=self.registry, sampler=self.sampler, green_since=lambda: self.green_since,
+            wait_sample=self.wait_sample, webhook=lambda: self.webhook, status_changed=self.status_changed,
+            prune=self.prune, stopping=lambda: self.stopping))
         self._stop = asyncio.Event()
         self._sampled = asyncio.Event()
         self._lock_fd: int | None = None
@@ -172,7 +179,6 @@ class Daemon:
             else:
                 if not (self.paths.venvs / rel.venv / "venv.json").exists():
                     await self._rebuild_venv(rel)
-                self.runner.release = rel
                 try:
                     if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
                         # The first release has no update to verify it: passing every check at start does.
@@ -187,7 +193,7 @@ class Daemon:
         self.log.info("first_release.start", repo=cfg.app.repo, branch=cfg.app.branch)
 
         def progress(text: str) -> None:
-            if not text.startswith("  |"):
+            if not releases.is_installer_output(text):
                 self.log.info("first_release.progress", text=text)
 
         try:
@@ -210,18 +216,11 @@ class Daemon:
         self.log.info("first_release.ready", release=prepared.release.name, commit=sha[:7])
 
     async def _rebuild_venv(self, rel: releases.Release) -> None:
-        req = rel.path / self.cfg.app.requirements if self.cfg.app.requirements else None
         try:
-            result = await asyncio.to_thread(releases.ensure_venv, self.paths, req if req and req.is_file() else None,
-                                             self.cfg.python, self.cfg.update.installer,
-                                             progress=lambda t: self.log.info("venv.progress", text=t),
-                                             registry=self.registry)
+            await asyncio.to_thread(releases.rebuild_venv, self.cfg, self.paths, rel,
+                                    progress=lambda t: self.log.info("venv.progress", text=t), registry=self.registry)
         except releases.ReleaseError as e:
             self.log.error("venv.rebuild_failed", release=rel.name, error=str(e))
-            return
-        if result.key != rel.venv:
-            rel.info["venv"] = result.key
-            fsutil.atomic_write_json(rel.path / "release.json", rel.info)
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self.stopping:
@@ -509,7 +508,7 @@ class Daemon:
 
     def prune(self) -> None:
         in_use = {r.venv for r in (self.runner.release,) if r is not None}
-        removed, venvs = update.retained(self.paths, self.cfg, sorted(in_use))
+        removed, venvs = prune.apply(self.paths, self.cfg, sorted(in_use))
         for name in removed:
             self.mirror.unpin(name)
         if removed or venvs:
