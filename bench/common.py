@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 import yaml
 
-from proto4d.loadgen import Load, Mix, Result, percentile
+from proto4d.demo.loadgen import Load, Mix, Result, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -314,7 +314,7 @@ def address_kind(groups: Iterable[Group]) -> dict[str, str]:
 
 
 class LoadSet:
-    """Several proto4d.loadgen.Load groups against one port, started and stopped together."""
+    """Several proto4d.demo.loadgen.Load groups against one port, started and stopped together."""
 
     def __init__(self, port: int, groups: Sequence[Group], timeout: float = 30.0) -> None:
         self.groups = tuple(groups)

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from typing import Any
 
 import psutil
 import yaml
+
+from proto4d.listener import free_port
 
 SAMPLE = Path(__file__).resolve().parents[1] / "daemon" / "proto4d" / "sample"
 GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid", "GIT_COMMITTER_NAME": "Test",
@@ -48,12 +49,6 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
             raise AssertionError(f"timed out after {timeout} s waiting for {what}"
                                  + (f" (last error: {last_exc})" if last_exc else ""))
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from harness import wait_for
-from proto4d.loadgen import Load, Mix
+from proto4d.demo.loadgen import Load, Mix
 from test_config import BAD as BAD_CONFIGS
 from test_config import check_message
 

@@ -32,7 +32,7 @@ import psutil
 import pytest
 
 from harness import git, wait_for
-from proto4d.loadgen import Load, Mix
+from proto4d.demo.loadgen import Load, Mix
 
 pytestmark = pytest.mark.e2e
 

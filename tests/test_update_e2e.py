@@ -10,7 +10,7 @@ import time
 import pytest
 
 from harness import wait_for
-from proto4d.loadgen import Load, Mix
+from proto4d.demo.loadgen import Load, Mix
 
 pytestmark = pytest.mark.e2e
 

@@ -183,5 +183,5 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "update": _lazy("proto4d.requests", "cmd_update"),
     "rollback": _lazy("proto4d.requests", "cmd_rollback"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
-    "demo": _lazy("proto4d.demo", "cmd_demo"),
+    "demo": _lazy("proto4d.demo.story", "cmd_demo"),
 }
