@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,3 +266,32 @@ def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             base[k] = v
     return base
+
+
+# --------------------------------------------------------------------------- reading what the daemon wrote
+
+
+def answer(d: Daemon, rid: str) -> dict[str, Any]:
+    """The answer file of request `rid` (raises while there is none yet: use inside wait_for)."""
+    return json.loads((d.root / "state" / "answers" / f"{rid}.json").read_text())
+
+
+def answers(d: Daemon) -> dict[str, dict[str, Any]]:
+    """Every readable answer file, by request id."""
+    out = {}
+    for p in (d.root / "state" / "answers").glob("*.json"):
+        with contextlib.suppress(ValueError, OSError):
+            out[p.stem] = json.loads(p.read_text())
+    return out
+
+
+def request_id(out: str) -> str:
+    """The request id `proto4d update/rollback` printed ("... (id X) ...")."""
+    m = re.search(r"\(id ([^)]+)\)", out)
+    assert m, f"no request id in: {out!r}"
+    return m.group(1)
+
+
+def events(d: Daemon, name: str, **match: Any) -> list[dict[str, Any]]:
+    """The daemon's log events called `name` whose fields equal `match`."""
+    return [e for e in d.log_events() if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]
