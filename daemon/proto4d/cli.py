@@ -163,6 +163,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         print(f"# {cfg.source}: valid; effective configuration with defaults:")
         print(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100), end="")
+        print(configmod.describe_reload_rules())
     return EX_OK
 
 

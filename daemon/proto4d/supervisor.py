@@ -441,7 +441,7 @@ class Daemon:
             self._change(previous_state)
             self.notifier.ready()
             return
-        now_keys, later_keys = configmod.reload_differences(self.cfg, new)
+        changed = configmod.reload_differences(self.cfg, new)
         self.cfg = new
         self.sampler.reconfigure(new.activity, new.safety, new.listen.port, new.app.access_log_regex)
         self.history.max_bytes = new.activity.history_max_bytes
@@ -450,10 +450,13 @@ class Daemon:
         self.runner.configure()
         if self.app_log is not None:
             self.app_log.reconfigure(new.app.log_max_bytes, new.app.log_backups)
-        self.log.info("reload.applied", now=now_keys or "nothing", at_next_switch=later_keys or "nothing")
-        if later_keys:
-            self.log.info("reload.pending", keys=later_keys,
-                          msg="these take effect at the next switch (update or rollback)")
+        self.log.info("reload.applied", now=changed[configmod.NOW] or "nothing",
+                      **{f"at_{rule}": keys for rule, keys in changed.items() if rule != configmod.NOW and keys})
+        pending = [k for rule, keys in changed.items() if rule != configmod.NOW for k in keys]
+        if pending:
+            self.log.info("reload.pending", keys=pending, msg="; ".join(
+                f"{', '.join(keys)}: {configmod.RELOAD_RULES[rule]}" for rule, keys in changed.items()
+                if rule != configmod.NOW and keys))
         self._change(previous_state)
         self.notifier.ready()
         if self.runner.state == states.FATAL:
