@@ -124,3 +124,18 @@ def test_daemon_transitions():
         m.change(s)
     with pytest.raises(IllegalTransition):
         m.change(states.RUNNING)
+
+
+def test_logged_recorder_logs_real_changes_only():
+    class Log:
+        def __init__(self) -> None:
+            self.lines: list[tuple[str, dict]] = []
+
+        def debug(self, event: str, **fields) -> None:
+            self.lines.append((event, fields))
+
+    log = Log()
+    m = Machine(states.APP, states.STOPPED, states.logged(log, "app.state"))
+    m.change(states.STARTING)
+    m.change(states.STARTING)
+    assert log.lines == [("app.state", {"old": "stopped", "new": "starting"})]

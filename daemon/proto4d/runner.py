@@ -54,7 +54,7 @@ class Runner:
     def __init__(self, deps: RunnerDeps) -> None:
         self.deps = deps
         self.log = log.get("proto4d.app")
-        self._machine = states.Machine(states.APP, STOPPED, self._record)
+        self._machine = states.Machine(states.APP, STOPPED, states.logged(self.log, "app.state"))
         self.proc: AppProcess | None = None
         self.release: Release | None = None
         self.listener: socket.socket | None = None
@@ -77,14 +77,6 @@ class Runner:
     @property
     def state(self) -> str:
         return self._machine.state
-
-    def _change(self, new: str) -> None:
-        """Every change of the app's state goes through here (checked against states.APP)."""
-        self._machine.change(new)
-
-    def _record(self, old: str, new: str, fields: dict[str, object]) -> None:
-        if old != new:
-            self.log.debug("app.state", old=old, new=new, release=self.release.name if self.release else None)
 
     @property
     def cfg(self) -> Config:
@@ -183,7 +175,7 @@ class Runner:
         """Start `release` on the production socket and wait until every health check passes."""
         cfg = self.cfg
         self.release = release  # even if it never starts: a restart or a revive tries it again
-        self._change(STARTING)
+        self._machine.change(STARTING)
         self.healthy = None
         sock = self.production_listener()
         proc, plan = self.build(release, "app", sock)
@@ -195,7 +187,7 @@ class Runner:
         if proc is not self.proc or self.state == STOPPING:
             return False
         if report.ok:
-            self._change(RUNNING)
+            self._machine.change(RUNNING)
             self.healthy = True
             self.since = time.time()
             self.message = ""
@@ -233,14 +225,14 @@ class Runner:
         self.last_exit = why
         action, delay = self.backoff.on_exit(proc.ran_for)
         if action == "fatal":
-            self._change(FATAL)
+            self._machine.change(FATAL)
             self.healthy = False
             self.message = (f"gave up after {self.backoff.failures} fast failures in a row "
                             f"(each under {self.backoff.stable_s:g} s); last: {why}")
             self.log.critical("app.fatal", release=proc.release, failures=self.backoff.failures, last=why[:500])
             self.deps.on_fatal()
             return
-        self._change(BACKOFF)
+        self._machine.change(BACKOFF)
         self.restarts += 1
         self.message = f"restarting in {delay:g} s after: {why[:300]}"
         self.log.warning("app.backoff", release=proc.release, delay_s=delay, failures=self.backoff.failures)
@@ -254,7 +246,7 @@ class Runner:
 
     def give_up(self, why: str) -> None:
         """The app cannot be started at all (e.g. the port is taken): fatal until a SIGHUP or an update."""
-        self._change(FATAL)
+        self._machine.change(FATAL)
         self.healthy = False
         self.message = why
 
@@ -311,7 +303,7 @@ class Runner:
         await faults.point("new_started")
         old = self.proc
         self._adopt(proc, release, plan)
-        self._change(RUNNING)
+        self._machine.change(RUNNING)
         self.healthy = None
         self.since = time.time()
         self.restarts = 0
@@ -331,14 +323,14 @@ class Runner:
         proc, plan = self.build(release, "app")
         await proc.start()
         self._adopt(proc, release, plan)
-        self._change(STARTING)
+        self._machine.change(STARTING)
         report = await self.wait_healthy(alive=lambda: proc.alive, port=self.cfg.listen.port)
         gap = time.monotonic() - t0
         if not report.ok:
             why = report.failures() if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
             await proc.stop(5)
             raise SwitchFailed(f"{release.name} did not become healthy after stop-then-start: {why}")
-        self._change(RUNNING)
+        self._machine.change(RUNNING)
         self.healthy = None
         self.since = time.time()
         self.backoff.reset()
@@ -412,7 +404,7 @@ class Runner:
 
     async def stop_all(self) -> None:
         """Drain every app process (the serving one and any still draining), then close the sockets."""
-        self._change(STOPPING)
+        self._machine.change(STOPPING)
         if self._restart is not None:
             self._restart.cancel()
         timeout = self.cfg.update.drain_timeout_s
@@ -424,7 +416,7 @@ class Runner:
                     s.close()
         self.listener = None
         self._retired_listeners.clear()
-        self._change(STOPPED)
+        self._machine.change(STOPPED)
         self.healthy = False
 
     def pids(self) -> list[int]:

@@ -130,6 +130,17 @@ def check(table: Mapping[str, frozenset[str]], old: str, new: str) -> None:
 Recorder = Callable[[str, str, dict[str, Any]], None]
 
 
+def logged(log: Any, event: str) -> Recorder:
+    """A recorder that logs each real change (not a repeat) as `event` at debug level; `log` is a
+    structlog-style logger (anything with .debug(event, **fields))."""
+
+    def record(old: str, new: str, fields: dict[str, Any]) -> None:
+        if old != new:
+            log.debug(event, old=old, new=new, **fields)
+
+    return record
+
+
 class Machine:
     """One owner's current state. `change` checks the transition, then records it through the owner's
     recorder (journal, status, log), then makes it the state: a recorder that raises (a journal that

@@ -49,7 +49,7 @@ class Daemon:
         self.config_path = config_path
         self.paths = Paths(cfg.root)
         self.log = log.get("proto4d")
-        self._machine = states.Machine(states.DAEMON, states.STARTING, self._record_state)
+        self._machine = states.Machine(states.DAEMON, states.STARTING, states.logged(self.log, "daemon.state"))
         self.stopping = False
         self.started_at = time.time()
         self.notifier = Notifier()
@@ -82,18 +82,10 @@ class Daemon:
     def state(self) -> str:
         return self._machine.state
 
-    def _change(self, new: str) -> None:
-        """Every change of the daemon's state goes through here (checked against states.DAEMON)."""
-        self._machine.change(new)
-
-    def _record_state(self, old: str, new: str, fields: dict[str, Any]) -> None:
-        if old != new:
-            self.log.debug("daemon.state", old=old, new=new)
-
     def _running(self) -> None:
         """Startup or a reload is over; a stop that arrived meanwhile wins."""
         if not self.stopping and self.state != states.RUNNING:
-            self._change(states.RUNNING)
+            self._machine.change(states.RUNNING)
 
     # -- lifecycle
 
@@ -226,12 +218,12 @@ class Daemon:
         if not self.stopping:
             self.log.info("daemon.stopping", signal=signal.Signals(sig).name if sig else None)
         self.stopping = True
-        self._change(states.STOPPING)
+        self._machine.change(states.STOPPING)
         self._stop.set()
 
     async def _shutdown(self) -> None:
         self.stopping = True
-        self._change(states.STOPPING)
+        self._machine.change(states.STOPPING)
         self.notifier.stopping()
         with contextlib.suppress(Exception):
             self.write_status()
@@ -248,7 +240,7 @@ class Daemon:
         if left:
             self.log.warning("stop.ended_unheld", pids=[e["pid"] for e in left])
         await self.webhook.flush()
-        self._change(states.STOPPED)
+        self._machine.change(states.STOPPED)
         with contextlib.suppress(Exception):
             self.write_status()
         if self.app_log is not None:
@@ -429,7 +421,7 @@ class Daemon:
             return  # a SIGHUP during the shutdown: nothing left to reconfigure
         self.notifier.reloading()
         previous_state = self.state
-        self._change(states.RELOADING)
+        self._machine.change(states.RELOADING)
         path = self.config_path
         try:
             new = configmod.load(path)
@@ -438,7 +430,7 @@ class Daemon:
                                             "restart the daemon to move it", new.root)
         except configmod.ConfigError as e:
             self.log.error("reload.refused", error=str(e), kept=self.cfg.source)
-            self._change(previous_state)
+            self._machine.change(previous_state)
             self.notifier.ready()
             return
         changed = configmod.reload_differences(self.cfg, new)
@@ -457,7 +449,7 @@ class Daemon:
             self.log.info("reload.pending", keys=pending, msg="; ".join(
                 f"{', '.join(keys)}: {configmod.RELOAD_RULES[rule]}" for rule, keys in changed.items()
                 if rule != configmod.NOW and keys))
-        self._change(previous_state)
+        self._machine.change(previous_state)
         self.notifier.ready()
         if self.runner.state == states.FATAL:
             await self.runner.revive()
