@@ -79,7 +79,7 @@ def test_version_that_crashes_after_the_switch_is_rolled_back_by_the_watch(make_
 
 
 def test_unhealthy_version_fails_the_canary(make_daemon, origin):
-    d = make_daemon().start()
+    d = make_daemon(health={"start_timeout_s": 5}).start()  # the canary answers 503 until this runs out
     origin.commit("2", mode="unhealthy")
     r = d.update("--force", "--wait")
     assert r.returncode == 1 and "503" in r.stdout and "ABORTED" in r.stdout
