@@ -39,8 +39,6 @@ PENDING = frozenset({REQUESTED, WAITING, NOTICED})  # nothing touched yet: a new
 BEFORE_SWITCH = frozenset({PREPARING, CANARY})  # work on the side; the live service untouched
 AFTER_SWITCH = frozenset({SWITCHING, VERIFYING, WATCHING, ROLLING_BACK})  # the live service changed
 FINAL = frozenset({DONE, ABORTED, ROLLED_BACK, REJECTED, SUPERSEDED})
-# What an answer file may say before the final outcome (they are not states of the run).
-ANSWER_ONLY = frozenset({"accepted", "queued"})
 
 # Every state the update's code can move to from each state. An internal error before the switch
 # aborts from wherever it happens; after it, the way out is always through rolling_back.
