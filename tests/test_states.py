@@ -48,9 +48,10 @@ def test_final_states_lead_nowhere_and_every_other_reaches_one():
 def test_after_the_switch_the_only_way_out_is_done_or_through_rolling_back():
     for s in states.AFTER_SWITCH - {states.ROLLING_BACK}:
         assert states.UPDATE[s] & states.FINAL <= {states.DONE, states.ABORTED}
-    # aborted after the switch only from `switching`, before the new process took over
+    # aborted after the switch only before the new process took over (from switching, or from the
+    # rollback of such a switch); never once it was verified or watched
     assert states.ABORTED not in states.UPDATE[states.VERIFYING] | states.UPDATE[states.WATCHING]
-    assert states.UPDATE[states.ROLLING_BACK] == {states.ROLLED_BACK, states.ROLLING_BACK}
+    assert states.UPDATE[states.ROLLING_BACK] == {states.ROLLED_BACK, states.ROLLING_BACK, states.ABORTED}
 
 
 def test_superseded_only_before_anything_was_touched():

@@ -29,6 +29,7 @@ from proto4d.update import Journal, UpdateDeps, UpdateManager, UpdateRun
 
 OLD_SHA = "a" * 40
 NEW_SHA = "b" * 40
+NEXT_SHA7 = NEW_SHA[:7]
 GOOD = HealthReport(True, (CheckResult("/health", True, 200, None, 1.0),))
 BAD = HealthReport(False, (CheckResult("/health", False, 500, None, 1.0),))
 
@@ -66,6 +67,7 @@ class FakeRunner:
         self.canary_report = GOOD
         self.health: dict[str, HealthReport] = {}  # release name -> what its checks say (default GOOD)
         self.on_check: Any = None  # called before each watch check
+        self.wait_healthy_error: Exception | None = None  # a bug inside wait_healthy, for the internal-error paths
 
     def hold_for_switch(self) -> None:
         self.hold = True
@@ -96,6 +98,8 @@ class FakeRunner:
         return self.canary_report, ""
 
     async def wait_healthy(self, **kw: Any) -> HealthReport:
+        if self.wait_healthy_error is not None:
+            raise self.wait_healthy_error
         return self.health.get(self.release.name if self.release else "", GOOD)
 
     async def check(self) -> HealthReport:
@@ -204,8 +208,12 @@ class World:
             self.prepared.append(rel.name)
             return releases.Prepared(rel, releases.VenvResult(rel.venv, paths.venvs / rel.venv, True, "uv", 0.0))
 
+        self.prune_error: Exception | None = None
+
         def prune() -> None:
             self.pruned += 1
+            if self.prune_error is not None:
+                raise self.prune_error
 
         async def wait_sample(timeout: float) -> None:
             await asyncio.sleep(0)
@@ -343,6 +351,47 @@ def test_a_rollback_request_goes_to_the_previous_release_without_preparing(world
     assert run.state == "done" and world.current() == "proto4_old"
     assert world.prepared == [f"proto4_new_{NEW_SHA[:7]}"]  # the update's only
     assert "waiting" not in world.journal_steps()
+
+
+def test_retention_failing_after_done_does_not_roll_the_update_back(world):
+    world.prune_error = PermissionError(13, "Permission denied", "venvs/old")
+    run = world.run(force=True)
+    assert run.state == "done" and world.journal_steps()[-1] == "done"
+    assert world.current() == f"proto4_new_{NEW_SHA[:7]}"
+    assert ("handoff", "proto4_old") not in world.runner.calls
+
+
+def test_an_internal_error_in_the_rollback_of_a_switch_that_never_happened_aborts(world):
+    world.runner.fail_handoff.add(f"proto4_new_{NEXT_SHA7}")
+    world.runner.wait_healthy_error = RuntimeError("a bug")
+    run = world.run(force=True)
+    assert world.journal_steps()[-3:] == ["switching", "rolling_back", "aborted"]
+    assert run.state == "aborted" and "internal error before the switch: RuntimeError: a bug" in run.message
+    assert world.current() == "proto4_old"  # the old process never stopped serving
+
+
+def test_the_manager_survives_an_update_whose_own_handlers_fail(world):
+    async def main() -> dict:
+        m = UpdateManager(world.deps)
+        m.start()
+        world.runner.crashed = asyncio.Event()
+        world.paths.journal.mkdir()  # the journal cannot be written at all: not even `requested`
+        m.submit(Request(id="f1", force=True))
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if m.run is None and m.last:
+                break
+        world.paths.journal.rmdir()
+        m.submit(Request(id="f2", force=True))  # the loop goes on: the next request runs
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if m.last.get("id") == "f2":
+                break
+        await m.stop()
+        return m.last
+
+    last = asyncio.run(asyncio.wait_for(main(), 10))
+    assert last["id"] == "f2" and last["state"] == "done", last
 
 
 def test_an_illegal_transition_is_refused(world):

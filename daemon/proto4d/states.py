@@ -52,8 +52,10 @@ UPDATE: Mapping[str, frozenset[str]] = {
     SWITCHING: frozenset({VERIFYING, ROLLING_BACK, ABORTED}),
     VERIFYING: frozenset({WATCHING, ROLLING_BACK}),
     WATCHING: frozenset({DONE, ROLLING_BACK}),
-    # rolling_back again: an internal error during a rollback starts the rollback over
-    ROLLING_BACK: frozenset({ROLLED_BACK, ROLLING_BACK}),
+    # rolling_back again: an internal error during a rollback starts the rollback over; aborted: the
+    # rollback of a switch whose new process never took over failed on an internal error (the old
+    # process still serves)
+    ROLLING_BACK: frozenset({ROLLED_BACK, ROLLING_BACK, ABORTED}),
     **{s: frozenset() for s in FINAL},
 }
 

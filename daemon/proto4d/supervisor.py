@@ -218,7 +218,8 @@ class Daemon:
         if not self.stopping:
             self.log.info("daemon.stopping", signal=signal.Signals(sig).name if sig else None)
         self.stopping = True
-        self._machine.change(states.STOPPING)
+        if self.state != states.STOPPED:  # a signal after the shutdown: nothing left to stop
+            self._machine.change(states.STOPPING)
         self._stop.set()
 
     async def _shutdown(self) -> None:

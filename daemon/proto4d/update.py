@@ -344,7 +344,7 @@ class UpdateRun:
         if self.state in FINAL:
             return
         self.message = f"{type(e).__name__}: {e}"
-        if not self.switched:
+        if not self.switched and ABORTED in states.UPDATE[self.state]:
             self._machine.change(ABORTED, outcome=ABORTED, message=self.message)
 
     def summary(self) -> dict[str, Any]:
@@ -402,8 +402,11 @@ class UpdateRun:
                 return
             self._finish(DONE, f"{self.new.name if self.new else '?'} serves and is verified "
                                  f"(commit {self.target_commit[:7]})")
-            releases.set_outcome(paths, self.new.name, "verified")
-            await asyncio.to_thread(self.deps.prune)
+            try:
+                releases.set_outcome(paths, self.new.name, "verified")
+                await asyncio.to_thread(self.deps.prune)
+            except Exception as e:  # done and verified: failing housekeeping is no reason to roll back
+                self.log.exception("update.housekeeping_failed", error=str(e))
         except Done as e:
             self._finish(DONE, str(e))
         except Rejected as e:
