@@ -7,6 +7,7 @@ subprocess (exit 78, one line on stderr naming the file, the dotted key and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -646,6 +647,9 @@ def test_every_key_declares_when_a_reload_applies_it() -> None:
     the keys the parser accepts are exactly those."""
     keys = config.schema()
     assert set(keys.values()) <= set(config.RELOAD_RULES)
+    undeclared = [f"{name}.{f.name}" for name, cls in config._sections().items() for f in dataclasses.fields(cls)
+                  if "reload" not in f.metadata]
+    assert not undeclared, f"keys without a reload rule (field(metadata=_NOW) etc.): {undeclared}"
     for name in config.SECTIONS:
         section = {k.split(".", 1)[1] for k in keys if k.startswith(name + ".")}
         with pytest.raises(ConfigError, match=rf"{name}\.no_such_key: not a known key"):

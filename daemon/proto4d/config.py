@@ -9,12 +9,14 @@ file itself.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
 import re
 import shutil
 import string
+import typing
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -571,7 +573,7 @@ class _Builder:
     # -- sections
 
     def build(self, doc: dict) -> Config:
-        self.unknown(doc, _keys(Config) | set(SECTIONS), "")
+        self.unknown(doc, _top_keys(), "")
         if "root" not in doc:
             self.fail("root", "missing; expected a directory where proto4d keeps its state "
                       "(this key is required)")
@@ -924,29 +926,35 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
-SECTIONS = ("app", "listen", "health", "activity", "safety", "schedule", "update", "notify")
+def _sections() -> dict[str, type]:
+    """The config's sections (`app`, `listen`, ...): the fields of Config that are dataclasses."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+SECTIONS = tuple(_sections())
 
 
 def _keys(cls: type) -> set[str]:
-    """The keys a section (or the top level) accepts: the fields that declare a reload rule."""
-    return {f.name for f in fields(cls) if "reload" in f.metadata}
+    """The keys a section accepts: its fields."""
+    return {f.name for f in fields(cls)}
+
+
+def _top_keys() -> set[str]:
+    return {f.name for f in fields(Config) if f.name not in ("source", "raw")}
 
 
 def schema() -> dict[str, str]:
-    """Every dotted key and its reload rule, in declaration order."""
+    """Every dotted key and its reload rule, in declaration order (a key that declares none: RESTART)."""
     out: dict[str, str] = {}
+    sections = _sections()
     for f in fields(Config):
-        if "reload" in f.metadata:
-            out[f.name] = f.metadata["reload"]
-        elif f.name in SECTIONS:
-            for sub in fields(_SECTION_TYPES[f.name]):
-                out[f"{f.name}.{sub.name}"] = sub.metadata["reload"]
+        if f.name in sections:
+            for sub in fields(sections[f.name]):
+                out[f"{f.name}.{sub.name}"] = sub.metadata.get("reload", RESTART)
+        elif f.name in _top_keys():
+            out[f.name] = f.metadata.get("reload", RESTART)
     return out
-
-
-_SECTION_TYPES: dict[str, type] = {"app": AppConfig, "listen": ListenConfig, "health": HealthConfig,
-                                   "activity": ActivityConfig, "safety": SafetyConfig, "schedule": ScheduleConfig,
-                                   "update": UpdateConfig, "notify": NotifyConfig}
 
 
 def reload_differences(old: Config, new: Config) -> dict[str, list[str]]:
