@@ -144,6 +144,10 @@ class AppConfig:
     max_fast_failures: int = field(metadata=_NOW)
     log_max_bytes: int = field(metadata=_NOW)
     log_backups: int = field(metadata=_NOW)
+    # SQLite files to snapshot and to copy for the canary (default: found under shared/ by header)
+    databases: tuple[str, ...] = field(default=(), metadata=_NEXT_UPDATE)
+    # run in the new release's venv and workdir, first on the canary's copy, then live at the switch
+    migrate: tuple[str, ...] = field(default=(), metadata=_NEXT_UPDATE)
 
     @property
     def uses_fd(self) -> bool:
@@ -223,6 +227,9 @@ class UpdateConfig:
     min_free_mb: int = field(metadata=_NOW)
     installer: str = field(metadata=_NOW)
     canary: bool = field(metadata=_NOW)
+    migrate_timeout_s: float = field(default=300, metadata=_NOW)
+    # a migration the previous release cannot run on goes on only when asked (or this is true)
+    allow_incompatible: bool = field(default=False, metadata=_NOW)
 
 
 @dataclass(frozen=True)
@@ -654,7 +661,41 @@ class _Builder:
             log_max_bytes=self.get(sec, p, "log_max_bytes", 10 << 20,
                                    self.number(4096, 1 << 34, integer=True, unit="bytes")),
             log_backups=self.get(sec, p, "log_backups", 5, self.number(0, 100, integer=True)),
+            databases=self.databases(sec.get("databases", []), sec, shared),
+            migrate=self.migrate(sec.get("migrate", []), sec),
         )
+
+    def databases(self, value: Any, sec: Mapping, shared: tuple[str, ...]) -> tuple[str, ...]:
+        """Database paths relative to the app; each must lie under a shared path (that is where data lives)."""
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.fail("app.databases", "a list of SQLite file paths relative to the app, under app.shared", value,
+                      sec)
+        out = []
+        for i, item in enumerate(value):
+            rel = self.relpath(False, "a path relative to the app")(f"app.databases[{i}]", item, sec)
+            if not any(rel == s or rel.startswith(s.rstrip("/") + "/") for s in shared):
+                self.fail(f"app.databases[{i}]", "a path under one of app.shared (" + ", ".join(shared)
+                          + "): a database outside shared/ would be lost with its release", item, sec)
+            out.append(rel)
+        return tuple(out)
+
+    def migrate(self, value: Any, sec: Mapping) -> tuple[str, ...]:
+        if value in (None, [], ""):
+            return ()
+        expected = 'a list of arguments like ["{python}", "-m", "alembic", "upgrade", "head"]'
+        if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
+            self.fail("app.migrate", expected + " (a list, never a shell string)", value, sec)
+        for i, arg in enumerate(value):
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
+            except ValueError as e:
+                self.fail(f"app.migrate[{i}]", f"an argument with well-formed placeholders ({e})", arg, sec)
+            bad = [f for f in fields if f not in ("python", "release")]
+            if bad:
+                self.fail(f"app.migrate[{i}]", "placeholders among {python}, {release}", arg, sec)
+        return tuple(value)
 
     def regex(self, key: str, value: str, sec: Mapping) -> re.Pattern[str]:
         try:
@@ -855,6 +896,9 @@ class _Builder:
                                  self.number(0, 1 << 30, integer=True, unit="MB")),
             installer=installer,
             canary=self.get(sec, p, "canary", True, self.boolean),
+            migrate_timeout_s=self.get(sec, p, "migrate_timeout_s", 300,
+                                       self.number(1, 86400, unit="seconds")),
+            allow_incompatible=self.get(sec, p, "allow_incompatible", False, self.boolean),
         )
 
     def notify(self, doc: dict) -> NotifyConfig:

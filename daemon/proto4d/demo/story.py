@@ -2,7 +2,7 @@
 
 A local bare git origin gets the sample app (daemon/proto4d/sample) in three versions; a real
 daemon (`python -m proto4d run`) serves it with a real uvicorn in a release venv; simulated
-users (proto4d.loadgen) send real HTTP over loopback. The acts:
+users (proto4d.demo.loadgen) send real HTTP over loopback. The acts:
 
   1. v1 serves;
   2. four busy users make the verdict red; an update to v2 is requested and waits;
