@@ -81,16 +81,19 @@ NOW = "now"  # the daemon uses it from the reload on
 NEXT_UPDATE = "next_update"  # what the next release is built from: the next update (or rollback) uses it
 NEXT_START = "next_start"  # what an app process starts with: the next switch, or a restart after a crash
 RESTART = "restart"  # only a daemon restart applies it
+WEB_RESTART = "web_restart"  # read by `proto4d web` when it starts; the daemon does not use it
 RELOAD_RULES = {
     NOW: "at once",
     NEXT_UPDATE: "at the next update (what the next release is built from)",
     NEXT_START: "at the next start of the app (a switch, or a restart after a crash)",
     RESTART: "at the next daemon restart",
+    WEB_RESTART: "when `proto4d web` is restarted (the daemon does not use it)",
 }
 
 
 # A config key declares its rule in its dataclass field: `port: int = field(metadata=_NEXT_START)`.
-_NOW, _NEXT_UPDATE, _NEXT_START, _RESTART = ({"reload": r} for r in (NOW, NEXT_UPDATE, NEXT_START, RESTART))
+_NOW, _NEXT_UPDATE, _NEXT_START, _RESTART, _WEB_RESTART = (
+    {"reload": r} for r in (NOW, NEXT_UPDATE, NEXT_START, RESTART, WEB_RESTART))
 
 
 # --------------------------------------------------------------------------- values
@@ -240,6 +243,14 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """`proto4d web`: where the status page and /metrics listen; a token for any non-loopback address."""
+    host: str = field(default="127.0.0.1", metadata=_WEB_RESTART)
+    port: int = field(default=8099, metadata=_WEB_RESTART)
+    token: str = field(default="", metadata=_WEB_RESTART)
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     root: Path = field(metadata=_RESTART)
@@ -252,6 +263,7 @@ class Config:
     schedule: ScheduleConfig
     update: UpdateConfig
     notify: NotifyConfig
+    web: WebConfig = WebConfig()
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -603,7 +615,7 @@ class _Builder:
         update = self.update(doc)
         notify = self.notify(doc)
         return Config(self.file, root, python, app, listen, health, activity, safety, schedule, update,
-                      notify, raw=doc)
+                      notify, self.web(doc), raw=doc)
 
     def abspath(self, text: str) -> Path:
         p = Path(os.path.expanduser(text))
@@ -912,6 +924,29 @@ class _Builder:
                                        self.number(0, 60, strict_min=True, unit="seconds")),
         )
 
+    def web(self, doc: dict) -> WebConfig:
+        sec = self.section(doc, "web", {"listen", "token"})
+        listen = sec.get("listen", {})
+        if not isinstance(listen, dict):
+            self.fail("web.listen", "a mapping {host: 127.0.0.1, port: 8099}", listen, sec)
+        self.unknown(listen, {"host", "port"}, "web.listen.")
+        host = self.get(listen, "web.listen.", "host", "127.0.0.1", self.text(False, "an IP address"))
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            self.fail("web.listen.host", "an IP address such as 127.0.0.1 (or localhost)", host, listen)
+        port = self.get(listen, "web.listen.", "port", 8099, self.number(1, 65535, integer=True))
+        token = self.get(sec, "web.", "token", "", self.text(True, "a string of at least 16 characters"))
+        if token and (len(token) < 16 or any(c.isspace() for c in token)):
+            self.fail("web.token", "at least 16 characters without spaces (e.g. from `openssl rand -hex 16`)",
+                      "(hidden)", sec)
+        if not loopback and not token:
+            self.fail("web.token", f"a token (at least 16 characters): required because web.listen.host {host} "
+                      "is not a loopback address (or keep 127.0.0.1 and reach it through an SSH forward)")
+        return WebConfig(host, port, token)
+
 
 _DEFAULT_COMMAND = ["{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"]
 _FULL_DAYS = {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
@@ -959,13 +994,15 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return [conv(x) for x in v]
         return v
     out: dict[str, Any] = {"root": str(cfg.root), "python": cfg.python}
-    for name in ("app", "listen", "health", "activity", "safety", "schedule", "update", "notify"):
+    for name in ("app", "listen", "health", "activity", "safety", "schedule", "update", "notify", "web"):
         sec = getattr(cfg, name)
         d = {}
         for f in sec.__dataclass_fields__:
             d[f] = conv(getattr(sec, f))
         if name == "app":
             d["env"] = {k: v for k, v in cfg.app.env}
+        if name == "web":  # never print the token
+            d = {"listen": {"host": d["host"], "port": d["port"]}, "token": "(set)" if d["token"] else ""}
         out[name] = d
     return out
 
