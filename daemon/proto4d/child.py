@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto4d import faults
 from proto4d.log import scrub
-from proto4d.procs import PidRegistry, kill_group
+from proto4d.procs import HELD_EXIT, Hold, PidRegistry, kill_group
 
 LineHandler = Callable[[str, "AppProcess"], None]
 
@@ -130,17 +131,45 @@ class AppProcess:
         self._waiter: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=self.pass_fds,
-            start_new_session=True, limit=1 << 20)
-        self.pid = self.proc.pid
+        """Spawn the process held, record its pid, then let it run (procs.Hold).
+
+        Never raises for a start that fails (a missing working directory or interpreter, a
+        registry that cannot be written): the process is then simply dead at once, with the
+        reason as its last output line, and every caller treats it as a failed start.
+        """
         self.started_at = time.time()
         self.started_mono = time.monotonic()
-        if self.registry is not None:
-            self.registry.add(self.pid, self.role, release=self.release)
+        hold = Hold()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *hold.wrap(self.argv), cwd=self.cwd, env=self.env, stdin=hold.read_fd,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=self.pass_fds,
+                start_new_session=True, limit=1 << 20)
+        except OSError as e:
+            hold.abort()
+            self._never_started(f"could not start {self.argv[0]} in {self.cwd}: {e.strerror or e}")
+            return
+        hold.spawned()
+        self.pid = self.proc.pid
+        await faults.point(f"forked_{self.role}")  # the crash window the hold closes: forked, not yet recorded
+        try:
+            if self.registry is not None:
+                self.registry.add(self.pid, self.role, release=self.release)
+        except OSError as e:
+            # Unrecorded, it must not run: the held shell exits on the closed pipe without exec'ing.
+            hold.abort()
+            self.tail.append(f"proto4d: not started: its pid could not be recorded ({e.strerror or e})")
+        else:
+            hold.release()
         self._reader = asyncio.create_task(self._read(), name=f"read-{self.pid}")
         self._waiter = asyncio.create_task(self._wait(), name=f"wait-{self.pid}")
+
+    def _never_started(self, why: str) -> None:
+        self.tail.append(why)
+        self.returncode = 127
+        self.exited.set()
+        with contextlib.suppress(Exception):
+            self.on_line(why, self)
 
     @property
     def alive(self) -> bool:
@@ -228,6 +257,12 @@ class AppProcess:
         rc = self.returncode
         if rc is None:
             return "running"
+        if self.pid == 0:
+            return "never started"
+        if rc == HELD_EXIT:
+            return "never started (released by no daemon)"
+        if rc in (126, 127):
+            return f"exited with code {rc} (could not execute {self.argv[0]})"
         if rc < 0:
             try:
                 return f"killed by {signal.Signals(-rc).name}"

@@ -26,7 +26,6 @@ from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
 from proto4d.health import Prober
-from proto4d.listener import ListenError
 from proto4d.notices import Webhook
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
@@ -129,6 +128,11 @@ class Daemon:
                                           self.log.warning)
         if orphans:
             self.log.warning("orphans.ended", count=len(orphans), pids=[o["pid"] for o in orphans])
+        # A process of ours that escaped the registry (it should not: starts are held until recorded) is
+        # recognised by what it is, and ended too: it would hold the port and leave us idle.
+        stale = await self.runner.end_stale()
+        if stale:
+            self.log.warning("stale.ended", count=len(stale), pids=[o["pid"] for o in stale])
         partial = await asyncio.to_thread(releases.cleanup_partial, self.paths)
         if partial:
             self.log.warning("partial.removed", paths=partial)
@@ -137,7 +141,7 @@ class Daemon:
         await self._start_current()
         self.state = "running"
         self.write_status()
-        if self.runner.state in ("running", "fatal") or self.runner.release is None:
+        if self.runner.state in ("running", "fatal", "backoff") or self.runner.release is None:
             self.notifier.ready()
         if resume is not None:
             self.updates.submit(resume)
@@ -156,14 +160,10 @@ class Daemon:
                 if not (self.paths.venvs / rel.venv / "venv.json").exists():
                     await self._rebuild_venv(rel)
                 self.runner.release = rel
-                try:
-                    if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
-                        # The first release has no update to verify it: passing every check at start does.
-                        releases.set_outcome(self.paths, rel.name, "verified")
-                except ListenError as e:
-                    self.log.critical("listen.failed", error=str(e))
-                    self.runner.state = "fatal"
-                    self.runner.message = str(e)
+                # A failure here (port, exec, crash) is retried by the runner's backoff, never left idle.
+                if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
+                    # The first release has no update to verify it: passing every check at start does.
+                    releases.set_outcome(self.paths, rel.name, "verified")
 
     async def _first_release(self) -> None:
         """No `current` yet: fetch the branch head and prepare it exactly as an update would."""
