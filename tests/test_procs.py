@@ -53,8 +53,8 @@ def test_a_spawner_killed_before_recording_leaves_nothing_running(tmp_path: Path
         import os, subprocess, sys, time
         from proto4d.procs import Hold
         hold = Hold()
-        p = subprocess.Popen(hold.wrap([sys.executable, "-c", "import time; open({str(marker)!r}, 'w'); time.sleep(60)"]),
-                             stdin=hold.read_fd, start_new_session=True)
+        code = "import time; open({str(marker)!r}, 'w'); time.sleep(60)"
+        p = subprocess.Popen(hold.wrap([sys.executable, "-c", code]), stdin=hold.read_fd, start_new_session=True)
         hold.spawned()
         open({str(pidfile)!r}, "w").write(str(p.pid))
         time.sleep(60)  # SIGKILLed here, before any record and release
