@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Daemon, Origin, wait_for  # noqa: E402
+from harness import Daemon, Origin, wait_for
 
 SERVE_BOUND_S = 30.0  # from the restart to the app answering healthy again
 SETTLE_BOUND_S = 90.0  # until every invariant holds (a resumed update may run to its end first)
