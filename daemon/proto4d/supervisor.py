@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from proto4d import __version__, faults, fsutil, log, releases, update
+from proto4d import __version__, configwait, faults, fsutil, log, releases, update
 from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
@@ -499,10 +499,17 @@ class Daemon:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)  # ConfigError -> exit 78 in cli.main
     # Nothing the daemon (or the app it starts) creates is writable by others, whatever umask it was
     # started with (a stricter one, such as 077, is kept).
     os.umask(os.umask(0o022) | 0o022)
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError as e:
+        # Not exit 78: launchd would respawn us into the same error forever. Stay up, say it, take the fix.
+        waited = configwait.wait(args.config, e)
+        if waited is None:
+            return 0
+        cfg = waited
     paths = Paths(cfg.root)
     paths.make_dirs()
     log.setup(paths.daemon_log, stderr=True)

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from proto4d import config as configmod
-from proto4d import fsutil, policy, releases
+from proto4d import configwait, fsutil, policy, releases
 from proto4d.paths import Paths
 
 EX_OK, EX_FAILED = 0, 1
@@ -148,7 +148,13 @@ def _tunnel(v: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError:
+        waiting = configwait.waiting_daemon(args.config)
+        if waiting:
+            print(f"proto4d: {waiting}", file=sys.stderr)
+        raise
     paths = Paths(cfg.root)
     if args.watch is not None and args.watch <= 0:
         print("proto4d status: --watch needs a number of seconds > 0", file=sys.stderr)

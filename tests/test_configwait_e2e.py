@@ -1,0 +1,62 @@
+"""An invalid config at start: the daemon stays up, says what is wrong, and takes the fixed file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+from harness import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_invalid_config_waits_says_why_in_status_and_log_then_takes_the_saved_fix(make_daemon):
+    d = make_daemon()
+    d.cfg["activity"]["window_s"] = -3
+    d.write_config()
+    d.start(wait_healthy=False)
+    s = d.wait_status(lambda s: s["daemon"]["state"] == "invalid_config", 30, "the waiting status")
+    assert "activity.window_s" in s["daemon"]["config_error"] and str(d.config_path) in s["daemon"]["config_error"]
+    assert "activity.window_s" in s["app"]["message"]
+    ev = wait_for(lambda: [e for e in d.log_events() if e.get("event") == "config.invalid"], 10, "the log line")
+    assert "activity.window_s" in ev[-1]["error"]
+    r = d.cli("status")
+    assert r.returncode == 78 and "activity.window_s" in r.stderr
+    assert f"pid {d.proc.pid}" in r.stderr and "waits for this file" in r.stderr
+    d.cfg["activity"]["window_s"] = 5
+    d.write_config()  # no signal: the change itself is noticed
+    d.wait_healthy(timeout=90)
+    assert any(e.get("event") == "config.valid" and e.get("trigger") == "the file changed" for e in d.log_events())
+    assert d.get()["status"] == 200
+
+
+def test_sighup_takes_a_fix_made_outside_the_file(make_daemon, tmp_path):
+    """The file is unchanged, what it names is fixed (the interpreter now exists): SIGHUP looks again."""
+    d = make_daemon()
+    python = tmp_path / "bin" / "python3"
+    d.cfg["python"] = str(python)
+    d.write_config()
+    d.start(wait_healthy=False)
+    s = d.wait_status(lambda s: s["daemon"]["state"] == "invalid_config", 30, "the waiting status")
+    assert "python" in s["daemon"]["config_error"]
+    python.parent.mkdir()
+    python.symlink_to(sys.executable)
+    d.signal(signal.SIGHUP)
+    d.wait_healthy(timeout=90)
+    assert any(e.get("event") == "config.valid" and e.get("trigger") == "SIGHUP" for e in d.log_events())
+
+
+def test_unparseable_config_waits_on_stderr_and_stops_cleanly(make_daemon):
+    d = make_daemon()
+    d.config_path.write_text("root: [unclosed\n")
+    d.start(wait_healthy=False)
+    wait_for(lambda: "config.invalid" in d.tail() and str(d.config_path) in d.tail(), 30, "the error on stderr")
+    d.signal(signal.SIGUSR1)  # an update trigger while nothing runs must not end the process
+    d.signal(signal.SIGUSR2)
+    d.assert_alive()
+    assert not (d.root / "state" / "status.json").exists()  # no root known: nowhere else to say it
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.proc.wait(10) == 0
