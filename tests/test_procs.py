@@ -142,3 +142,14 @@ def test_processes_are_recognised_as_ours_by_what_they_are(root: Path, tmp_path:
         for p in [*started.values(), *strangers.values(), live]:
             p.kill()
             p.wait(10)
+
+
+def test_a_held_start_is_not_taken_for_a_stale_process(root: Path):
+    """A start not yet recorded (or left by a dead daemon) runs no command: it must not be ended as stale."""
+    p, hold = spawn_held([str(root / "venvs/abc/bin/python"), "-c", "pass"], cwd=root / "releases/r1",
+                         env={**os.environ, "PROTO4D_RELEASE": "r1"})
+    try:
+        assert p.pid not in {e["pid"] for e in procs.find_stale(root, None, live=set())}
+    finally:
+        hold.abort()
+        p.wait(10)

@@ -322,6 +322,8 @@ def why_ours(proc: psutil.Process, root: Path, port: int | None) -> str:
         cmd = proc.cmdline()
     except psutil.Error:
         return ""
+    if cmd[:2] == [Hold.SHELL, "-c"] and cmd[3:4] == ["proto4d-held"]:
+        return ""  # a start being recorded right now, or one whose daemon died: it exits by itself
     if cmd and os.path.isabs(cmd[0]) and _under(os.path.abspath(cmd[0]), own):
         return f"runs {cmd[0]}"
     with contextlib.suppress(psutil.Error, OSError):
