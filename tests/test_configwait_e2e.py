@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import sys
 
 import pytest
@@ -60,3 +62,30 @@ def test_unparseable_config_waits_on_stderr_and_stops_cleanly(make_daemon):
     assert not (d.root / "state" / "status.json").exists()  # no root known: nowhere else to say it
     os.kill(d.proc.pid, signal.SIGTERM)
     assert d.proc.wait(10) == 0
+
+
+def test_under_systemd_the_wait_is_ready_with_the_error_as_status_and_feeds_the_watchdog(make_daemon, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    got: list[str] = []
+
+    def seen(pred) -> bool:
+        with contextlib.suppress(TimeoutError):
+            got.append(sock.recv(4096).decode())
+        return any(pred(m) for m in got)
+
+    try:
+        d = make_daemon()
+        d.cfg["activity"]["window_s"] = -3
+        d.write_config()
+        d.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}, wait_healthy=False)
+        wait_for(lambda: seen(lambda m: m == "READY=1"), 30, "READY=1")
+        wait_for(lambda: seen(lambda m: m.startswith("STATUS=invalid configuration") and "window_s" in m), 10,
+                 "the error as STATUS")
+        got.clear()
+        wait_for(lambda: seen(lambda m: m == "WATCHDOG=1"), 5, "the watchdog fed while waiting")
+        d.assert_alive()
+    finally:
+        sock.close()

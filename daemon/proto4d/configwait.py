@@ -8,7 +8,8 @@ parses far enough to name `root`, to `<root>/logs/proto4d.log` and into
 It looks again on SIGHUP or when the file changes (polled: its mtime, size and content hash),
 and returns the first valid configuration. With no usable `root` (a file that does not parse,
 or is missing) stderr is the only place it can speak; it goes on waiting all the same.
-SIGTERM/SIGINT/SIGQUIT end the wait (exit 0).
+SIGTERM/SIGINT/SIGQUIT end the wait (exit 0). Under systemd it reports READY with the error as
+STATUS and keeps the watchdog fed, so systemd neither times the start out nor restarts it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from proto4d import __version__, fsutil, log
 from proto4d import config as configmod
 from proto4d.activity import iso
 from proto4d.paths import Paths
+from proto4d.service import Notifier
 
 POLL_S = 1.0
 
@@ -108,19 +110,24 @@ def wait(config_path: str | None, error: configmod.ConfigError, poll_s: float = 
     since = time.time()
     said: tuple[str, Path | None] | None = None
     seen = fingerprint(path)
+    notifier = Notifier()
     with _Signals() as sigs:
         while True:
             root = peek_root(path)
             if (str(error), root) != said:
                 said = (str(error), root)
                 _report(path, root, str(error), since)
+                notifier.status(f"invalid configuration, waiting for a fix: {error}"[:400])
+                notifier.ready()
             while not sigs.stop and not sigs.hup:
-                time.sleep(poll_s)
+                notifier.watchdog()
+                time.sleep(min(poll_s, notifier.watchdog_interval() or poll_s))
                 now = fingerprint(path)
                 if now != seen:
                     seen = now
                     break
             if sigs.stop:
+                notifier.stopping()
                 log.get("proto4d").info("daemon.stopped", reason="stop signal while waiting for a valid config")
                 return None
             why = "SIGHUP" if sigs.hup else "the file changed"
