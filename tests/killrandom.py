@@ -36,8 +36,9 @@ from harness import Daemon, Origin, wait_for
 
 SERVE_BOUND_S = 30.0  # from the restart to the app answering healthy again
 SETTLE_BOUND_S = 90.0  # until every invariant holds (a resumed update may run to its end first)
-# operation -> the span (s) after its trigger in which the kill lands, uniformly
+STABLE_S = 1.5  # "settled" must hold this long (three status samples)
 FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded")
+# operation -> the span (s) after its trigger in which the kill lands, uniformly
 # (about the operation's own length here, so most kills land inside it, some just after)
 WINDOWS = {"update": 5.0, "crashing_update": 7.0, "rollback": 4.0, "first_start": 3.5}
 
@@ -127,6 +128,10 @@ class KillRandom:
         d = self.d
         if op == "first_start":
             # A fresh install on this machine: nothing but shared/ (and the venv cache, as after a reinstall).
+            # The branch head may be a crashing version an earlier cycle rolled back: a fresh install takes a
+            # healthy head (a first release that crashes after its checks is a crash loop, another test).
+            self.version += 1
+            self.origin.commit(str(self.version))
             assert d.stop() == 0
             for name in ("releases", "mirror"):
                 shutil.rmtree(d.root / name, ignore_errors=True)
@@ -177,9 +182,11 @@ class KillRandom:
         d = self.d
         root = d.root
 
+        stable: dict[str, object] = {}
+
         def settled():
-            if (root / "update.request").exists():
-                return None
+            if (root / "update.request").exists() or list((root / "state" / "requests").glob("*.request")):
+                return None  # a request not yet taken (the killed daemon's, acted on now)
             s = d.status()
             if s["daemon"]["pid"] != d.proc.pid or s["update"]["state"] != "idle" or s["update"].get("queued"):
                 return None
@@ -190,9 +197,15 @@ class KillRandom:
             if info.get("outcome") != "verified":
                 return None
             jpath = root / "state" / "journal.json"
-            if jpath.exists() and json.loads(jpath.read_text())["state"] not in FINAL:
+            j = json.loads(jpath.read_text()) if jpath.exists() else {}
+            if j and j["state"] not in FINAL:
                 return None  # a resumed request not yet acted on
-            return s
+            # status.json is rewritten every sample (0.5 s): what it says must hold over a few samples
+            key = (s["app"]["pid"], rel, j.get("id"), j.get("state"))
+            if stable.get("key") != key:
+                stable.update(key=key, since=time.monotonic())
+                return None
+            return s if time.monotonic() - float(stable["since"]) >= STABLE_S else None
 
         s = wait_for(lambda: (d.assert_alive(), settled())[1], SETTLE_BOUND_S, "settled on one verified release")
         rel = s["app"]["release"]
