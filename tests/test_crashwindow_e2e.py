@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 
 import psutil
 import pytest
 
-from harness import wait_for
+from harness import free_port, wait_for
 from test_killpoints_e2e import FAULTS_ENV, request, settle_and_check, tree_digest
 
 pytestmark = pytest.mark.e2e
@@ -86,3 +87,34 @@ def test_a_vanished_interpreter_is_a_failed_start_retried_until_it_is_back(make_
     d.wait_healthy(timeout=60)
     assert d.get()["status"] == 200
     d.assert_alive()
+
+
+def test_a_failed_listen_ends_a_stale_process_of_ours_and_binds(make_daemon, origin):
+    """A process of ours outside the registry holds the port the next switch needs: the failed bind
+    ends it (recognised by its interpreter from venvs/) and binds, without a failed update."""
+    d = make_daemon().start()
+    s = d.status()
+    venv = json.loads((d.root / "releases" / s["app"]["release"] / "release.json").read_text())["venv"]
+    new_port = free_port()
+    code = ("import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind(('127.0.0.1', {new_port})); s.listen(); print('up', flush=True); time.sleep(120)")
+    stray = subprocess.Popen([str(d.root / "venvs" / venv / "bin" / "python"), "-c", code], stdout=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        assert stray.stdout is not None and stray.stdout.readline().strip() == b"up"
+        d.cfg["listen"]["port"] = new_port
+        d.write_config()
+        d.signal(signal.SIGHUP)  # listen.port takes effect at the next switch
+        wait_for(lambda: [e for e in d.log_events() if e.get("event") == "reload.pending"], 20, "reload.pending")
+        origin.commit("2")
+        r = d.update("--force", "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert stray.wait(20) is not None
+        ev = [e for e in d.log_events() if e.get("event") == "stale.found"]
+        assert any(e.get("pid") == stray.pid for e in ev), ev
+        assert any(e.get("event") == "listen.retry" for e in d.log_events())
+        d.port = new_port
+        assert d.get()["version"] == "2"
+    finally:
+        stray.kill()
+        stray.wait(10)
