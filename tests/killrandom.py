@@ -4,7 +4,8 @@ Unlike the named pause points of test_killpoints_e2e, the kill lands anywhere: b
 and its record, inside a venv build, mid-drain, during a journal write. One real daemon, one
 real origin and one root serve the whole run (state accumulates as on a real machine); each
 cycle picks an operation, triggers it, waits a random time, SIGKILLs the daemon alone (its
-children orphaned, as after a real crash), restarts it and checks what an operator relies on:
+children orphaned, as after a real crash), restarts it (a quarter of the time SIGKILLs it once more
+during that recovery and restarts it again) and checks what an operator relies on:
 
 - it serves again within SERVE_BOUND_S (HTTP answers, status healthy);
 - once settled: exactly one app process (no orphan), `current` is the release status names,
@@ -36,6 +37,8 @@ from harness import Daemon, Origin, wait_for
 
 SERVE_BOUND_S = 30.0  # from the restart to the app answering healthy again
 SETTLE_BOUND_S = 90.0  # until every invariant holds (a resumed update may run to its end first)
+REKILL_P = 0.25  # share of cycles whose recovery is killed too
+REKILL_WINDOW_S = 1.5
 STABLE_S = 1.5  # "settled" must hold this long (three status samples)
 FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded")
 # operation -> the span (s) after its trigger in which the kill lands, uniformly
@@ -48,6 +51,7 @@ class Cycle:
     n: int
     op: str
     delay: float
+    rekill: float | None = None  # a second kill, this long into the recovery
     serve_s: float = 0.0
     settle_s: float = 0.0
     journal: str = ""
@@ -72,7 +76,9 @@ class Result:
             outcomes[c.journal or "-"] = outcomes.get(c.journal or "-", 0) + 1
         serve = max((c.serve_s for c in done), default=0.0)
         settle = max((c.settle_s for c in done), default=0.0)
-        return (f"{len(self.cycles)} kills (seed {self.seed}): {len(done)} recovered, {len(self.failures)} failed; "
+        rekills = sum(1 for c in self.cycles if c.rekill is not None)
+        return (f"{len(self.cycles) + rekills} kills in {len(self.cycles)} cycles ({rekills} during a recovery; "
+                f"seed {self.seed}): {len(done)} cycles recovered, {len(self.failures)} failed; "
                 f"operations {ops}; journal after recovery {outcomes}; "
                 f"max time to serve again {serve:.1f} s (bound {SERVE_BOUND_S:g} s), max to settle {settle:.1f} s")
 
@@ -154,8 +160,14 @@ class KillRandom:
         self.trigger(op)
         time.sleep(c.delay)  # the random instant itself: this is the point of the test, not a synchronisation
         self.d.kill()
-        t0 = time.monotonic()
         self.d.start(wait_healthy=False)
+        if self.rng.random() < REKILL_P:
+            # and once more while it recovers (ending orphans, settling the journal, starting the app)
+            c.rekill = round(self.rng.uniform(0, REKILL_WINDOW_S), 3)
+            time.sleep(c.rekill)
+            self.d.kill()
+            self.d.start(wait_healthy=False)
+        t0 = time.monotonic()
         try:
             self.wait_serving()
             c.serve_s = time.monotonic() - t0
@@ -240,12 +252,13 @@ class KillRandom:
                 out += [f"{sub}/{x.name}" for x in p.iterdir() if x.name.startswith(".")]
         return out
 
-    def run(self, kills: int, stop_on_failure: bool = False) -> Result:
+    def run(self, cycles: int, stop_on_failure: bool = False) -> Result:
         self.d.start(wait_healthy=True)
-        for n in range(1, kills + 1):
+        for n in range(1, cycles + 1):
             c = self.cycle(n)
             self.result.cycles.append(c)
-            self.log(f"[{n}/{kills}] {c.op:<16} kill at +{c.delay:5.2f} s -> "
+            again = f", again +{c.rekill:4.2f} s into the recovery" if c.rekill is not None else ""
+            self.log(f"[{n}/{cycles}] {c.op:<16} kill at +{c.delay:5.2f} s{again} -> "
                      + (f"FAILED: {c.error}" if c.error else
                         f"served after {c.serve_s:4.1f} s, settled after {c.settle_s:4.1f} s, journal {c.journal}"))
             if c.error:
@@ -262,7 +275,8 @@ class KillRandom:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kills", nargs="?", type=int, default=100)
+    ap.add_argument("cycles", nargs="?", type=int, default=100,
+                    help="operations to kill (a quarter are killed a second time during their recovery)")
     ap.add_argument("seed", nargs="?", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
@@ -272,7 +286,7 @@ def main() -> int:
     kr = KillRandom(base, seed, log=lambda m: print(m, flush=True))
     t = time.monotonic()
     try:
-        result = kr.run(args.kills)
+        result = kr.run(args.cycles)
     finally:
         kr.close()
         if not args.keep:

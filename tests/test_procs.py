@@ -153,3 +153,25 @@ def test_a_held_start_is_not_taken_for_a_stale_process(root: Path):
     finally:
         hold.abort()
         p.wait(10)
+
+
+def test_an_app_process_that_cannot_start_is_dead_with_its_reason_not_an_exception(tmp_path: Path):
+    import asyncio
+
+    from proto4d.child import AppProcess
+
+    async def go(cwd: Path, argv0: str) -> AppProcess:
+        reg = PidRegistry(tmp_path / "app.pids")
+        p = AppProcess(release="r1", role="app", argv=[argv0, "-c", "pass"], cwd=cwd, env=dict(os.environ),
+                       pass_fds=(), on_line=lambda line, proc: None, registry=reg, ready_pattern="x")
+        await p.start()
+        await p.wait(30)
+        assert reg.pids() == set()
+        return p
+
+    gone_dir = asyncio.run(go(tmp_path / "removed-release", sys.executable))
+    assert not gone_dir.alive and gone_dir.exit_description() == "never started"
+    assert "removed-release" in gone_dir.last_lines()
+    no_python = asyncio.run(go(tmp_path, str(tmp_path / "venvs/x/bin/python")))
+    assert no_python.returncode == 127 and "could not execute" in no_python.exit_description()
+    assert "not found" in no_python.last_lines()
