@@ -58,6 +58,9 @@ free_port = harness.free_port
 
 # uv builds the release venvs from its cache; never let it fetch an interpreter.
 os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+# These machines run the benchmarks as root, which `proto4d run` refuses unless told.
+if os.geteuid() == 0:
+    os.environ.setdefault("PROTO4D_ALLOW_ROOT", "1")
 
 # The two uvicorn lines: the sample app's own pin (h11), and what Proto4 pins (httptools via [standard]).
 UVICORN_REQUIREMENTS = {

@@ -5,6 +5,9 @@
   (c) stop-start  proto4d with a command without {fd}: the app binds the port, old stopped before new starts
   (d) old-way     what the operator's script did, without proto4d: stop uvicorn, git pull,
                   `pip install --upgrade -r requirements.txt` into the same live venv, start, wait for /health
+  (e) gunicorn    the peer users would pick instead: gunicorn with uvicorn workers
+                  (`-k uvicorn.workers.UvicornWorker -w 2`), updated by git pull and SIGHUP to the master,
+                  its documented graceful reload (new workers start, old ones finish their requests)
 
 Each variant gets N updates alternating two healthy versions, under each load mix (see common.MIXES):
 normal (~70-90 req/s, users with think time, keep-alive and fresh connections, GET and POST with a
@@ -23,6 +26,7 @@ import bisect
 import collections
 import contextlib
 import http.client
+import json
 import os
 import signal
 import statistics
@@ -40,6 +44,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "handoff": ("b", "plain handoff (app.drain: sigterm)"),
     "stop-start": ("c", "stop-then-start (no {fd})"),
     "old-way": ("d", "old way: stop, pip install --upgrade, start"),
+    "gunicorn": ("e", "gunicorn + UvicornWorker, git pull + SIGHUP"),
 }
 STOP_START_COMMAND = ["{python}", "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", "{port}"]
 
@@ -246,11 +251,68 @@ class OldWay:
             self.proc.wait(10)
 
 
-def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace) -> dict[str, Any]:
-    old = OldWay(base, origin)
+class Gunicorn(OldWay):
+    """gunicorn's master with two uvicorn workers on a live checkout; an update is a pull and a SIGHUP."""
+
+    WORKERS = 2
+
+    def setup(self) -> None:
+        super().setup()
+        r = subprocess.run([str(self.venv / "bin" / "python"), "-m", "pip", "install", "-q", "gunicorn"],
+                           capture_output=True, text=True, env=self.env, timeout=600, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip install gunicorn failed: {r.stderr[-800:]}")
+
+    def start(self) -> None:
+        with open(self.app_log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(self.venv / "bin" / "python"), "-m", "gunicorn", "main:app", "-k",
+                 "uvicorn.workers.UvicornWorker", "-w", str(self.WORKERS), "--bind", f"127.0.0.1:{self.port}",
+                 "--graceful-timeout", "30", "--chdir", str(self.live)],
+                cwd=self.live, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def version(self) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            conn.request("GET", "/version")
+            r = conn.getresponse()
+            return json.loads(r.read()).get("version", "") if r.status == 200 else ""
+        except (OSError, http.client.HTTPException, ValueError):
+            return ""
+        finally:
+            conn.close()
+
+    def workers(self) -> int:
+        import psutil
+        try:
+            return len(psutil.Process(self.proc.pid).children()) if self.proc else 0
+        except psutil.Error:
+            return 0
+
+    def update(self) -> dict[str, float]:
+        t0 = time.monotonic()
+        common.harness.git(self.live, "pull", "-q", "--ff-only")
+        want = (self.live / "VERSION").read_text().strip()
+        t_pull = time.monotonic()
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        # Verified: five answers in a row from the new version, and only the new workers left.
+        deadline, streak = time.monotonic() + 60, 0
+        while streak < 5 or self.workers() != self.WORKERS:
+            streak = streak + 1 if self.version() == want else 0
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not serve version {want} within 60 s; see {self.app_log}")
+            time.sleep(0.02)
+        return {"pull": t_pull - t0, "reload": time.monotonic() - t_pull}
+
+
+def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace,
+                kind: type[OldWay] = OldWay) -> dict[str, Any]:
+    old = kind(base, origin)
     versions = Version(origin)
     updates: list[dict[str, Any]] = []
-    n = args.old_way_updates or args.updates
+    n = args.updates if kind is Gunicorn else (args.old_way_updates or args.updates)
     try:
         old.setup()
         old.start()
@@ -278,13 +340,14 @@ def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace) -> 
                                 "steps": {k: round(v, 3) for k, v in steps.items()}})
                 time.sleep(args.gap_s)
                 if (i + 1) % 10 == 0:
-                    log(f"  old-way/{mix}: {i + 1}/{n} updates, {load.count():,} requests")
+                    name = "gunicorn" if kind is Gunicorn else "old-way"
+                    log(f"  {name}/{mix}: {i + 1}/{n} updates, {load.count():,} requests")
         finally:
             load.stop()
         pip_s = [u["steps"].get("pip") for u in updates if u["steps"].get("pip") is not None]
         extra = {"pip_s": {"mean": round(sum(pip_s) / len(pip_s), 2) if pip_s else None,
                            "max": round(max(pip_s), 2) if pip_s else None}}
-        return analyse("old-way", mix, load, rest, updates, extra)
+        return analyse("gunicorn" if kind is Gunicorn else "old-way", mix, load, rest, updates, extra)
     finally:
         old.stop()
         old.cleanup()
@@ -496,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                     where = base / f"uvicorn-{line}" / f"{variant}-{mix}"
                     if variant == "old-way":
                         run = run_old_way(mix, origin, where, args)
+                    elif variant == "gunicorn":
+                        run = run_old_way(mix, origin, where, args, kind=Gunicorn)
                     else:
                         run = run_proto4d(variant, mix, origin, where, args)
                     run["machine_load"] = meter.read()

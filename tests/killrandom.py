@@ -282,6 +282,7 @@ def main() -> int:
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+    os.environ.setdefault("PROTO4D_ALLOW_ROOT", "1")  # as the test suite does: CI machines run as root
     base = Path(tempfile.mkdtemp(prefix="proto4d-killrandom-"))
     kr = KillRandom(base, seed, log=lambda m: print(m, flush=True))
     t = time.monotonic()

@@ -7,16 +7,13 @@ import json
 import os
 import plistlib
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from proto4d import config, service
+from proto4d import config, notifier, service
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "daemon" / "proto4d" / "templates"
@@ -61,12 +58,24 @@ def one(unit: dict[str, dict[str, list[str]]], section: str, key: str) -> str:
     return values[0]
 
 
-def run_cli(*args: str, cwd: Path, home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PROTO4D_CONFIG", *service.NOTIFY_ENV)}
+# The lab runs tests as root: install-service then acts as under `sudo`, for this operator.
+OPERATOR = "nobody"
+
+
+def cli_env(home: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PROTO4D_CONFIG", "SUDO_USER", *notifier.NOTIFY_ENV)}
+    if os.geteuid() == 0:
+        env["SUDO_USER"] = OPERATOR
     if home is not None:
         env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, home: Path | None = None, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "proto4d", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=60)
+                          cwd=cwd, env=cli_env(home, **extra), timeout=60)
 
 
 def verify_unit(directory: Path, text: str) -> None:
@@ -115,6 +124,99 @@ def test_plist_has_every_key(cfg_path: Path):
     assert env["PROTO4D_CONFIG"] == str(cfg_path)
     assert env["PATH"].split(":")[0] == os.path.dirname(argv[0])
     assert "@" not in data.decode().split("<plist", 1)[1]  # no placeholder left unfilled
+
+
+def test_plist_for_a_launch_daemon_runs_as_the_operator(cfg_path: Path, tmp_path: Path):
+    cfg = config.load(cfg_path)
+    op = service.Account("alice", "staff", "/Users/alice", 501, 20)
+    plist = plistlib.loads(service.render_launchd(cfg, ["/opt/p4/bin/proto4d"], run_as=op))
+    assert plist["UserName"] == "alice" and plist["GroupName"] == "staff"
+    assert plist["InitGroups"] is True
+    env = plist["EnvironmentVariables"]
+    assert env["HOME"] == "/Users/alice"
+    path = env["PATH"].split(":")
+    assert path[0] == "/opt/p4/bin"
+    # uv's installer, Homebrew on Apple silicon and on Intel, and the system's own tools
+    for d in ("/Users/alice/.local/bin", "/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin"):
+        assert d in path, (d, path)
+    git = shutil.which("git")
+    assert git and os.path.dirname(git) in path
+    # events go to the rotated proto4d.log only; launchd's files get what comes before logging starts
+    assert env["PROTO4D_LOG_STDERR"] == "0"
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}
+
+
+def test_plist_for_an_agent_names_no_user(cfg_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    plist = plistlib.loads(service.render_launchd(config.load(cfg_path), ["/opt/p4/bin/proto4d"]))
+    assert not {"UserName", "GroupName", "InitGroups"} & set(plist)  # launchd refuses them in an agent
+    assert plist["EnvironmentVariables"]["HOME"] == str(tmp_path / "home")
+    assert str(tmp_path / "home" / ".local/bin") in plist["EnvironmentVariables"]["PATH"].split(":")
+
+
+def test_plist_path_finds_uv(cfg_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    bindir = tmp_path / "uvbin"
+    bindir.mkdir()
+    uv = bindir / "uv"
+    uv.write_text("#!/bin/sh\n")
+    uv.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    plist = plistlib.loads(service.render_launchd(config.load(cfg_path), ["/opt/p4/bin/proto4d"]))
+    assert str(bindir) in plist["EnvironmentVariables"]["PATH"].split(":")
+
+
+def test_operator_name():
+    assert service.operator_name({"SUDO_USER": "alice"}, 0) == "alice"
+    assert service.operator_name({"SUDO_USER": "alice"}, 0, "bob") == "bob"
+    assert service.operator_name({}, 0) is None
+    assert service.operator_name({"SUDO_USER": "root"}, 0) is None
+    me = os.geteuid()
+    if me != 0:
+        import pwd
+        assert service.operator_name({"SUDO_USER": "alice"}, me) == pwd.getpwuid(me).pw_name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="install-service chooses a user only when run as root")
+def test_cli_as_root_renders_a_daemon_for_the_sudo_user(cfg_path: Path, tmp_path: Path):
+    import pwd
+    r = run_cli("install-service", "--launchd", "--print", "--config", str(cfg_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    plist = plistlib.loads(r.stdout.encode())
+    op = pwd.getpwnam(OPERATOR)
+    assert plist["UserName"] == OPERATOR and plist["EnvironmentVariables"]["HOME"] == op.pw_dir
+    unit = parse_unit(run_cli("install-service", "--systemd", "--print", "--config", str(cfg_path),
+                              cwd=tmp_path).stdout)
+    assert one(unit, "Service", "User") == OPERATOR
+    # a root shell without sudo: no operator to run as, and root only when asked for
+    r = run_cli("install-service", "--launchd", "--print", "--config", str(cfg_path), cwd=tmp_path, SUDO_USER="")
+    assert r.returncode == 1 and "--user NAME" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("install-service", "--launchd", "--print", "--user", "root", "--config", str(cfg_path),
+                cwd=tmp_path)
+    assert r.returncode == 1 and "--allow-root" in r.stderr
+    r = run_cli("install-service", "--launchd", "--print", "--user", "no-such-user-p4", "--config", str(cfg_path),
+                cwd=tmp_path)
+    assert r.returncode == 1 and "no such user" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand directories to another user")
+def test_cli_as_root_hands_the_log_dir_to_the_operator(tmp_path: Path):
+    import pwd
+    cfg_path = write_config(tmp_path / "conf", root=tmp_path / "svc" / "root")
+    os.chmod(tmp_path, 0o755)
+    dest = tmp_path / "out" / "org.proto4d.proto4d.plist"
+    r = run_cli("install-service", "--launchd", "--config", str(cfg_path), "--output", str(dest), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    uid = pwd.getpwnam(OPERATOR).pw_uid
+    for d in (tmp_path / "svc" / "root", tmp_path / "svc" / "root" / "logs"):
+        assert d.stat().st_uid == uid, d
+    assert (tmp_path / "svc").stat().st_uid == uid  # made by install-service too
+
+
+def test_config_tilde_is_the_operators_home(tmp_path: Path):
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(f"root: ~/svc-root\napp: {{repo: {json.dumps(str(tmp_path))}}}\n")
+    cfg = service._load_as(str(cfg_path), "/Users/alice")
+    assert cfg.root == Path("/Users/alice/svc-root")
 
 
 def test_plist_survives_xml_special_characters(tmp_path: Path):
@@ -220,7 +322,7 @@ def test_cli_prints_a_unit(cfg_path: Path, tmp_path: Path):
 
 def test_cli_prints_a_plist(cfg_path: Path, tmp_path: Path):
     r = subprocess.run([sys.executable, "-m", "proto4d", "install-service", "--launchd", "--print",
-                        "--config", str(cfg_path)], capture_output=True, cwd=tmp_path, timeout=60)
+                        "--config", str(cfg_path)], capture_output=True, cwd=tmp_path, timeout=60, env=cli_env())
     assert r.returncode == 0, r.stderr
     plist = plistlib.loads(r.stdout)
     assert plist["ProgramArguments"][-3:] == ["run", "--config", str(cfg_path)]
@@ -237,7 +339,7 @@ def test_cli_output_writes_atomically(cfg_path: Path, tmp_path: Path, kind: str)
     name = "proto4d.service" if kind == "--systemd" else "org.proto4d.proto4d.plist"
     dest = tmp_path / "out" / "deeper" / name
     printed = subprocess.run([sys.executable, "-m", "proto4d", "install-service", kind, "--print", "--config",
-                              str(cfg_path)], capture_output=True, cwd=tmp_path, timeout=60).stdout
+                              str(cfg_path)], capture_output=True, cwd=tmp_path, timeout=60, env=cli_env()).stdout
     r = run_cli("install-service", kind, "--config", str(cfg_path), "--output", str(dest), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert dest.read_bytes() == printed
@@ -297,111 +399,23 @@ def test_exe_argv_runs_proto4d():
     assert r.returncode == 0 and r.stdout.startswith("proto4d ")
 
 
-# --------------------------------------------------------------------------- sd_notify
+# --------------------------------------------------------------------------- run as root
 
 
-@pytest.fixture()
-def receiver(tmp_path: Path):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = tmp_path / "notify.sock"
-    assert len(str(path)) < 100, "AF_UNIX paths are limited to ~104 bytes"
-    sock.bind(str(path))
-    sock.settimeout(5)
-    yield sock, str(path)
-    sock.close()
+def test_root_refusal_rule():
+    from proto4d.supervisor import root_refusal
+    assert root_refusal(501, False, {}) is None
+    assert "refusing to run as root" in (root_refusal(0, False, {}) or "")
+    assert root_refusal(0, True, {}) is None
+    assert root_refusal(0, False, {"PROTO4D_ALLOW_ROOT": "1"}) is None
+    assert root_refusal(0, False, {"PROTO4D_ALLOW_ROOT": "yes"}) is not None  # only the documented value
 
 
-def recv(sock: socket.socket) -> str:
-    return sock.recv(65536).decode("utf-8")
-
-
-def assert_each_message(notifier: service.Notifier, sock: socket.socket) -> None:
-    assert notifier.enabled
-    assert notifier.ready() is True
-    assert recv(sock) == "READY=1"
-    assert notifier.status("serving proto4_20261126_030000_abc1234; 2 users") is True
-    assert recv(sock) == "STATUS=serving proto4_20261126_030000_abc1234; 2 users"
-    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    assert notifier.reloading() is True
-    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    first, second = recv(sock).split("\n")  # both lines in one datagram
-    assert first == "RELOADING=1"
-    key, _, usec = second.partition("=")
-    assert key == "MONOTONIC_USEC" and before <= int(usec) <= after
-    assert notifier.stopping() is True
-    assert recv(sock) == "STOPPING=1"
-    assert notifier.watchdog() is True
-    assert recv(sock) == "WATCHDOG=1"
-    assert notifier.extend_timeout(600) is True
-    assert recv(sock) == "EXTEND_TIMEOUT_USEC=600000000"
-
-
-def test_notifier_path_socket(receiver):
-    sock, path = receiver
-    assert_each_message(service.Notifier({"NOTIFY_SOCKET": path}), sock)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux-only")
-def test_notifier_abstract_socket():
-    name = f"proto4d-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0" + name)
-    sock.settimeout(5)
-    try:
-        assert_each_message(service.Notifier({"NOTIFY_SOCKET": "@" + name}), sock)
-    finally:
-        sock.close()
-
-
-def test_status_is_one_utf8_line(receiver):
-    sock, path = receiver
-    n = service.Notifier({"NOTIFY_SOCKET": path})
-    assert n.status("업데이트 대기 중\nREADY=1")
-    # a newline in the text must not smuggle in a second assignment
-    assert recv(sock) == "STATUS=업데이트 대기 중 READY=1"
-
-
-def test_watchdog_interval(receiver):
-    _, path = receiver
-    base = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "60000000"}
-    assert service.Notifier(base).watchdog_interval() == 30.0
-    assert service.Notifier({**base, "WATCHDOG_PID": str(os.getpid())}).watchdog_interval() == 30.0
-    assert service.Notifier({**base, "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_interval() is None
-    assert service.Notifier({**base, "WATCHDOG_PID": "nonsense"}).watchdog_interval() is None
-    assert service.Notifier({**base, "WATCHDOG_USEC": "0"}).watchdog_interval() is None
-    assert service.Notifier({**base, "WATCHDOG_USEC": "soon"}).watchdog_interval() is None
-    assert service.Notifier({"NOTIFY_SOCKET": path}).watchdog_interval() is None
-    assert service.Notifier({"WATCHDOG_USEC": "60000000"}).watchdog_interval() is None  # nowhere to ping
-
-
-def test_without_notify_socket_everything_is_a_no_op():
-    for env in ({}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "vsock:2:1234"}):
-        n = service.Notifier(env)
-        assert not n.enabled
-        assert n.ready() is False
-        assert n.status("x") is False
-        assert n.reloading() is False
-        assert n.stopping() is False
-        assert n.watchdog() is False
-        assert n.watchdog_interval() is None
-        n.close()
-
-
-def test_a_vanished_socket_never_raises(tmp_path: Path):
-    n = service.Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
-    assert n.enabled
-    assert n.ready() is False and n.watchdog() is False and n.stopping() is False
-
-
-def test_a_receiver_that_never_reads_cannot_hang_the_sender(receiver):
-    _, path = receiver
-    n = service.Notifier({"NOTIFY_SOCKET": path})
-    # fill the receiver's queue (Linux: net.unix.max_dgram_qlen, 10 by default); the send
-    # that no longer fits gives up after its timeout instead of blocking the daemon's loop
-    for _ in range(10_000):
-        started = time.monotonic()
-        if not n.watchdog():
-            assert time.monotonic() - started < 3
-            break
-    else:
-        pytest.skip("the queue never filled (a platform with a very large datagram queue)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is for root")
+def test_run_as_root_refuses_unless_told(cfg_path: Path, tmp_path: Path):
+    env = cli_env(PROTO4D_ALLOW_ROOT="")
+    r = subprocess.run([sys.executable, "-m", "proto4d", "run", "--config", str(cfg_path)], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 1
+    assert "refusing to run as root" in r.stderr and "--allow-root" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "root").exists()  # refused before touching anything

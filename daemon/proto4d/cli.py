@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SIGHUP reloads the config, SIGUSR1 requests an update to the branch head, "
                                    "SIGTERM/SIGINT drain the app and exit 0.")
     _add_config(p)
+    p.add_argument("--allow-root", action="store_true",
+                   help="run even as root (refused otherwise: the app and its builds would run as root too); "
+                        "PROTO4D_ALLOW_ROOT=1 in the environment does the same")
 
     p = sub.add_parser("status", help="what the daemon, the app and the update are doing",
                        description="Show the daemon's last status: app process and release, health, activity "
@@ -123,6 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--systemd", action="store_true", help="a systemd unit (Linux)")
     p.add_argument("--print", action="store_true", dest="print_only", help="print the file instead of writing it")
     p.add_argument("--output", metavar="FILE", help="write here instead of the default location")
+    p.add_argument("--user", metavar="NAME",
+                   help="the user a system-wide service runs as (default: the sudo caller, SUDO_USER)")
+    p.add_argument("--allow-root", action="store_true", help="let a system-wide service run as root")
+
+    p = sub.add_parser("doctor", help="what on this machine would break the service, with the fix for each",
+                       description="Check this machine for what would break the service: another process or "
+                                   "launchd job serving the same port or app, pid files of other start scripts, "
+                                   "an interpreter path an upgrade removes, root in a folder macOS hides from "
+                                   "background jobs, sleep settings, git and uv, free disk, the time zone, the "
+                                   "listen address. Prints each finding with its fix; exit 1 when anything "
+                                   "would break.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+    p = sub.add_parser("pending", help="what an update would bring: commits, requirements, .env keys, migrations",
+                       description="Fetch the branch head (into state/pending.git, never the daemon's own mirror) "
+                                   "and show what an update would bring: the commits since the running release, "
+                                   "requirement lines added and removed, new .env.example keys (and those the "
+                                   "shared .env lacks), migration files added, and whether a release is staged.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("backups", help="database snapshots: list, take one, restore one",
+                       description="SQLite databases under shared/ are snapshotted before every switch (a "
+                                   "consistent copy while the app writes). List them, take one now, or restore "
+                                   "one: restore first prints what it replaces and how many rows differ per "
+                                   "table, and only acts with --yes; the databases as they were are kept as a "
+                                   "snapshot of their own.")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--take", action="store_true", help="take a snapshot now")
+    p.add_argument("--reason", help="with --take: why, kept in the snapshot")
+    p.add_argument("--restore", metavar="ID", help="restore snapshot ID (or `latest`)")
+    p.add_argument("--db", metavar="PATH", help="with --restore: only this database (relative to shared/)")
+    p.add_argument("--yes", action="store_true", help="with --restore: really replace the live databases")
 
     sub.add_parser("demo", help="the whole story on a bundled sample app, no set-up",
                    description="In a temporary directory: a local git origin with a sample app in three versions, "
@@ -183,5 +221,8 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "update": _lazy("proto4d.requests", "cmd_update"),
     "rollback": _lazy("proto4d.requests", "cmd_rollback"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
+    "backups": _lazy("proto4d.backups", "cmd_backups"),
+    "pending": _lazy("proto4d.pending", "cmd_pending"),
     "demo": _lazy("proto4d.demo", "cmd_demo"),
+    "doctor": _lazy("proto4d.doctor", "cmd_doctor"),
 }

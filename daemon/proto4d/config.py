@@ -123,6 +123,10 @@ class AppConfig:
     max_fast_failures: int
     log_max_bytes: int
     log_backups: int
+    # SQLite files to snapshot and to copy for the canary (default: found under shared/ by header)
+    databases: tuple[str, ...] = ()
+    # run in the new release's venv and workdir, first on the canary's copy, then live at the switch
+    migrate: tuple[str, ...] = ()
 
     @property
     def uses_fd(self) -> bool:
@@ -202,6 +206,9 @@ class UpdateConfig:
     min_free_mb: int
     installer: str
     canary: bool
+    migrate_timeout_s: float = 300
+    # a migration the previous release cannot run on goes on only when asked (or this is true)
+    allow_incompatible: bool = False
 
 
 @dataclass(frozen=True)
@@ -599,7 +606,7 @@ class _Builder:
     def app(self, doc: dict) -> AppConfig:
         known = {"repo", "branch", "subdir", "workdir", "requirements", "command", "env", "shared",
                  "ready_pattern", "access_log_regex", "drain", "drain_grace_s", "stable_s",
-                 "max_fast_failures", "log_max_bytes", "log_backups"}
+                 "max_fast_failures", "log_max_bytes", "log_backups", "databases", "migrate"}
         sec = self.section(doc, "app", known, required=True)
         p = "app."
         if "repo" not in sec:
@@ -638,7 +645,41 @@ class _Builder:
             log_max_bytes=self.get(sec, p, "log_max_bytes", 10 << 20,
                                    self.number(4096, 1 << 34, integer=True, unit="bytes")),
             log_backups=self.get(sec, p, "log_backups", 5, self.number(0, 100, integer=True)),
+            databases=self.databases(sec.get("databases", []), sec, shared),
+            migrate=self.migrate(sec.get("migrate", []), sec),
         )
+
+    def databases(self, value: Any, sec: Mapping, shared: tuple[str, ...]) -> tuple[str, ...]:
+        """Database paths relative to the app; each must lie under a shared path (that is where data lives)."""
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.fail("app.databases", "a list of SQLite file paths relative to the app, under app.shared", value,
+                      sec)
+        out = []
+        for i, item in enumerate(value):
+            rel = self.relpath(False, "a path relative to the app")(f"app.databases[{i}]", item, sec)
+            if not any(rel == s or rel.startswith(s.rstrip("/") + "/") for s in shared):
+                self.fail(f"app.databases[{i}]", "a path under one of app.shared (" + ", ".join(shared)
+                          + "): a database outside shared/ would be lost with its release", item, sec)
+            out.append(rel)
+        return tuple(out)
+
+    def migrate(self, value: Any, sec: Mapping) -> tuple[str, ...]:
+        if value in (None, [], ""):
+            return ()
+        expected = 'a list of arguments like ["{python}", "-m", "alembic", "upgrade", "head"]'
+        if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
+            self.fail("app.migrate", expected + " (a list, never a shell string)", value, sec)
+        for i, arg in enumerate(value):
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
+            except ValueError as e:
+                self.fail(f"app.migrate[{i}]", f"an argument with well-formed placeholders ({e})", arg, sec)
+            bad = [f for f in fields if f not in ("python", "release")]
+            if bad:
+                self.fail(f"app.migrate[{i}]", "placeholders among {python}, {release}", arg, sec)
+        return tuple(value)
 
     def regex(self, key: str, value: str, sec: Mapping) -> re.Pattern[str]:
         try:
@@ -822,7 +863,8 @@ class _Builder:
 
     def update(self, doc: dict) -> UpdateConfig:
         sec = self.section(doc, "update", {"notice_grace_s", "drain_timeout_s", "watch_s", "keep_days",
-                                           "keep_min", "max_5xx_ratio", "min_free_mb", "installer", "canary"})
+                                           "keep_min", "max_5xx_ratio", "min_free_mb", "installer", "canary",
+                                           "migrate_timeout_s", "allow_incompatible"})
         p = "update."
         installer = self.get(sec, p, "installer", "auto", self.text(False))
         if installer not in ("auto", "uv", "pip"):
@@ -842,6 +884,9 @@ class _Builder:
                                  self.number(0, 1 << 30, integer=True, unit="MB")),
             installer=installer,
             canary=self.get(sec, p, "canary", True, self.boolean),
+            migrate_timeout_s=self.get(sec, p, "migrate_timeout_s", 300,
+                                       self.number(1, 86400, unit="seconds")),
+            allow_incompatible=self.get(sec, p, "allow_incompatible", False, self.boolean),
         )
 
     def notify(self, doc: dict) -> NotifyConfig:

@@ -28,8 +28,8 @@ import yaml
 from proto4d import __version__, fsutil, log
 from proto4d import config as configmod
 from proto4d.activity import iso
+from proto4d.notifier import Notifier
 from proto4d.paths import Paths
-from proto4d.service import Notifier
 
 POLL_S = 1.0
 
@@ -162,7 +162,9 @@ def _report(path: Path, root: Path | None, error: str, since: float) -> None:
         except OSError as e:
             print(f"proto4d: cannot write status under {root}: {e.strerror or e}", file=sys.stderr)
             logfile = None
-    log.setup(logfile, stderr=True)
+    # stderr always when there is no log file; else as the daemon does (launchd's plist turns it off: the
+    # file it writes to is never rotated)
+    log.setup(logfile, stderr=logfile is None or os.environ.get("PROTO4D_LOG_STDERR", "1") != "0")
     log.get("proto4d").error("config.invalid", error=error, config=str(path), root=str(root) if root else None,
                              waiting="for the file to change or SIGHUP; exiting would only be restarted by "
                                      "launchd/systemd with the same error")

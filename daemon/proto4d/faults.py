@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from proto4d.procs import Cancel
 
-POINTS = ("consumed", "fetch", "export", "venv", "canary_done", "new_started", "current_renamed", "verify", "watch",
-          "rollback_started", "rollback_renamed", "forked_app", "forked_canary")
+POINTS = ("consumed", "fetch", "export", "venv", "canary_done", "snapshot_taken", "migrated", "new_started",
+          "current_renamed", "verify", "watch", "rollback_started", "rollback_renamed", "forked_app", "forked_canary")
 
 _state_dir: Path | None = None
 

@@ -7,6 +7,7 @@ new content, never half of either.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -23,12 +24,29 @@ def ensure_dir(path: Path, mode: int = DIR_MODE) -> Path:
     return path
 
 
+def sync_fd(fd: int) -> None:
+    """Make what was written to `fd` durable.
+
+    On macOS fsync() only hands the data to the drive, whose cache can still lose it on a power
+    cut; F_FULLFSYNC asks the drive to flush. Where it is missing (Linux, where fsync is enough)
+    or refused (some network and FAT volumes), fsync.
+    """
+    full = getattr(fcntl, "F_FULLFSYNC", None)
+    if full is not None:
+        try:
+            fcntl.fcntl(fd, full)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
 def fsync_dir(path: Path) -> None:
     # Makes the rename itself durable; some filesystems (and macOS) refuse O_RDONLY fsync on dirs.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            sync_fd(fd)
         finally:
             os.close(fd)
 
@@ -48,7 +66,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int = FILE_MODE, durable: 
             f.write(data)
             if durable:
                 f.flush()
-                os.fsync(f.fileno())
+                sync_fd(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

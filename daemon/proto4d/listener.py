@@ -6,8 +6,10 @@ queueing connections while no app process is accepting: clients wait, they are n
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import os
 import socket
 
 import psutil
@@ -24,7 +26,54 @@ def _family(host: str) -> socket.AddressFamily:
         return socket.AF_INET
 
 
-def open_listener(host: str, port: int, backlog: int) -> socket.socket:
+# Where a local client (cloudflared, a health probe, a browser on the Mac) connects for "localhost".
+LOOPBACKS = ("127.0.0.1", "::1")
+
+
+def answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on host:port (a completed handshake, not a bind test)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:  # refused, unreachable, or no such address family (no IPv6 on this machine)
+        return False
+
+
+def foreign_holders(port: int, ours: set[int] | None = None) -> list[int]:
+    """Pids listening on `port` other than this process, its descendants (our app inherits our
+    socket) and the pids in `ours`."""
+    mine = {os.getpid(), *(ours or set())}
+    with contextlib.suppress(psutil.Error):
+        mine.update(c.pid for c in psutil.Process().children(recursive=True))
+    return [pid for pid in _listening_pids(port) if pid not in mine]
+
+
+def check_port_free(host: str, port: int, ours: set[int] | None = None) -> None:
+    """Refuse, naming the holder, when anything else answers on `port` on a loopback address.
+
+    On macOS (BSD SO_REUSEADDR) another process of the same user may bind 127.0.0.1:8000 beside
+    our 0.0.0.0:8000, and the more specific bind wins: cloudflared's loopback traffic would reach
+    it while every update changes nothing students see. Linux refuses that bind, but not one on
+    ::1 beside our 127.0.0.1. So before binding, ask both loopbacks whether anyone answers.
+    """
+    if port == 0:
+        return
+    for addr in LOOPBACKS:
+        if not answers(addr, port):
+            continue
+        pids = _listening_pids(port)
+        if pids and not foreign_holders(port, ours):
+            continue  # only our own socket (e.g. the old one while the address changes) answers
+        where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        raise ListenError(f"listen {host}:{port}: the port is already in use: {where} answers, served by "
+                          f"{who_listens(port, ours)}; stop it (or move it to another port) so that traffic for "
+                          f"port {port} reaches proto4d's app only")
+
+
+def open_listener(host: str, port: int, backlog: int, *, check: bool = True,
+                  ours: set[int] | None = None) -> socket.socket:
+    if check:
+        check_port_free(host, port, ours)
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,7 +97,7 @@ def open_listener(host: str, port: int, backlog: int) -> socket.socket:
 
 def private_listener(backlog: int = 128) -> socket.socket:
     """A socket on a free loopback port, for a canary nobody else can reach."""
-    return open_listener("127.0.0.1", 0, backlog)
+    return open_listener("127.0.0.1", 0, backlog, check=False)
 
 
 def free_port() -> int:
@@ -57,9 +106,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def who_listens(port: int) -> str:
-    """'pid 123 (python -m uvicorn ...)' for the process listening on `port`, as far as we may see."""
-    holders = []
+def _listening_pids(port: int) -> list[int]:
+    holders: list[int] = []
     try:
         conns = psutil.net_connections(kind="tcp")
     except (psutil.AccessDenied, PermissionError):
@@ -73,6 +121,12 @@ def who_listens(port: int) -> str:
     for c in conns:
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
             holders.append(c.pid)
+    return sorted(set(holders))
+
+
+def who_listens(port: int, ours: set[int] | None = None) -> str:
+    """'pid 123 (python -m uvicorn ...)' for the process listening on `port`, as far as we may see."""
+    holders = foreign_holders(port, ours) if ours is not None else _listening_pids(port)
     if not holders:
         return f"another process (not visible to this user; try `lsof -nP -iTCP:{port} -sTCP:LISTEN`)"
     described = []

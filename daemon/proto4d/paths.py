@@ -33,6 +33,11 @@ class Paths:
         return self.root / "shared"
 
     @property
+    def backups(self) -> Path:
+        """Database snapshots, one directory each (see snapshots.py)."""
+        return self.root / "backups"
+
+    @property
     def state(self) -> Path:
         return self.root / "state"
 

@@ -57,13 +57,17 @@ def _gitpython() -> ModuleType:
 class Mirror:
     """A bare clone of `app.repo` under `state/repo.git`, fetched before every update.
 
-    Branches land in refs/remotes/origin/* (pruned), tags in refs/tags/*; each release's
-    commit is pinned under refs/proto4d/ so a force-push upstream never loses what runs.
+    Only the configured branch lands (in refs/remotes/origin/<branch>), and tags in refs/tags/*:
+    on a case-insensitive file system (APFS by default) two upstream branches that differ only
+    in case would collide as loose refs and fail every fetch. A request naming another branch
+    fetches that one on demand. Each release's commit is pinned under refs/proto4d/ so a
+    force-push upstream never loses what runs.
     """
 
-    def __init__(self, path: Path, url: str) -> None:
+    def __init__(self, path: Path, url: str, branch: str = "") -> None:
         self.path = path
         self.url = url
+        self.branch = branch
         self._repo: git.Repo | None = None
 
     @property
@@ -85,24 +89,70 @@ class Mirror:
             with contextlib.suppress(OSError):
                 lock.unlink()
 
-    def fetch(self, cancel: Cancel | None = None, timeout: float = 600) -> None:
+    def refspecs(self, branch: str | None = None) -> list[str]:
+        branch = self.branch if branch is None else branch
+        heads = [f"+refs/heads/{branch}:refs/remotes/origin/{branch}"] if branch else \
+            ["+refs/heads/*:refs/remotes/origin/*"]
+        return [*heads, "+refs/tags/*:refs/tags/*"]
+
+    def fetch(self, cancel: Cancel | None = None, timeout: float = 600, branch: str | None = None) -> None:
         faults.point_sync("fetch", cancel)
         repo = self.repo
         with repo.config_writer() as cw:
             cw.set_value('remote "origin"', "url", self.url)
+        # git runs in its own process group with our own deadline: GitPython's kill_after_timeout
+        # looks for the children with GNU `ps --ppid` in the versions that pyproject allows, which
+        # BSD ps (macOS) does not have.
         try:
-            repo.git.fetch("--prune", "--force", "--no-write-fetch-head", "origin",
-                           "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
-                           kill_after_timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
-        except _gitpython().GitCommandError as e:
-            raise ReleaseError(f"cannot fetch {self.url}: {_git_error(e)}") from None
+            run_cmd(["git", "--git-dir", str(self.path), "fetch", "--prune", "--force", "--no-write-fetch-head",
+                     "origin", *self.refspecs(branch)], cancel=cancel, timeout=timeout,
+                    env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, kind="git")
+        except CommandFailed as e:
+            raise ReleaseError(f"cannot fetch {self.url}: {_git_error_text(e.tail)}") from None
+        except OSError as e:  # no git on PATH (launchd's PATH is short)
+            raise ReleaseError(f"cannot run git to fetch {self.url}: {e.strerror or e}") from None
         if cancel is not None:
             cancel.check()
 
     def resolve(self, ref: str) -> str | None:
-        """A branch, tag or (abbreviated) commit -> full commit sha, or None."""
+        """A branch, tag or (abbreviated) commit -> full commit sha, or None.
+
+        fetch() brings only the configured branch, so a request naming another branch fetches
+        that branch here, each time it is resolved (it may have moved, or gone: then its stale
+        remote-tracking ref is dropped and the name no longer resolves).
+        """
         if not ref or ref.startswith("-") or any(c.isspace() for c in ref):
             return None
+        if ref != self.branch and self._may_be_other_branch(ref):
+            self._fetch_other_branch(ref)
+        return self._resolve_local(ref)
+
+    def _may_be_other_branch(self, ref: str) -> bool:
+        if ref.startswith("refs/") or self._has_ref(f"refs/tags/{ref}"):
+            return False
+        # a commit id already here needs no fetch
+        return not (re.fullmatch(r"[0-9a-f]{7,40}", ref) and self.has_commit(ref))
+
+    def _has_ref(self, name: str) -> bool:
+        try:
+            self.repo.git.rev_parse("--verify", "--quiet", name)
+            return True
+        except _gitpython().GitCommandError:
+            return False
+
+    def _fetch_other_branch(self, branch: str) -> None:
+        try:
+            run_cmd(["git", "--git-dir", str(self.path), "fetch", "--force", "--no-write-fetch-head", "origin",
+                     f"+refs/heads/{branch}:refs/remotes/origin/{branch}"], timeout=300,
+                    env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, kind="git")
+        except CommandFailed as e:
+            if "couldn't find remote ref" in e.tail.lower():  # gone upstream: forget what we knew of it
+                with contextlib.suppress(_gitpython().GitCommandError):
+                    self.repo.git.update_ref("-d", f"refs/remotes/origin/{branch}")
+        except OSError:
+            pass
+
+    def _resolve_local(self, ref: str) -> str | None:
         for cand in (f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref):
             try:
                 return self.repo.git.rev_parse("--verify", "--quiet", "--end-of-options",
@@ -183,26 +233,108 @@ class Mirror:
 
 def _git_error(e: git.GitCommandError) -> str:
     """The line of git's stderr that says what went wrong (its first fatal/error line, not the advice after)."""
-    text = (e.stderr or str(e)).strip()
+    return _git_error_text(e.stderr or str(e))
+
+
+def _git_error_text(text: str) -> str:
+    text = text.strip()
     if text.startswith("stderr:"):
         text = text[len("stderr:"):].strip().strip("'")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     fatal = [ln for ln in lines if ln.lower().startswith(("fatal:", "error:"))]
-    return (fatal[0] if fatal else lines[-1] if lines else str(e))[:500]
+    return (fatal[0] if fatal else lines[-1] if lines else text)[:500]
 
 
 # --------------------------------------------------------------------------- venvs
 
 
+# Homebrew keeps each installed version under <prefix>/Cellar/<formula>/<version>/ and points
+# <prefix>/opt/<formula> at the current one; `brew upgrade` (and `brew cleanup`) delete the old
+# version's directory. A path through opt/ follows upgrades; a Cellar path dangles after one.
+_CELLAR = re.compile(r"^(?P<prefix>/.*)/Cellar/(?P<formula>[^/]+)/(?P<version>[^/]+)/(?P<rest>.+)$")
+
+
+def stable_interpreter(path: str) -> str:
+    """The path to record for an interpreter: resolved, but never into a versioned Cellar directory.
+
+    `realpath` of Homebrew's python3 is `<prefix>/Cellar/python@3.12/3.12.7/...`, which the next
+    `brew upgrade` removes; the same file through `<prefix>/opt/python@3.12/...` survives it.
+    """
+    real = os.path.realpath(path)
+    m = _CELLAR.match(real)
+    if m:
+        stable = f"{m['prefix']}/opt/{m['formula']}/{m['rest']}"
+        if os.path.realpath(stable) == real:
+            return stable
+    return real
+
+
 def python_identity(python: str) -> tuple[str, str]:
-    """(real path, version) of an interpreter: half of a venv's key."""
+    """(stable path, version) of an interpreter: half of a venv's key."""
     exe = shutil.which(python) or python
     try:
         out = subprocess.run([exe, "-c", "import sys; print(sys.executable); print(sys.version.split()[0])"],
                              capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
     except (OSError, subprocess.SubprocessError) as e:
         raise ReleaseError(f"python: cannot run {python!r}: {e}") from None
-    return os.path.realpath(out[0].strip() or exe), out[1].strip()
+    return stable_interpreter(out[0].strip() or exe), out[1].strip()
+
+
+def _stabilise_venv(venv: Path) -> None:
+    """Point a new venv's interpreter links and pyvenv.cfg through opt/ rather than a Cellar version.
+
+    `python -m venv` and uv link bin/python to the base interpreter as they resolve it, which for
+    Homebrew can be the Cellar path: after `brew upgrade` every such venv has a dangling bin/python.
+    """
+    bindir = venv / "bin"
+    for link in bindir.iterdir() if bindir.is_dir() else ():
+        if not link.is_symlink():
+            continue
+        target = os.readlink(link)
+        absolute = os.path.normpath(os.path.join(link.parent, target))
+        if "/Cellar/" not in os.path.realpath(absolute):
+            continue
+        stable = stable_interpreter(absolute)
+        if stable != os.path.realpath(absolute):
+            tmp = link.with_name(f".{link.name}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.symlink(stable, tmp)
+            os.replace(tmp, link)
+    cfg = venv / "pyvenv.cfg"
+    if cfg.is_file():
+        lines = []
+        for line in cfg.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            value = value.strip()
+            if sep and key.strip() in ("home", "executable", "base-executable") and "/Cellar/" in value:
+                m = _CELLAR.match(value)
+                if m:
+                    opt = f"{m['prefix']}/opt/{m['formula']}/{m['rest']}"
+                    if os.path.realpath(opt) == os.path.realpath(value):
+                        line = f"{key.strip()} = {opt}"
+            lines.append(line)
+        cfg.write_text("\n".join(lines) + "\n")
+
+
+def venv_problem(venv: Path, timeout: float = 30) -> str | None:
+    """Why the venv's interpreter cannot run (None when it runs): checked before starting or switching
+    to a release, so a venv left dangling by an interpreter upgrade is rebuilt, not exec'd."""
+    python = venv_python(venv)
+    if not (venv / "venv.json").is_file():
+        return f"{venv.name}: no venv.json (removed or never finished)"
+    try:
+        r = subprocess.run([str(python), "-c", "import sys, encodings"], capture_output=True, text=True,
+                           timeout=timeout)
+    except FileNotFoundError:
+        target = os.readlink(python) if python.is_symlink() else ""
+        return (f"{python} -> {target}: the interpreter it was built from is gone (upgraded or removed)"
+                if target else f"{python} is missing")
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{python} cannot run: {e}"
+    if r.returncode != 0:
+        return f"{python} exits {r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}"
+    return None
 
 
 def venv_key(requirements: bytes, python_real: str, python_version: str) -> str:
@@ -265,6 +397,7 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
                 run_cmd([str(venv_python(tmp)), "-m", "pip", "install", "--no-input", "-r", str(requirements_file)],
                         cancel=cancel, env=env, on_line=out, registry=registry, kind="build")
         _fix_scripts(tmp, final)
+        _stabilise_venv(tmp)
         _no_world_write(tmp)
         faults.point_sync("venv", cancel)
         info = {"key": key, "python": real, "python_version": version, "installer": tool,
@@ -391,7 +524,36 @@ class Release:
         return str(self.info.get("outcome", "unknown"))
 
 
+def disk_name(paths: Paths, name: str) -> str | None:
+    """The release's name as its directory is spelled on disk, matched without regard to case.
+
+    APFS (macOS's default) is case-insensitive: `releases/PROTO4_...` opens `proto4_...`, and a
+    name taken as typed would then be compared, linked and pinned in a spelling no listing shows,
+    so retention could not recognise the release that serves. An exact match wins (a
+    case-sensitive file system may hold both spellings).
+    """
+    if not name or "/" in name or name.startswith("."):
+        return None
+    entries = _entries(paths)
+    if name in entries:
+        return name
+    folded = name.casefold()
+    matches = [e for e in entries if e.casefold() == folded]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _entries(paths: Paths) -> list[str]:
+    try:
+        return [e for e in os.listdir(paths.releases) if not e.startswith(".")]
+    except OSError:
+        return []
+
+
 def read_release(paths: Paths, name: str) -> Release | None:
+    found = disk_name(paths, name)
+    if found is None:
+        return None
+    name = found
     path = paths.release(name)
     info = fsutil.read_json(path / "release.json")
     if not isinstance(info, dict):
@@ -523,7 +685,13 @@ def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: st
 
 
 def link_shared(release: Path, shared_root: Path, shared: Iterable[str], progress: Progress) -> None:
-    """Replace each shared path in the release by a symlink into `shared/` (seeded on first use)."""
+    """Replace each shared path in the release by a symlink into `shared/` (seeded on first use).
+
+    A shared path is linked whether or not it exists yet: an app that creates its SQLite file
+    on first start must create it in `shared/`, never inside a release that retention will
+    delete with everything written to it. A missing file gets a dangling link whose parent
+    exists (SQLite and open() create the target through it); a missing directory is created.
+    """
     for rel in shared:
         target = shared_root / rel
         inside = release / rel
@@ -537,8 +705,7 @@ def link_shared(release: Path, shared_root: Path, shared: Iterable[str], progres
                 target.mkdir(parents=True)
                 progress(f"shared {rel}: created empty directory")
             else:
-                progress(f"shared {rel}: absent (nothing to link yet; create shared/{rel} to provide it)")
-                continue
+                progress(f"shared {rel}: not there yet; linked, so the app creates it in shared/{rel}")
         if inside.exists() or inside.is_symlink():
             fsutil.remove_tree(inside)
         inside.parent.mkdir(parents=True, exist_ok=True)
@@ -546,8 +713,9 @@ def link_shared(release: Path, shared_root: Path, shared: Iterable[str], progres
 
 
 def _looks_like_dir(rel: str) -> bool:
-    name = Path(rel).name
-    return not name.startswith(".") and "." not in name
+    """`data`, `uploads/` are directories; `.env`, `app.db` are files (a name with a dot)."""
+    name = Path(rel.rstrip("/")).name
+    return rel.endswith("/") or (not name.startswith(".") and "." not in name)
 
 
 def env_keys(text: str) -> set[str]:
@@ -595,3 +763,36 @@ def switch_current(paths: Paths, name: str) -> None:
 
 def python_for(paths: Paths, release: Release) -> Path:
     return venv_python(paths.venvs / release.venv)
+
+
+def repair_venv(cfg: Config, paths: Paths, release: Release, *, progress: Progress,
+                cancel: Cancel | None = None, registry: PidRegistry | None = None) -> Release:
+    """Make sure `release`'s venv runs before it is started or switched to; rebuild it when not.
+
+    The rebuilt venv may get a new key (a new interpreter path or version): release.json then
+    records it. A broken venv under the same key is moved aside first (the `.build-` prefix makes
+    the next start's cleanup remove it), so a venv.json cannot make ensure_venv reuse it.
+    """
+    venv = paths.venvs / release.venv if release.venv else None
+    problem = venv_problem(venv) if venv is not None else "the release names no venv"
+    if problem is None:
+        return release
+    progress(f"the venv of {release.name} cannot run ({problem}); rebuilding it")
+    req = release.path / cfg.app.requirements if cfg.app.requirements else None
+    real, version = python_identity(cfg.python)
+    key = venv_key(req.read_bytes() if req is not None and req.is_file() else b"", real, version)
+    broken = paths.venvs / key
+    if broken.exists():
+        aside = paths.venvs / f".build-broken-{key}-{os.getpid()}"
+        fsutil.remove_tree(aside)
+        os.rename(broken, aside)
+    result = ensure_venv(paths, req if req is not None and req.is_file() else None, cfg.python,
+                         cfg.update.installer, progress=progress, cancel=cancel, registry=registry)
+    problem = venv_problem(result.path)
+    if problem is not None:
+        raise ReleaseError(f"the rebuilt venv of {release.name} cannot run either: {problem}")
+    if result.key != release.venv:
+        release.info["venv"] = result.key
+        fsutil.atomic_write_json(release.path / "release.json", release.info)
+    return release
+

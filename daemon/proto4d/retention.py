@@ -22,10 +22,12 @@ def plan_releases(releases: Sequence[ReleaseFacts], *, current: str | None, prev
                   keep_days: float, keep_min: int) -> list[str]:
     """Names of releases to remove, oldest first."""
     newest_first = sorted(releases, key=lambda r: (r.created_at, r.name), reverse=True)
-    protected = {r.name for r in newest_first[:keep_min]}
-    protected.update(n for n in (current, previous) if n)
+    # Compared without regard to case: on a case-insensitive file system (APFS) `current` may name
+    # the serving release in another spelling than its directory's.
+    protected = {r.name.casefold() for r in newest_first[:keep_min]}
+    protected.update(n.casefold() for n in (current, previous) if n)
     cutoff = now - keep_days * 86400
-    doomed = [r for r in newest_first if r.name not in protected and r.created_at < cutoff]
+    doomed = [r for r in newest_first if r.name.casefold() not in protected and r.created_at < cutoff]
     return [r.name for r in reversed(doomed)]
 
 

@@ -1,37 +1,32 @@
-"""proto4d as a system service: its service files and its side channel to systemd.
+"""proto4d as a system service: rendering and installing its launchd plist and systemd unit.
 
-This module owns two things. `install-service`: rendering the systemd unit and the
-launchd plist from the templates shipped in `proto4d/templates/`, writing them where the
-service manager looks, and telling the operator the exact commands that load them.
-`Notifier`: the sd_notify messages the daemon sends to systemd (ready, status, reloading,
-stopping, watchdog). When to send them is the supervisor's business, not this module's.
+`install-service` fills the templates shipped in `proto4d/templates/` for this machine,
+writes them where the service manager looks, and tells the operator the exact commands
+that load them. Run through sudo it installs a system-wide job that runs as the operator
+(SUDO_USER), never as root. The runtime side channel to systemd (sd_notify) is notifier.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
-import logging
+import grp
 import math
 import os
 import pwd
 import re
 import shlex
 import shutil
-import socket
 import sys
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import sdnotify
-
 from proto4d import __version__, fsutil
 from proto4d import config as configmod
-
-log = logging.getLogger(__name__)
 
 LAUNCHD_LABEL = "org.proto4d.proto4d"
 SYSTEMD_UNIT = "proto4d.service"
@@ -39,17 +34,59 @@ KINDS = ("systemd", "launchd")
 # Seconds above update.drain_timeout_s that the service manager waits before SIGKILL:
 # the drain itself plus stopping the sampler, writing status and exiting.
 STOP_MARGIN_S = 30
-# Children must not inherit these: NotifyAccess=main drops their messages anyway, and a
-# child that thought it owned the watchdog would only add noise to the journal.
-NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
-# What launchd and systemd give a job when nobody sets PATH is too little to find git,
-# Homebrew or a pyenv Python; these follow the venv's bin and the tools found at install.
+# What launchd and systemd give a job when nobody sets PATH (launchd: /usr/bin:/bin:/usr/sbin:/sbin)
+# is too little to find uv, git, Homebrew or a pyenv Python; these follow the venv's bin, the
+# tools found at install time and the places uv's and Homebrew's installers put them.
 _DEFAULT_PATH = {
     "systemd": ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"),
     "launchd": ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"),
 }
+# Where uv's own installer and `pip install --user`/pipx put commands, relative to HOME.
+_USER_BIN_DIRS = (".local/bin", ".cargo/bin")
+
+
+@dataclass(frozen=True)
+class Account:
+    """The user a system-wide job runs as: launchd's UserName/GroupName and HOME, systemd's User=."""
+
+    user: str
+    group: str
+    home: str
+    uid: int
+    gid: int
+
+
+def account(name: str) -> Account:
+    """The passwd entry of `name` (a user name or a numeric uid), or ServiceError."""
+    try:
+        pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        raise ServiceError(f"no such user: {name!r}") from None
+    try:
+        group = grp.getgrgid(pw.pw_gid).gr_name
+    except KeyError:
+        group = str(pw.pw_gid)
+    return Account(pw.pw_name, group, pw.pw_dir, pw.pw_uid, pw.pw_gid)
+
+
+def operator_name(environ: Mapping[str, str], euid: int, given: str | None = None) -> str | None:
+    """Whom a system-wide service should run as: --user, else the sudo caller, else this user.
+
+    None when that can only be root (a root shell without sudo and without --user).
+    """
+    if given:
+        return given
+    if euid != 0:
+        try:
+            return pwd.getpwuid(euid).pw_name
+        except KeyError:
+            return str(euid)
+    sudo_user = environ.get("SUDO_USER", "")
+    if sudo_user and sudo_user != "root":
+        return sudo_user
+    return None
 
 
 class ServiceError(Exception):
@@ -101,13 +138,20 @@ def _stop_timeout(cfg: configmod.Config) -> int:
     return math.ceil(cfg.update.drain_timeout_s) + STOP_MARGIN_S
 
 
-def _search_path(kind: str, cfg: configmod.Config, argv: Sequence[str]) -> str:
-    """PATH for the service: the venv's bin first, then where git and python are found now."""
+def _search_path(kind: str, cfg: configmod.Config, argv: Sequence[str], home: str | None = None) -> str:
+    """PATH for the service: the venv's bin first, then where python, git and uv are found now,
+    then the user's own bin dirs (uv's installer uses ~/.local/bin) and the usual system places."""
     dirs = [os.path.dirname(argv[0])]
     for tool in (cfg.python, "git"):
         found = shutil.which(tool)
         if found:
+            # abspath, not realpath: Homebrew's bin/ symlinks outlive the Cellar versions they point at
             dirs.append(os.path.dirname(os.path.abspath(found)))
+    uv = configmod.find_uv()
+    if uv:
+        dirs.append(os.path.dirname(os.path.abspath(uv)))
+    if home:
+        dirs.extend(os.path.join(home, d) for d in _USER_BIN_DIRS)
     dirs.extend(_DEFAULT_PATH[kind])
     seen: list[str] = []
     for d in dirs:
@@ -157,6 +201,13 @@ def _fill_lines(template: str, values: Mapping[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _home_of(user: str | None) -> str:
+    if user:
+        with contextlib.suppress(ServiceError):
+            return account(user).home
+    return str(Path.home())
+
+
 def render_systemd(cfg: configmod.Config, exe_argv: list[str], *, user: str | None, system: bool) -> str:
     """The systemd unit running `proto4d run --config <abs config>` for this config.
 
@@ -191,7 +242,7 @@ def render_systemd(cfg: configmod.Config, exe_argv: list[str], *, user: str | No
         "USER": f"User={_sd_escape(_check_text('user', user), dollar=False)}" if (system and user) else "",
         "WORKDIR": _sd_escape(root, dollar=False),
         "ENV_CONFIG": _sd_quote(f"PROTO4D_CONFIG={config_path}", dollar=False),
-        "ENV_PATH": _sd_quote(f"PATH={_search_path('systemd', cfg, argv)}", dollar=False),
+        "ENV_PATH": _sd_quote(f"PATH={_search_path('systemd', cfg, argv, _home_of(user))}", dollar=False),
         "EXEC_START": exec_start,
         "TIMEOUT_STOP": str(_stop_timeout(cfg)),
         "WANTED_BY": "multi-user.target" if system else "default.target",
@@ -229,31 +280,40 @@ def _fill_plist(node: Any, values: Mapping[str, Any], program: Sequence[str]) ->
     return node
 
 
-def render_launchd(cfg: configmod.Config, exe_argv: list[str]) -> bytes:
+def render_launchd(cfg: configmod.Config, exe_argv: list[str], *, run_as: Account | None = None) -> bytes:
     """The launchd plist running `proto4d run --config <abs config>`: XML that plistlib parses.
 
-    The template is itself a plist; its values are filled here and the result is written
-    by plistlib, so a path with `&` or `<` in it can never produce a broken file.
+    run_as: a LaunchDaemon (system domain) runs as root unless the plist names a user, so
+    one is always named for it (UserName, GroupName, InitGroups for the user's other groups,
+    HOME). A LaunchAgent (run_as None) already runs as the user who loads it; HOME is set
+    either way. The template is itself a plist; its values are filled here and the result is
+    written by plistlib, so a path with `&` or `<` in it can never produce a broken file.
     """
     if not exe_argv:
         raise ServiceError("no command to run proto4d")
     config_path = _check_text("the config path", _config_path(cfg))
     root = _check_text("root", str(cfg.root))
     argv = [_check_text("the proto4d command", a) for a in exe_argv]
-    import plistlib  # here, not at the top: the running daemon imports this module for Notifier only
+    import plistlib  # here, not at the top: only install-service renders plists
 
+    home = run_as.home if run_as is not None else str(Path.home())
     template = plistlib.loads(_template("proto4d.plist").encode("utf-8"))
     values: dict[str, Any] = {
         "LABEL": LAUNCHD_LABEL,
         "CONFIG": config_path,
         "ROOT": root,
-        "PATH": _search_path("launchd", cfg, argv),
+        "HOME": _check_text("HOME", home),
+        "PATH": _search_path("launchd", cfg, argv, home),
         "EXIT_TIMEOUT": _stop_timeout(cfg),
+        # None drops the key: an agent cannot switch users (launchd refuses UserName there)
+        "USER": run_as.user if run_as is not None else None,
+        "GROUP": run_as.group if run_as is not None else None,
+        "INIT_GROUPS": True if run_as is not None else None,
     }
     missing = _plist_placeholders(template) - set(values) - {"PROGRAM"}
     if missing:  # a template edited without this module: fail loudly rather than ship "@X@"
         raise ServiceError(f"template placeholders without a value: {', '.join(sorted(missing))}")
-    data = plistlib.dumps(_fill_plist(template, values, argv), sort_keys=False)
+    data = plistlib.dumps(_drop_none(_fill_plist(template, values, argv)), sort_keys=False)
     # plistlib writes no comments; put the provenance in one, just before <plist>.
     # "--" may not appear inside an XML comment.
     note = (f" Generated by proto4d {__version__} install-service (launchd) from {config_path}."
@@ -262,6 +322,14 @@ def render_launchd(cfg: configmod.Config, exe_argv: list[str]) -> bytes:
     comment = f"<!--{note}-->\n".encode()
     at = data.index(b"<plist")
     return data[:at] + comment + data[at:]
+
+
+def _drop_none(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_none(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_drop_none(v) for v in node if v is not None]
+    return node
 
 
 # --------------------------------------------------------------------------- install-service
@@ -289,6 +357,20 @@ def _current_user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:  # a uid without a passwd entry (some containers): systemd takes numbers too
         return str(os.geteuid())
+
+
+def _make_owned_dir(path: Path, owner: Account | None) -> None:
+    """mkdir -p, and hand what was made to the service's user (root making it under sudo would
+    leave a directory the daemon cannot write)."""
+    made: list[Path] = []
+    p = path
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    if owner is not None and os.geteuid() == 0:
+        for d in made:
+            os.chown(d, owner.uid, owner.gid)
 
 
 def _systemd_commands(dest: Path, system: bool) -> list[str]:
@@ -322,9 +404,21 @@ def _launchd_commands(dest: Path, system: bool) -> list[str]:
     ]
 
 
+def _load_as(path: str | None, home: str) -> configmod.Config:
+    """The config as the service's user will read it: `~` in it is that user's home, not root's."""
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = home
+    try:
+        return configmod.load(path)
+    finally:
+        if saved is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = saved
+
+
 def cmd_install_service(args: argparse.Namespace) -> int:
     """`proto4d install-service`: render, then print or write the file and the commands to load it."""
-    cfg = configmod.load(args.config)  # ConfigError -> exit 78 in the CLI
     kind = "launchd" if args.launchd else "systemd"
     output = Path(os.path.abspath(os.path.expanduser(args.output))) if args.output else None
     # No --system flag (yet): root installs system-wide, and so does an --output that names
@@ -332,13 +426,29 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     system = getattr(args, "system", None)
     if system is None:
         system = os.geteuid() == 0 or (output is not None and _is_system_place(kind, output))
+    run_as: Account | None = None
+    try:
+        if system:
+            name = operator_name(os.environ, os.geteuid(), getattr(args, "user", None))
+            if name is None:
+                raise ServiceError("a system-wide service would run as root; run install-service with sudo from "
+                                   "the operator's account, or name the user with --user NAME")
+            run_as = account(name)
+            if run_as.uid == 0 and not getattr(args, "allow_root", False):
+                raise ServiceError(f"a system-wide service would run as {run_as.user} (uid 0); name the operator "
+                                   "with --user NAME, or pass --allow-root if root is really meant")
+    except ServiceError as e:
+        print(f"proto4d install-service: {e}", file=sys.stderr)
+        return 1
+    home = run_as.home if run_as is not None else str(Path.home())
+    cfg = _load_as(args.config, home)  # ConfigError -> exit 78 in the CLI
     argv = exe_argv()
     try:
         if kind == "systemd":
-            user = _current_user() if system and os.geteuid() != 0 else None
-            data = render_systemd(cfg, argv, user=user, system=system).encode("utf-8")
+            data = render_systemd(cfg, argv, user=run_as.user if run_as is not None else None,
+                                  system=system).encode("utf-8")
         else:
-            data = render_launchd(cfg, argv)
+            data = render_launchd(cfg, argv, run_as=run_as if system else None)
     except (ServiceError, ValueError) as e:
         print(f"proto4d install-service: {e}", file=sys.stderr)
         return 1
@@ -365,7 +475,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     # launchd opens its StandardOutPath/StandardErrorPath before starting proto4d and will
     # not create their directory; systemd starts in root. Make both exist now.
     try:
-        (cfg.root / "logs").mkdir(parents=True, exist_ok=True)
+        _make_owned_dir(cfg.root / "logs", run_as)
     except OSError as e:
         print(f"warning: cannot create {cfg.root / 'logs'}: {e.strerror or e}; create it before loading "
               f"the service", file=sys.stderr)
@@ -377,137 +487,3 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         print("  (gui/ needs a logged-in session, e.g. auto-login on the Mac mini; run as root for a "
               "LaunchDaemon that starts at boot without one)")
     return 0
-
-
-# --------------------------------------------------------------------------- sd_notify
-
-
-def _notify_address(value: str) -> str | None:
-    """NOTIFY_SOCKET as a socket address; "@name" is Linux's abstract namespace."""
-    if value.startswith("@"):
-        return "\0" + value[1:]
-    if value.startswith("/"):
-        return value
-    if value:  # e.g. "vsock:..." (systemd 254+, VMs): not for a daemon on a host
-        log.debug("NOTIFY_SOCKET %r is not a unix socket path; sd_notify disabled", value)
-    return None
-
-
-class _Channel(sdnotify.SystemdNotifier):
-    """sdnotify's notifier, adapted to what a long-running daemon needs.
-
-    sdnotify 0.3.2 reads NOTIFY_SOCKET from os.environ when constructed (so tests cannot
-    pass their own), connects once and never again, encodes as Latin-1 (a Korean STATUS
-    would raise and, without debug, vanish silently), and with debug=False hides every
-    failure. It does map "@name" to the abstract namespace; so does _notify_address.
-    Here: the address comes from the caller, text is UTF-8 (what systemd expects), each
-    message is one sendto() on an unconnected socket (nothing to reconnect after systemd
-    re-executes itself), and failures raise for Notifier to log.
-    """
-
-    def __init__(self, address: str) -> None:
-        # not super().__init__(): it reads os.environ and connects
-        self.debug = True
-        self.address = address
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # close-on-exec (PEP 446)
-        # never stall the daemon's loop if systemd stops reading: drop the message instead
-        self.socket.settimeout(1.0)
-
-    def notify(self, state: str) -> None:
-        self.socket.sendto(state.encode("utf-8"), self.address)
-
-    def close(self) -> None:
-        self.socket.close()
-
-
-class Notifier:
-    """sd_notify(3) for proto4d: tells systemd when the daemon is ready, reloading, stopping, alive.
-
-    A no-op when NOTIFY_SOCKET is unset (launchd, a terminal) and never raises: a failed
-    send is logged at debug and forgotten, since the service must not die for its manager's
-    sake. Every method returns whether the message was sent.
-    """
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        # read once: the supervisor may then remove NOTIFY_ENV from what its children inherit
-        self._address = _notify_address(env.get("NOTIFY_SOCKET", ""))
-        self._watchdog_usec = env.get("WATCHDOG_USEC", "")
-        self._watchdog_pid = env.get("WATCHDOG_PID", "")
-        self._channel: _Channel | None = None
-        if self._address is not None:
-            try:
-                self._channel = _Channel(self._address)
-            except OSError as e:
-                log.debug("sd_notify: cannot create a socket: %s", e)
-
-    @property
-    def enabled(self) -> bool:
-        """True when systemd gave a notify socket (and it could be opened)."""
-        return self._channel is not None
-
-    def _send(self, lines: Iterable[str]) -> bool:
-        if self._channel is None:
-            return False
-        # one datagram for all lines: systemd applies them together (RELOADING with its timestamp)
-        message = "\n".join(lines)
-        try:
-            self._channel.notify(message)
-        except (OSError, ValueError) as e:
-            log.debug("sd_notify %r failed: %s", message.split("\n", 1)[0], e)
-            return False
-        return True
-
-    def ready(self) -> bool:
-        """Start-up is complete (or a reload is): READY=1."""
-        return self._send(["READY=1"])
-
-    def status(self, text: str) -> bool:
-        """A one-line status that `systemctl status` shows."""
-        # a newline would start a new assignment: "x\nREADY=1" must not declare readiness
-        return self._send(["STATUS=" + " ".join(text.splitlines())])
-
-    def reloading(self) -> bool:
-        """A config reload started (follow with ready()); the timestamp is in CLOCK_MONOTONIC usec."""
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        return self._send(["RELOADING=1", f"MONOTONIC_USEC={usec}"])
-
-    def stopping(self) -> bool:
-        """Shutdown started (draining the app): STOPPING=1."""
-        return self._send(["STOPPING=1"])
-
-    def watchdog(self) -> bool:
-        """The daemon's loop is alive: WATCHDOG=1, at least every watchdog_interval() seconds."""
-        return self._send(["WATCHDOG=1"])
-
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for more time to start or stop (e.g. a first venv build slower than TimeoutStartSec)."""
-        return self._send([f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}"])
-
-    def watchdog_interval(self) -> float | None:
-        """Seconds between watchdog() calls: half of WatchdogSec, or None when there is no watchdog.
-
-        Like sd_watchdog_enabled(3): WATCHDOG_USEC must be a positive integer, and when
-        WATCHDOG_PID is set it must be this process (a forked child inherits the variables
-        but not the duty). None as well without a notify socket: there is nowhere to ping.
-        """
-        if not self.enabled:
-            return None
-        try:
-            usec = int(self._watchdog_usec)
-        except ValueError:
-            return None
-        if usec <= 0:
-            return None
-        if self._watchdog_pid:
-            try:
-                if int(self._watchdog_pid) != os.getpid():
-                    return None
-            except ValueError:
-                return None
-        return usec / 1_000_000 / 2
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from proto4d import __version__, configwait, faults, fsutil, log, releases, update
@@ -27,11 +28,11 @@ from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
 from proto4d.health import Prober
 from proto4d.notices import Webhook
+from proto4d.notifier import Notifier
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
 from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
 from proto4d.runner import Runner
-from proto4d.service import Notifier
 
 REQUEST_POLL_S = 1.0  # `proto4d update` also sends SIGUSR2 to have it looked at at once
 NO_RELEASE_RETRY_S = 60.0
@@ -56,10 +57,11 @@ class Daemon:
         self.sampler = Sampler(cfg.activity, cfg.safety, cfg.listen.port, cfg.app.access_log_regex,
                                self.prober.probe_ports)
         self.history = History(self.paths.activity, cfg.activity.history_max_bytes)
-        self.mirror = releases.Mirror(self.paths.mirror, cfg.app.repo)
+        self.mirror = releases.Mirror(self.paths.mirror, cfg.app.repo, cfg.app.branch)
         self.webhook = Webhook(cfg.notify.webhook_url, cfg.notify.webhook_timeout_s)
         self.green_since: float | None = None
         self.release_error = ""
+        self._data_cache: tuple[float, tuple[str, bool], dict[str, Any]] | None = None
         self.app_log: RotatingLog | None = None
         self.runner = Runner(self)
         self.updates = update.UpdateManager(self)
@@ -157,8 +159,7 @@ class Daemon:
                 self.release_error = f"releases/{name} has no readable release.json"
                 self.log.error("release.unreadable", release=name)
             else:
-                if not (self.paths.venvs / rel.venv / "venv.json").exists():
-                    await self._rebuild_venv(rel)
+                await self._rebuild_venv(rel)
                 self.runner.release = rel
                 # A failure here (port, exec, crash) is retried by the runner's backoff, never left idle.
                 if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
@@ -188,24 +189,45 @@ class Daemon:
             return
         except Cancelled:
             return
+        if cfg.app.migrate and not await self._first_migration(prepared.release, progress):
+            return
         releases.switch_current(self.paths, prepared.release.name)
         releases.set_outcome(self.paths, prepared.release.name, "serving")
         self.release_error = ""
         self.log.info("first_release.ready", release=prepared.release.name, commit=sha[:7])
 
-    async def _rebuild_venv(self, rel: releases.Release) -> None:
-        req = rel.path / self.cfg.app.requirements if self.cfg.app.requirements else None
+    async def _first_migration(self, rel: releases.Release, progress: Callable[[str], None]) -> bool:
+        """The first release creates or upgrades the schema before it starts (snapshot first, if data exists)."""
+        from proto4d import datasteps
+
+        cfg = self.cfg
+        data = datasteps.DataSteps(
+            shared_root=self.paths.shared, shared=cfg.app.shared, declared=cfg.app.databases,
+            migrate_argv=cfg.app.migrate, workdir=cfg.app.workdir, state_dir=self.paths.state,
+            backups=self.paths.backups, timeout_s=cfg.update.migrate_timeout_s, app_env=cfg.app.env_dict,
+            python_for=lambda r: releases.python_for(self.paths, r), progress=progress, registry=self.registry)
         try:
-            result = await asyncio.to_thread(releases.ensure_venv, self.paths, req if req and req.is_file() else None,
-                                             self.cfg.python, self.cfg.update.installer,
-                                             progress=lambda t: self.log.info("venv.progress", text=t),
-                                             registry=self.registry)
+            await asyncio.to_thread(data.take_snapshot, rel, release_name="")
+            await asyncio.to_thread(data.migrate_live, rel)
+        except datasteps.DataStepFailed as e:
+            self.release_error = f"first release {rel.name}: {e}"
+            self.log.error("first_release.failed", error=self.release_error)
+            with contextlib.suppress(OSError):
+                fsutil.remove_tree(rel.path)
+            return False
+        return True
+
+    async def _rebuild_venv(self, rel: releases.Release) -> None:
+        """A venv removed, or left dangling by an interpreter upgrade (brew upgrade), is rebuilt before the start."""
+        try:
+            await asyncio.to_thread(releases.repair_venv, self.cfg, self.paths, rel,
+                                    progress=lambda t: self.log.warning("venv.repair", text=t)
+                                    if not t.startswith("  |") else None,
+                                    cancel=self._startup_cancel, registry=self.registry)
         except releases.ReleaseError as e:
             self.log.error("venv.rebuild_failed", release=rel.name, error=str(e))
+        except Cancelled:
             return
-        if result.key != rel.venv:
-            rel.info["venv"] = result.key
-            fsutil.atomic_write_json(rel.path / "release.json", rel.info)
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self.stopping:
@@ -429,6 +451,7 @@ class Daemon:
         self.sampler.reconfigure(new.activity, new.safety, new.listen.port, new.app.access_log_regex)
         self.history.max_bytes = new.activity.history_max_bytes
         self.mirror.url = new.app.repo
+        self.mirror.branch = new.app.branch
         self.webhook = Webhook(new.notify.webhook_url, new.notify.webhook_timeout_s)
         self.runner.configure()
         if self.app_log is not None:
@@ -472,8 +495,23 @@ class Daemon:
                                               "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
                                               "sampled_at": None},
             "update": self.updates.status(),
+            "data": self._data_status(),
             "written_at": iso(time.time()),
         }
+
+    def _data_status(self) -> dict[str, Any] | None:
+        # Walking shared/ for databases is not free: once a minute is enough for sizes and ages.
+        # A switch (or the end of an update) changes revisions and snapshots: look again then too.
+        now = time.monotonic()
+        key = (self.runner.release.name if self.runner.release else "", self.updates.run is None)
+        if self._data_cache is None or now - self._data_cache[0] > 60 or self._data_cache[1] != key:
+            from proto4d import datasteps
+            try:
+                self._data_cache = (now, key, datasteps.status(self.paths.shared, self.cfg.app.databases,
+                                                               self.paths.backups))
+            except OSError:
+                return None
+        return self._data_cache[2]
 
     def write_status(self) -> None:
         fsutil.atomic_write_json(self.paths.status, self.status(), durable=False)
@@ -494,11 +532,29 @@ class Daemon:
         removed, venvs = update.retained(self.paths, self.cfg, sorted(in_use))
         for name in removed:
             self.mirror.unpin(name)
-        if removed or venvs:
-            self.log.info("retention.removed", releases=removed, venvs=venvs)
+        from proto4d import datasteps
+
+        snaps = datasteps.prune(self.paths.backups, keep_days=self.cfg.update.keep_days,
+                                keep_min=self.cfg.update.keep_min)
+        if removed or venvs or snaps:
+            self.log.info("retention.removed", releases=removed, venvs=venvs, snapshots=snaps)
+
+
+def root_refusal(euid: int, allow_flag: bool, environ: Mapping[str, str]) -> str | None:
+    """Why `proto4d run` must not start as this user, or None. Root is refused unless told:
+    the app, git and every venv build would run as root, from files the operator's user can change."""
+    if euid != 0 or allow_flag or environ.get("PROTO4D_ALLOW_ROOT", "") == "1":
+        return None
+    return ("refusing to run as root: the app, git and the venv builds would all run as root. Run it as the "
+            "operator's user (a LaunchDaemon from `sudo proto4d install-service --launchd` does), or pass "
+            "--allow-root / set PROTO4D_ALLOW_ROOT=1 if root is really meant")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    refusal = root_refusal(os.geteuid(), getattr(args, "allow_root", False), os.environ)
+    if refusal:
+        print(f"proto4d run: {refusal}", file=sys.stderr)
+        return 1
     # Nothing the daemon (or the app it starts) creates is writable by others, whatever umask it was
     # started with (a stricter one, such as 077, is kept).
     os.umask(os.umask(0o022) | 0o022)
@@ -512,7 +568,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = waited
     paths = Paths(cfg.root)
     paths.make_dirs()
-    log.setup(paths.daemon_log, stderr=True)
+    # Under launchd stderr is a file nothing rotates: the plist sets PROTO4D_LOG_STDERR=0 so that
+    # events are written once, to the rotated logs/proto4d.log.
+    log.setup(paths.daemon_log, stderr=os.environ.get("PROTO4D_LOG_STDERR", "1") != "0")
     daemon = Daemon(cfg, args.config or str(configmod.default_config_path()))
     try:
         daemon.acquire_lock()

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from proto4d import faults, fsutil, log, notices, policy, releases, retention
+from proto4d import datasteps, faults, fsutil, log, notices, policy, releases, retention
 from proto4d.activity import iso
 from proto4d.procs import Cancel, Cancelled
 from proto4d.requests import Request, write_answer
@@ -223,6 +223,14 @@ class UpdateManager:
             write_answer(paths, req_id, "aborted", why)
             self.log.warning("recover.aborted", id=req_id, state=state)
         else:
+            if j.get("restore_on_rollback") and j.get("snapshot"):
+                try:
+                    said = datasteps.restore_snapshot(paths.backups, paths.shared, j["snapshot"],
+                                                      f"the daemon restarted during {state}")
+                except Exception as e:  # the release still goes back; the operator is told to restore by hand
+                    said = f"could not restore snapshot {j['snapshot']}: {e} (proto4d backups --restore)"
+                journal.note(restore_on_rollback=False, restored=said)
+                self.log.warning("recover.restored", id=req_id, message=said)
             back = old if old and paths.release(old).exists() else paths.current_release()
             if back and paths.current_release() != back:
                 releases.switch_current(paths, back)
@@ -268,6 +276,12 @@ class UpdateRun:
         self.journal = Journal(daemon.paths.journal)
         self._task: asyncio.Task[Any] | None = None
         self.started = time.monotonic()
+        cfg, paths = daemon.cfg, daemon.paths
+        self.data = datasteps.DataSteps(
+            shared_root=paths.shared, shared=cfg.app.shared, declared=cfg.app.databases, migrate_argv=cfg.app.migrate,
+            workdir=cfg.app.workdir, state_dir=paths.state, backups=paths.backups,
+            timeout_s=cfg.update.migrate_timeout_s, app_env=cfg.app.env_dict,
+            python_for=lambda rel: releases.python_for(paths, rel), progress=self._progress, registry=daemon.registry)
 
     # -- public
 
@@ -583,20 +597,12 @@ class UpdateRun:
     async def _prepare_rollback(self) -> None:
         target = self.new
         assert target is not None
-        venv = self.d.paths.venvs / target.venv
-        if not (venv / "venv.json").exists():
-            self.ulog.line(f"  the venv of {target.name} was removed; rebuilding it")
-            req = target.path / self.d.cfg.app.requirements if self.d.cfg.app.requirements else None
-            try:
-                result = await asyncio.to_thread(
-                    releases.ensure_venv, self.d.paths, req if req and req.is_file() else None, self.d.cfg.python,
-                    self.d.cfg.update.installer, progress=self._progress, cancel=self.cancel,
-                    registry=self.d.registry)
-            except releases.ReleaseError as e:
-                raise Aborted(str(e)) from None
-            if result.key != target.venv:
-                target.info["venv"] = result.key
-                fsutil.atomic_write_json(target.path / "release.json", target.info)
+        # a venv removed by retention, or left dangling by an interpreter upgrade, is rebuilt first
+        try:
+            await asyncio.to_thread(releases.repair_venv, self.d.cfg, self.d.paths, target, progress=self._progress,
+                                    cancel=self.cancel, registry=self.d.registry)
+        except releases.ReleaseError as e:
+            raise Aborted(str(e)) from None
         self.journal.note(new_release=target.name, new_commit=target.commit)
 
     def _progress(self, text: str) -> None:
@@ -617,16 +623,51 @@ class UpdateRun:
 
     # -- canary
 
-    def _canary_possible(self) -> bool:
+    def _canary_runs(self) -> bool:
         cfg = self.d.cfg
         return cfg.update.canary and (cfg.app.uses_fd or cfg.app.uses_port)
 
+    def _canary_possible(self) -> bool:
+        # A migration is proven on a copy even when no canary process can run.
+        return self._canary_runs() or (self.data.migrates and self.req.action == "update")
+
     async def _canary(self) -> None:
         assert self.new is not None
-        report, died = await self.d.runner.canary(self.new)
-        self.ulog.line(f"  canary checks: {report.summary()}")
-        if not report.ok:
-            raise Aborted(f"the canary of {self.new.name} failed: " + (died or report.failures()))
+        old = self.old if self.req.action == "update" and self.old is not None and \
+            self.old.name != self.new.name else None
+        try:
+            report, died = await self.data.canary(self.new, old,
+                                                  self.d.runner.canary if self._canary_runs() else None,
+                                                  migrate_copy=self.req.action == "update")
+        except datasteps.DataStepFailed as e:
+            raise Aborted(str(e)) from None
+        self.timings.update({k: v for k, v in self.data.timings.items() if k in ("canary_copy", "migrate_copy")})
+        if report is not None:
+            self.ulog.line(f"  canary checks: {report.summary()}")
+            if not report.ok:
+                hint = ""
+                if self.req.action == "rollback" and self.data.migrates:
+                    hint = (" (the data has a newer schema this release may not run on: `proto4d backups` "
+                            "lists the snapshots taken before each switch)")
+                raise Aborted(f"the canary of {self.new.name} failed: " + (died or report.failures()) + hint)
+        self.journal.note(rollback_compatible=self.data.compatible)
+        if self.data.compatible is False:
+            self._allow_incompatible()
+
+    def _allow_incompatible(self) -> None:
+        """An incompatible migration goes on only when allowed, and only while nobody is on."""
+        assert self.new is not None
+        if not self.d.cfg.update.allow_incompatible:
+            raise Aborted(f"the migration of {self.new.name} is not rollback-compatible: "
+                          f"{self.old.name if self.old else 'the previous release'} fails its checks on the migrated "
+                          "copy, so a rollback would have to restore the pre-switch snapshot and lose what was "
+                          "written since. Set update.allow_incompatible: true to deploy it in a green window")
+        verdict = self.d.sampler.last_verdict or policy.Verdict("red", ("no activity sample yet",))
+        if verdict.color != "green":
+            raise Aborted(f"the migration of {self.new.name} is not rollback-compatible and the verdict is "
+                          f"{verdict.color} ({'; '.join(verdict.reasons)}): it runs only when nobody is on")
+        self.ulog.line("  NOT rollback-compatible, allowed by update.allow_incompatible, verdict green: "
+                       "a rollback restores the pre-switch snapshot and saves the rows written since")
 
     # -- switching, verifying, watching
 
@@ -634,6 +675,7 @@ class UpdateRun:
         assert self.new is not None
         runner = self.d.runner
         cfg = self.d.cfg
+        await self._data_before_switch()
         runner.hold = True
         runner.crashed.clear()
         if cfg.app.uses_fd and runner.proc is not None and runner.proc.alive:
@@ -656,6 +698,27 @@ class UpdateRun:
         self.switched_at = time.time()
         releases.set_outcome(self.d.paths, self.new.name, "serving")
         self.ulog.line(f"  current -> releases/{self.new.name}")
+
+    async def _data_before_switch(self) -> None:
+        """Snapshot every database, then migrate the live one; a failure restores it and aborts."""
+        assert self.new is not None
+        old = self.old.name if self.old else ""
+        await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=old)
+        await faults.point("snapshot_taken")
+        if not self.data.migrates or self.req.action != "update":
+            if self.data.snapshot:
+                self.journal.note(snapshot=self.data.snapshot)
+            return
+        # Durable before the live database changes: a restart mid-migration knows what to restore.
+        self.journal.note(snapshot=self.data.snapshot, migrating_live=True,
+                          restore_on_rollback=self.data.compatible is not True)
+        try:
+            await asyncio.to_thread(self.data.migrate_live, self.new)
+        except datasteps.DataStepFailed as e:
+            self.journal.note(migrating_live=False, restore_on_rollback=False)
+            raise Aborted(str(e)) from None
+        await faults.point("migrated")
+        self.timings.update({k: v for k, v in self.data.timings.items() if k in ("snapshot", "migrate_live")})
 
     def _link_previous(self) -> None:
         """Remember which release this one replaced: `rollback` with no name goes there."""
@@ -752,6 +815,13 @@ class UpdateRun:
         new = self.new
         t = time.monotonic()
         await faults.point("rollback_started")
+        if self.data.restore_on_rollback:
+            # The old code cannot run on the new schema: the data goes back first, what was written since is saved.
+            said = await asyncio.to_thread(self.data.restore_for_rollback)
+            self.journal.note(restore_on_rollback=False, restored=said)
+            self.ulog.line(f"  {said}")
+            self.log.warning("rollback.restored", message=said)
+            why = f"{why}; {said}"
         try:
             if back is not None and (runner.release is None or runner.release.name != back.name
                                      or runner.proc is None or not runner.proc.alive):

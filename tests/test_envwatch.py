@@ -1,0 +1,36 @@
+"""The .env watch: keys named, values never kept (a pure comparison over digests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from proto4d import envwatch
+
+
+def test_parse_env_reads_what_dotenv_reads() -> None:
+    text = "# comment\nexport A=1\nB = 'two words'\nC=\"q\"\nD=plain # note\n1BAD=x\nnot a line\nE=\n"
+    assert envwatch.parse_env(text) == {"A": "1", "B": "two words", "C": "q", "D": "plain", "E": ""}
+
+
+def test_changes_name_keys_and_never_values(tmp_path: Path) -> None:
+    env = tmp_path / "backend" / ".env"
+    env.parent.mkdir()
+    env.write_text("OPENAI_API_KEY=sk-old-secret\nMODEL=gpt-4o\nGONE=1\n")
+    started = envwatch.read_fingerprints(tmp_path, ["backend/.env", "backend/data"], {"TZ": "Asia/Seoul"})
+    assert envwatch.changes(started, envwatch.read_fingerprints(tmp_path, ["backend/.env"], {"TZ": "Asia/Seoul"})) == []
+
+    env.write_text("OPENAI_API_KEY=sk-new-secret\nMODEL=gpt-4o\nNEW=1\n")
+    now = envwatch.read_fingerprints(tmp_path, ["backend/.env"], {"TZ": "UTC"})
+    found = envwatch.changes(started, now)
+    assert [c.describe() for c in found] == [
+        "app.env: changed TZ",
+        "backend/.env: added NEW; removed GONE; changed OPENAI_API_KEY",
+    ]
+    text = repr(started) + repr(now) + repr(found)
+    assert "sk-old-secret" not in text and "sk-new-secret" not in text and "Asia/Seoul" not in text
+
+
+def test_a_missing_env_file_reads_as_empty(tmp_path: Path) -> None:
+    started = envwatch.read_fingerprints(tmp_path, [".env"], {})
+    (tmp_path / ".env").write_text("A=1\n")
+    assert [c.added for c in envwatch.changes(started, envwatch.read_fingerprints(tmp_path, [".env"], {}))] == [("A",)]
