@@ -176,15 +176,25 @@ class Sampler:
         return self.last
 
 
+ROLLUP_S = 300            # one line of activity_5m.jsonl per 5 minutes
+ROLLUP_MAX_BYTES = 256 << 10  # ~15 days of 5-minute lines; trimmed to half past this
+
+
 class History:
     """`state/activity.jsonl`: one line per sample, kept under `history_max_bytes` by dropping the
-    oldest half when it grows past the limit (rewritten via a temp file)."""
+    oldest half when it grows past the limit (rewritten via a temp file).
+
+    At 5 s sampling the default 5 MiB holds one to two days, so each 5 minutes also leaves one small
+    line in `state/activity_5m.jsonl` (the peak users and requests/min): the status page's 7 days.
+    """
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.rollup_path = path.with_name("activity_5m.jsonl")
+        self._bucket: tuple[int, int, float] | None = None  # (start, peak users, peak rpm)
 
-    def append(self, sample: dict[str, Any]) -> None:
+    def append(self, sample: dict[str, Any], now: float | None = None) -> None:
         row = {k: sample.get(k) for k in ("sampled_at", "verdict", "users", "requests_window", "rpm", "connections",
                                           "tunnel", "cpu_percent", "rss_bytes")}
         line = json.dumps(row, separators=(",", ":")) + "\n"
@@ -193,6 +203,25 @@ class History:
             size = f.tell()
         if size > self.max_bytes:
             self._trim()
+        self._roll(now if now is not None else time.time(), int(row["users"] or 0), float(row["rpm"] or 0.0))
+
+    def _roll(self, now: float, users: int, rpm: float) -> None:
+        start = int(now) // ROLLUP_S * ROLLUP_S
+        b = self._bucket
+        if b is not None and b[0] == start:
+            self._bucket = (start, max(b[1], users), max(b[2], rpm))
+            return
+        self._bucket = (start, users, rpm)
+        if b is None:
+            return
+        line = json.dumps({"t": b[0], "users": b[1], "rpm": round(b[2], 1)}, separators=(",", ":")) + "\n"
+        with contextlib.suppress(OSError), open(self.rollup_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            if f.tell() > ROLLUP_MAX_BYTES:
+                f.close()
+                data = self.rollup_path.read_bytes()
+                keep = data[len(data) - ROLLUP_MAX_BYTES // 2:]
+                fsutil.atomic_write(self.rollup_path, keep[keep.find(b"\n") + 1:], durable=False)
 
     def _trim(self) -> None:
         with open(self.path, "rb") as f:

@@ -162,6 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", metavar="PATH", help="with --restore: only this database (relative to shared/)")
     p.add_argument("--yes", action="store_true", help="with --restore: really replace the live databases")
 
+    p = sub.add_parser("web", help="the status page and /metrics (a separate process reading the state files)",
+                       description="Serve the read-only status page and /metrics (Prometheus) on web.listen "
+                                   "(default 127.0.0.1:8099). It reads the files under root and never talks to "
+                                   "the daemon, so it can be started, stopped and restarted on its own.")
+    _add_config(p)
+    p.add_argument("--port", type=int, metavar="PORT",
+                   help="listen on this port instead of web.listen.port (0: any free port, printed)")
+
+    p = sub.add_parser("logs", help="the app's output, the daemon's events, or one update's story",
+                       description="Print a log: the app's output (--app), the daemon's events as readable lines "
+                                   "(--daemon), or one update's story (--update ID; the default is the last "
+                                   "update). -f follows it as it grows, across rotation.")
+    _add_config(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--app", action="store_true", help="the app's output (logs/app.log)")
+    g.add_argument("--daemon", action="store_true", help="the daemon's events (logs/proto4d.log), one line each")
+    g.add_argument("--update", nargs="?", const="", metavar="ID",
+                   help="one update's story: a request id or an update log name (default: the last update)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what is added (Ctrl-C to stop)")
+    p.add_argument("-n", "--lines", type=int, default=200, metavar="N",
+                   help="start with the last N lines (default 200; 0 = all) of the app or daemon log")
+
     sub.add_parser("demo", help="the whole story on a bundled sample app, no set-up",
                    description="In a temporary directory: a local git origin with a sample app in three versions, "
                                "the daemon running it, simulated users, an update that waits for quiet and then "
@@ -225,4 +247,6 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "pending": _lazy("proto4d.pending", "cmd_pending"),
     "demo": _lazy("proto4d.demo", "cmd_demo"),
     "doctor": _lazy("proto4d.doctor", "cmd_doctor"),
+    "web": _lazy("proto4d.web.server", "cmd_web"),
+    "logs": _lazy("proto4d.logview", "cmd_logs"),
 }

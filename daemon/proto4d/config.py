@@ -219,6 +219,14 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """`proto4d web`: where the status page and /metrics listen; a token for any non-loopback address."""
+    host: str = "127.0.0.1"
+    port: int = 8099
+    token: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     root: Path
@@ -231,6 +239,7 @@ class Config:
     schedule: ScheduleConfig
     update: UpdateConfig
     notify: NotifyConfig
+    web: WebConfig = WebConfig()
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -560,7 +569,7 @@ class _Builder:
 
     def build(self, doc: dict) -> Config:
         top = {"root", "python", "app", "listen", "health", "activity", "safety", "schedule", "update",
-               "notify"}
+               "notify", "web"}
         self.unknown(doc, top, "")
         if "root" not in doc:
             self.fail("root", "missing; expected a directory where proto4d keeps its state "
@@ -584,7 +593,7 @@ class _Builder:
         update = self.update(doc)
         notify = self.notify(doc)
         return Config(self.file, root, python, app, listen, health, activity, safety, schedule, update,
-                      notify, raw=doc)
+                      notify, self.web(doc), raw=doc)
 
     def abspath(self, text: str) -> Path:
         p = Path(os.path.expanduser(text))
@@ -900,6 +909,29 @@ class _Builder:
                                        self.number(0, 60, strict_min=True, unit="seconds")),
         )
 
+    def web(self, doc: dict) -> WebConfig:
+        sec = self.section(doc, "web", {"listen", "token"})
+        listen = sec.get("listen", {})
+        if not isinstance(listen, dict):
+            self.fail("web.listen", "a mapping {host: 127.0.0.1, port: 8099}", listen, sec)
+        self.unknown(listen, {"host", "port"}, "web.listen.")
+        host = self.get(listen, "web.listen.", "host", "127.0.0.1", self.text(False, "an IP address"))
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            self.fail("web.listen.host", "an IP address such as 127.0.0.1 (or localhost)", host, listen)
+        port = self.get(listen, "web.listen.", "port", 8099, self.number(1, 65535, integer=True))
+        token = self.get(sec, "web.", "token", "", self.text(True, "a string of at least 16 characters"))
+        if token and (len(token) < 16 or any(c.isspace() for c in token)):
+            self.fail("web.token", "at least 16 characters without spaces (e.g. from `openssl rand -hex 16`)",
+                      "(hidden)", sec)
+        if not loopback and not token:
+            self.fail("web.token", f"a token (at least 16 characters): required because web.listen.host {host} "
+                      "is not a loopback address (or keep 127.0.0.1 and reach it through an SSH forward)")
+        return WebConfig(host, port, token)
+
 
 _DEFAULT_COMMAND = ["{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"]
 _FULL_DAYS = {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
@@ -947,13 +979,15 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return [conv(x) for x in v]
         return v
     out: dict[str, Any] = {"root": str(cfg.root), "python": cfg.python}
-    for name in ("app", "listen", "health", "activity", "safety", "schedule", "update", "notify"):
+    for name in ("app", "listen", "health", "activity", "safety", "schedule", "update", "notify", "web"):
         sec = getattr(cfg, name)
         d = {}
         for f in sec.__dataclass_fields__:
             d[f] = conv(getattr(sec, f))
         if name == "app":
             d["env"] = {k: v for k, v in cfg.app.env}
+        if name == "web":  # never print the token
+            d = {"listen": {"host": d["host"], "port": d["port"]}, "token": "(set)" if d["token"] else ""}
         out[name] = d
     return out
 

@@ -66,6 +66,9 @@ class Prober:
     def __init__(self, keep_ports_s: float = 900) -> None:
         self._ports: dict[int, float] = {}
         self._keep = keep_ports_s
+        # The latest report and when (epoch), for status.json: the page shows the check latency.
+        self.last: HealthReport | None = None
+        self.last_at: float | None = None
 
     def probe_ports(self) -> set[int]:
         now = time.monotonic()
@@ -76,7 +79,9 @@ class Prober:
 
     async def check(self, host: str, port: int, checks: Sequence[Check], timeout: float) -> HealthReport:
         results = [await self._one(host, port, chk.path, chk.status, timeout) for chk in checks]
-        return HealthReport(all(r.ok for r in results), tuple(results))
+        report = HealthReport(all(r.ok for r in results), tuple(results))
+        self.last, self.last_at = report, time.time()
+        return report
 
     async def _one(self, host: str, port: int, path: str, accept: Sequence[int], timeout: float) -> CheckResult:
         t = time.monotonic()

@@ -481,7 +481,7 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "state": self.state,
                        "started_at": iso(self.started_at), "config": self.cfg.source, "root": str(self.cfg.root),
-                       "interval_s": self.cfg.activity.interval_s},
+                       "interval_s": self.cfg.activity.interval_s, "rss_bytes": _own_rss()},
             "app": {"pid": proc.pid if proc is not None and proc.alive else 0,
                     "release": rel.name if rel else "", "commit": rel.commit if rel else "",
                     "healthy": bool(runner.healthy), "since": iso(runner.since), "restarts": runner.restarts,
@@ -495,9 +495,17 @@ class Daemon:
                                               "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
                                               "sampled_at": None},
             "update": self.updates.status(),
+            "health": self._health_doc(),
             "data": self._data_status(),
             "written_at": iso(time.time()),
         }
+
+    def _health_doc(self) -> dict[str, Any] | None:
+        report, at = self.prober.last, self.prober.last_at
+        if report is None:
+            return None
+        return {"ok": report.ok, "at": iso(at), "latency_ms": round(max((r.ms for r in report.results), default=0), 1),
+                "summary": report.summary()}
 
     def _data_status(self) -> dict[str, Any] | None:
         # Walking shared/ for databases is not free: once a minute is enough for sizes and ages.
@@ -548,6 +556,16 @@ def root_refusal(euid: int, allow_flag: bool, environ: Mapping[str, str]) -> str
     return ("refusing to run as root: the app, git and the venv builds would all run as root. Run it as the "
             "operator's user (a LaunchDaemon from `sudo proto4d install-service --launchd` does), or pass "
             "--allow-root / set PROTO4D_ALLOW_ROOT=1 if root is really meant")
+
+
+def _own_rss() -> int:
+    # What /metrics reports as proto4d_daemon_rss_bytes: the web process reads it here rather than
+    # measuring another process (it may run as another user, or not on the same host view).
+    try:
+        import psutil  # already loaded by the sampler
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from proto4d import config as configmod
@@ -143,6 +144,33 @@ def render_status(status: dict[str, Any], problem: str) -> str:
     return "\n".join(lines)
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+_spark_cache: dict[Path, Any] = {}
+
+
+def sparkline(values: list[int | None]) -> str:
+    """One character per value, scaled to the largest; a gap (not sampled) is a blank."""
+    top = max((v for v in values if v is not None), default=0)
+    out = []
+    for v in values:
+        if v is None:
+            out.append(" ")
+        else:
+            out.append(SPARKS[min(len(SPARKS) - 1, round(v * (len(SPARKS) - 1) / top))] if top else SPARKS[0])
+    return "".join(out)
+
+
+def users_sparkline(paths: Paths, hours: int = 3) -> str:
+    """`users` over the last hours in 5-minute buckets (the peak of each), from state/activity.jsonl."""
+    from proto4d.web import history, state  # the incremental reader of the status page; loaded only by --watch
+
+    cache = _spark_cache.setdefault(paths.activity, state.ActivityCache(paths.activity))
+    b = history.buckets(cache.refresh(), time.time(), "24h")
+    users = b["users"][-hours * 3600 // b["step"]:]
+    peak = max((u for u in users if u is not None), default=0)
+    return f"users    last {hours} h |{sparkline(users)}| now {(users[-1] or 0)}, peak {peak}"
+
+
 def _tunnel(v: Any) -> str:
     return {True: "up", False: "DOWN", None: "not watched"}.get(v, str(v))
 
@@ -168,6 +196,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 out = json.dumps(status, indent=None if args.watch else 2)
         else:
             out = render_status(status, problem) if status is not None else f"!! {problem}"
+            if args.watch is not None:
+                out += "\n" + users_sparkline(paths)
         if args.watch is None:
             print(out)
             return EX_OK if status is not None and not problem else EX_FAILED
