@@ -89,3 +89,23 @@ def test_under_systemd_the_wait_is_ready_with_the_error_as_status_and_feeds_the_
         d.assert_alive()
     finally:
         sock.close()
+
+
+def test_peek_root_reads_root_as_the_loader_would_from_an_otherwise_invalid_file(tmp_path):
+    from proto4d.configwait import fingerprint, peek_root
+
+    cfg = tmp_path / "etc" / "proto4d.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("root: state/here\nactivity: {window_s: -3}\n")
+    assert peek_root(cfg) == tmp_path / "etc" / "state" / "here"  # relative to the file, like config.load
+    cfg.write_text("root: ~/p4\napp: [broken\n")
+    assert peek_root(cfg) is None  # the YAML does not parse: nothing to trust
+    for bad in ("root: /\n", "root: [a, b]\n", "app: {}\n", ""):
+        cfg.write_text(bad)
+        assert peek_root(cfg) is None, bad
+    (tmp_path / "afile").write_text("")
+    cfg.write_text(f"root: {tmp_path / 'afile'}\n")
+    assert peek_root(cfg) is None
+    before = fingerprint(cfg)
+    cfg.write_text(cfg.read_text().replace("afile", "bfile"))
+    assert fingerprint(cfg) != before and fingerprint(tmp_path / "missing.yaml") is None
