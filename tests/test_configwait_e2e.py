@@ -109,3 +109,23 @@ def test_peek_root_reads_root_as_the_loader_would_from_an_otherwise_invalid_file
     before = fingerprint(cfg)
     cfg.write_text(cfg.read_text().replace("afile", "bfile"))
     assert fingerprint(cfg) != before and fingerprint(tmp_path / "missing.yaml") is None
+
+
+def test_a_second_run_with_a_broken_file_leaves_the_running_daemons_status_alone(make_daemon, tmp_path):
+    import subprocess
+
+    d = make_daemon().start()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(d.config_path.read_text().replace("window_s: 5", "window_s: -3"))
+    assert "window_s: -3" in broken.read_text()
+    with open(tmp_path / "second.stderr", "wb") as err:
+        second = subprocess.Popen([sys.executable, "-m", "proto4d", "run", "--config", str(broken)], stderr=err,
+                                  env=d.env, start_new_session=True)
+    try:
+        wait_for(lambda: "another daemon runs" in (tmp_path / "second.stderr").read_text(), 30, "the second's note")
+        assert "activity.window_s" in (tmp_path / "second.stderr").read_text()
+        d.wait_healthy(timeout=10)  # status.json is still the running daemon's
+        assert d.status()["daemon"]["state"] == "running"
+    finally:
+        second.terminate()
+        assert second.wait(10) == 0

@@ -15,6 +15,7 @@ STATUS and keeps the watchdog fed, so systemd neither times the start out nor re
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import signal
@@ -154,6 +155,11 @@ def wait(config_path: str | None, error: configmod.ConfigError, poll_s: float = 
 def _report(path: Path, root: Path | None, error: str, since: float) -> None:
     """Say what is wrong where it can be found: stderr always; the root's log and status when known."""
     logfile = None
+    if root is not None and _locked_by_another(Paths(root).lock):
+        # A daemon already runs for this root (this one was started by hand beside the service?): its
+        # status and log are not ours to overwrite.
+        print(f"proto4d: another daemon runs for {root}; this one says what is wrong here only", file=sys.stderr)
+        root = None
     if root is not None:
         try:
             Paths(root).make_dirs()
@@ -168,6 +174,24 @@ def _report(path: Path, root: Path | None, error: str, since: float) -> None:
     log.get("proto4d").error("config.invalid", error=error, config=str(path), root=str(root) if root else None,
                              waiting="for the file to change or SIGHUP; exiting would only be restarted by "
                                      "launchd/systemd with the same error")
+
+
+def _locked_by_another(lock: Path) -> bool:
+    """Whether a running daemon holds `<root>/state/daemon.lock` (probed, never kept: the daemon this
+    process becomes takes the lock itself once the config is valid)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
 
 
 def waiting_daemon(config_path: str | None) -> str:
