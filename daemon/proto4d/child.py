@@ -160,7 +160,8 @@ class AppProcess:
             hold.abort()
             self.tail.append(f"proto4d: not started: its pid could not be recorded ({e.strerror or e})")
         else:
-            hold.release()
+            with contextlib.suppress(OSError):  # the shell already died (killed from outside): _wait sees it
+                hold.release()
         self._reader = asyncio.create_task(self._read(), name=f"read-{self.pid}")
         self._waiter = asyncio.create_task(self._wait(), name=f"wait-{self.pid}")
 
@@ -260,7 +261,7 @@ class AppProcess:
         if self.pid == 0:
             return "never started"
         if rc == HELD_EXIT:
-            return "never started (released by no daemon)"
+            return "never started (the daemon did not release it)"
         if rc in (126, 127):
             return f"exited with code {rc} (could not execute {self.argv[0]})"
         if rc < 0:

@@ -112,7 +112,8 @@ def run(argv: Sequence[str], *, cancel: Cancel | None = None, cwd: Path | None =
             hold.abort()  # unrecorded, it must not run: the held shell exits on the closed pipe
             proc.wait()
             raise
-        hold.release()
+        with contextlib.suppress(OSError):  # the shell already died (killed from outside): its exit code says so
+            hold.release()
     if cancel is not None:
         cancel.track(proc)
     lower_priority(proc.pid)
