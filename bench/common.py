@@ -2,7 +2,7 @@
 
 Everything runs on loopback. The origin is a bare git repository with the bundled sample app
 (tests/harness.py's Origin), the daemon is `python -m proto4d run` (tests/harness.py's Daemon),
-the load is proto4d.loadgen (threads, keep-alive and fresh-connection users, GET and POST).
+the load is proto4d.demo.loadgen (threads, keep-alive and fresh-connection users, GET and POST).
 Only venv builds reach the network (PyPI).
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 import yaml
 
-from proto4d.loadgen import Load, Mix, Result, percentile
+from proto4d.demo.loadgen import Load, Mix, Result, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -317,7 +317,7 @@ def address_kind(groups: Iterable[Group]) -> dict[str, str]:
 
 
 class LoadSet:
-    """Several proto4d.loadgen.Load groups against one port, started and stopped together."""
+    """Several proto4d.demo.loadgen.Load groups against one port, started and stopped together."""
 
     def __init__(self, port: int, groups: Sequence[Group], timeout: float = 30.0) -> None:
         self.groups = tuple(groups)

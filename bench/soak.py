@@ -36,7 +36,7 @@ import psutil
 
 import common
 from common import log, md_table, wait_for
-from proto4d.loadgen import Load, Mix, Result
+from proto4d.demo.loadgen import Load, Mix, Result
 
 GOOD = ("good", "healthy", "done")
 BROKEN = (

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +22,8 @@ from typing import Any
 
 import psutil
 import yaml
+
+from proto4d.listener import free_port
 
 SAMPLE = Path(__file__).resolve().parents[1] / "daemon" / "proto4d" / "sample"
 GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid", "GIT_COMMITTER_NAME": "Test",
@@ -48,12 +50,6 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
             raise AssertionError(f"timed out after {timeout} s waiting for {what}"
                                  + (f" (last error: {last_exc})" if last_exc else ""))
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -270,3 +266,32 @@ def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             base[k] = v
     return base
+
+
+# --------------------------------------------------------------------------- reading what the daemon wrote
+
+
+def answer(d: Daemon, rid: str) -> dict[str, Any]:
+    """The answer file of request `rid` (raises while there is none yet: use inside wait_for)."""
+    return json.loads((d.root / "state" / "answers" / f"{rid}.json").read_text())
+
+
+def answers(d: Daemon) -> dict[str, dict[str, Any]]:
+    """Every readable answer file, by request id."""
+    out = {}
+    for p in (d.root / "state" / "answers").glob("*.json"):
+        with contextlib.suppress(ValueError, OSError):
+            out[p.stem] = json.loads(p.read_text())
+    return out
+
+
+def request_id(out: str) -> str:
+    """The request id `proto4d update/rollback` printed ("... (id X) ...")."""
+    m = re.search(r"\(id ([^)]+)\)", out)
+    assert m, f"no request id in: {out!r}"
+    return m.group(1)
+
+
+def events(d: Daemon, name: str, **match: Any) -> list[dict[str, Any]]:
+    """The daemon's log events called `name` whose fields equal `match`."""
+    return [e for e in d.log_events() if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]

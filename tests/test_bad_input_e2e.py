@@ -33,8 +33,8 @@ from typing import Any
 
 import pytest
 
-from harness import wait_for
-from proto4d.loadgen import Load, Mix
+from harness import answer, answers, events, request_id, wait_for
+from proto4d.demo.loadgen import Load, Mix
 from test_config import BAD as BAD_CONFIGS
 from test_config import check_message
 
@@ -44,28 +44,6 @@ FAULTS_ENV = {"PROTO4D_FAULTS": "1"}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def events(d, name: str) -> list[dict[str, Any]]:
-    return [e for e in d.log_events() if e.get("event") == name]
-
-
-def answer(d, rid: str) -> dict[str, Any]:
-    return json.loads((d.root / "state" / "answers" / f"{rid}.json").read_text())
-
-
-def answers(d) -> dict[str, dict[str, Any]]:
-    out = {}
-    for p in (d.root / "state" / "answers").glob("*.json"):
-        with contextlib.suppress(ValueError, OSError):
-            out[p.stem] = json.loads(p.read_text())
-    return out
-
-
-def request_id(out: str) -> str:
-    m = re.search(r"\(id ([^)]+)\)", out)
-    assert m, out
-    return m.group(1)
 
 
 def written_age(s: dict[str, Any]) -> float:

@@ -7,6 +7,7 @@ subprocess (exit 78, one line on stderr naming the file, the dotted key and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -614,24 +615,46 @@ def _cfg(tmp: Path, **sections: str) -> config.Config:
     return config.parse(text, "x.yaml", base_dir=tmp)
 
 
-@pytest.mark.parametrize(("change", "now", "later"), [
-    ({}, [], []),
-    ({"activity": "interval_s: 2"}, ["activity.interval_s"], []),
-    ({"schedule": "timezone: Asia/Seoul"}, ["schedule.timezone"], []),
-    ({"activity": "interval_s: 2\nwindow_s: 60"}, ["activity.interval_s", "activity.window_s"], []),
-    ({"listen": "port: 8001"}, [], ["listen.port"]),
+@pytest.mark.parametrize(("change", "expected"), [
+    ({}, {}),
+    ({"activity": "interval_s: 2"}, {"now": ["activity.interval_s"]}),
+    ({"schedule": "timezone: Asia/Seoul"}, {"now": ["schedule.timezone"]}),
+    ({"activity": "interval_s: 2\nwindow_s: 60"}, {"now": ["activity.interval_s", "activity.window_s"]}),
+    ({"listen": "port: 8001"}, {"next_start": ["listen.port"]}),
+    ({"listen": "port: 8000\nbacklog: 16"}, {"restart": ["listen.backlog"]}),
     ({"app": "repo: origin\ncommand: ['{python}', '-m', 'uvicorn', 'main:app', '--port', '{port}']"},
-     [], ["app.command"]),
-    ({"listen": "port: 8001", "activity": "interval_s: 2"}, ["activity.interval_s"], ["listen.port"]),
-    ({"app": "repo: origin\nenv: {A: 1}", "update": "keep_min: 5"}, ["update.keep_min"], ["app.env"]),
+     {"next_start": ["app.command"]}),
+    ({"app": "repo: other\nstable_s: 5"}, {"now": ["app.stable_s"], "next_update": ["app.repo"]}),
+    ({"listen": "port: 8001", "activity": "interval_s: 2"},
+     {"now": ["activity.interval_s"], "next_start": ["listen.port"]}),
+    ({"app": "repo: origin\nenv: {A: 1}", "update": "keep_min: 5"},
+     {"now": ["update.keep_min"], "next_start": ["app.env"]}),
 ])
-def test_reload_differences(tmp_path: Path, change: dict[str, str], now: list[str], later: list[str]) -> None:
+def test_reload_differences(tmp_path: Path, change: dict[str, str], expected: dict[str, list[str]]) -> None:
     old = _cfg(tmp_path)
     new = _cfg(tmp_path, **change)
-    assert config.reload_differences(old, new) == (now, later)
+    assert config.reload_differences(old, new) == {rule: expected.get(rule, []) for rule in config.RELOAD_RULES}
 
 
-def test_reload_python_change_waits_for_the_next_switch(tmp_path: Path) -> None:
+def test_reload_python_change_waits_for_the_next_update(tmp_path: Path) -> None:
     old = _cfg(tmp_path)
     new = replace(old, python="/opt/python3.12/bin/python3")
-    assert config.reload_differences(old, new) == ([], ["python"])
+    assert config.reload_differences(old, new)["next_update"] == ["python"]
+
+
+def test_every_key_declares_when_a_reload_applies_it() -> None:
+    """The schema is the dataclasses: every field of every section is a key with a reload rule, and
+    the keys the parser accepts are exactly those."""
+    keys = config.schema()
+    assert set(keys.values()) <= set(config.RELOAD_RULES)
+    undeclared = [f"{name}.{f.name}" for name, cls in config._sections().items() for f in dataclasses.fields(cls)
+                  if "reload" not in f.metadata]
+    assert not undeclared, f"keys without a reload rule (field(metadata=_NOW) etc.): {undeclared}"
+    for name in config.SECTIONS:
+        section = {k.split(".", 1)[1] for k in keys if k.startswith(name + ".")}
+        with pytest.raises(ConfigError, match=rf"{name}\.no_such_key: not a known key"):
+            _cfg(Path("/tmp"), **{name: "no_such_key: 1" if name != "app" else "repo: o\nno_such_key: 1"})
+        assert section, name
+    assert keys["root"] == config.RESTART and keys["listen.port"] == config.NEXT_START
+    text = config.describe_reload_rules()
+    assert "at once: " in text and "listen.backlog" in text and "health.*" in text

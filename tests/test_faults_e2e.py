@@ -31,8 +31,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import git, wait_for
-from proto4d.loadgen import Load, Mix
+from harness import answer, events, git, request_id, wait_for
+from proto4d.demo.loadgen import Load, Mix
 
 pytestmark = pytest.mark.e2e
 
@@ -59,14 +59,6 @@ def finished(d, timeout: float = 60) -> dict:
     return s["update"]["last"]
 
 
-def request_id(out: str) -> str:
-    return out.split("(id ", 1)[1].split(")", 1)[0]
-
-
-def answer(d, rid: str) -> dict:
-    return json.loads((d.root / "state" / "answers" / f"{rid}.json").read_text())
-
-
 def leftovers(d) -> list[str]:
     """Half-built releases or venvs (temp dirs of a build that did not finish)."""
     out = []
@@ -78,10 +70,6 @@ def leftovers(d) -> list[str]:
 
 def event_time(e: dict) -> float:
     return dt.datetime.fromisoformat(e["timestamp"]).timestamp()
-
-
-def events(d, name: str, **match) -> list[dict]:
-    return [e for e in d.log_events() if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]
 
 
 def journal_at(d, state: str) -> float:

@@ -116,3 +116,22 @@ def test_external_url_goes_through_httpx_and_fails_softly() -> None:
     assert (up.ok, up.status) == (True, 200)
     assert (down.ok, down.status) == (False, 503)
     assert (refused.ok, refused.status, refused.error) == (False, None, "connection refused")
+
+
+def test_wait_healthy_notices_a_death_during_a_check_without_waiting_its_timeout() -> None:
+    """An inherited listening socket accepts for a dead app too: the check would wait its whole timeout."""
+    async def main() -> tuple[float, bool]:
+        with socket.socket() as held:  # listens, never accepts: like the daemon's socket after the app died
+            held.bind(("127.0.0.1", 0))
+            held.listen(8)
+            port = held.getsockname()[1]
+            died_at = asyncio.get_running_loop().time() + 0.2
+            t = asyncio.get_running_loop().time()
+            report = await Prober().wait_healthy("127.0.0.1", port, [Check("/health", (200,))], timeout=30,
+                                                 per_try=10, alive=lambda: asyncio.get_running_loop().time()
+                                                 < died_at)
+            return asyncio.get_running_loop().time() - t, report.ok
+
+    took, ok = asyncio.run(main())
+    assert not ok
+    assert took < 2, f"took {took:.2f} s: the check's 10 s timeout was waited out"

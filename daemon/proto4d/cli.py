@@ -223,6 +223,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         print(f"# {cfg.source}: valid; effective configuration with defaults:")
         print(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100), end="")
+        print(configmod.describe_reload_rules())
     return EX_OK
 
 
@@ -245,7 +246,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
     "backups": _lazy("proto4d.backups", "cmd_backups"),
     "pending": _lazy("proto4d.pending", "cmd_pending"),
-    "demo": _lazy("proto4d.demo", "cmd_demo"),
+    "demo": _lazy("proto4d.demo.story", "cmd_demo"),
     "doctor": _lazy("proto4d.doctor", "cmd_doctor"),
     "web": _lazy("proto4d.web.server", "cmd_web"),
     "logs": _lazy("proto4d.logview", "cmd_logs"),

@@ -9,15 +9,17 @@ file itself.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
 import re
 import shutil
 import string
+import typing
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -72,6 +74,28 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# --------------------------------------------------------------------------- when a change applies
+
+# Every key below declares, beside its type, when a new value sent by SIGHUP takes effect.
+NOW = "now"  # the daemon uses it from the reload on
+NEXT_UPDATE = "next_update"  # what the next release is built from: the next update (or rollback) uses it
+NEXT_START = "next_start"  # what an app process starts with: the next switch, or a restart after a crash
+RESTART = "restart"  # only a daemon restart applies it
+WEB_RESTART = "web_restart"  # read by `proto4d web` when it starts; the daemon does not use it
+RELOAD_RULES = {
+    NOW: "at once",
+    NEXT_UPDATE: "at the next update (what the next release is built from)",
+    NEXT_START: "at the next start of the app (a switch, or a restart after a crash)",
+    RESTART: "at the next daemon restart",
+    WEB_RESTART: "when `proto4d web` is restarted (the daemon does not use it)",
+}
+
+
+# A config key declares its rule in its dataclass field: `port: int = field(metadata=_NEXT_START)`.
+_NOW, _NEXT_UPDATE, _NEXT_START, _RESTART, _WEB_RESTART = (
+    {"reload": r} for r in (NOW, NEXT_UPDATE, NEXT_START, RESTART, WEB_RESTART))
+
+
 # --------------------------------------------------------------------------- values
 
 
@@ -107,26 +131,26 @@ class Check:
 
 @dataclass(frozen=True)
 class AppConfig:
-    repo: str
-    branch: str
-    subdir: str
-    workdir: str
-    requirements: str
-    command: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    shared: tuple[str, ...]
-    ready_pattern: str
-    access_log_regex: str
-    drain: str
-    drain_grace_s: float
-    stable_s: float
-    max_fast_failures: int
-    log_max_bytes: int
-    log_backups: int
+    repo: str = field(metadata=_NEXT_UPDATE)
+    branch: str = field(metadata=_NEXT_UPDATE)
+    subdir: str = field(metadata=_NEXT_UPDATE)
+    workdir: str = field(metadata=_NEXT_START)
+    requirements: str = field(metadata=_NEXT_UPDATE)
+    command: tuple[str, ...] = field(metadata=_NEXT_START)
+    env: tuple[tuple[str, str], ...] = field(metadata=_NEXT_START)
+    shared: tuple[str, ...] = field(metadata=_NEXT_UPDATE)
+    ready_pattern: str = field(metadata=_NEXT_START)
+    access_log_regex: str = field(metadata=_NOW)
+    drain: str = field(metadata=_NEXT_START)
+    drain_grace_s: float = field(metadata=_NEXT_START)
+    stable_s: float = field(metadata=_NOW)
+    max_fast_failures: int = field(metadata=_NOW)
+    log_max_bytes: int = field(metadata=_NOW)
+    log_backups: int = field(metadata=_NOW)
     # SQLite files to snapshot and to copy for the canary (default: found under shared/ by header)
-    databases: tuple[str, ...] = ()
+    databases: tuple[str, ...] = field(default=(), metadata=_NEXT_UPDATE)
     # run in the new release's venv and workdir, first on the canary's copy, then live at the switch
-    migrate: tuple[str, ...] = ()
+    migrate: tuple[str, ...] = field(default=(), metadata=_NEXT_UPDATE)
 
     @property
     def uses_fd(self) -> bool:
@@ -143,9 +167,9 @@ class AppConfig:
 
 @dataclass(frozen=True)
 class ListenConfig:
-    host: str
-    port: int
-    backlog: int
+    host: str = field(metadata=_NEXT_START)
+    port: int = field(metadata=_NEXT_START)
+    backlog: int = field(metadata=_RESTART)
 
     @property
     def probe_host(self) -> str:
@@ -159,36 +183,36 @@ class ListenConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    checks: tuple[Check, ...]
-    external_url: str
-    start_timeout_s: float
-    timeout_s: float
-    interval_s: float
+    checks: tuple[Check, ...] = field(metadata=_NOW)
+    external_url: str = field(metadata=_NOW)
+    start_timeout_s: float = field(metadata=_NOW)
+    timeout_s: float = field(metadata=_NOW)
+    interval_s: float = field(metadata=_NOW)
 
 
 @dataclass(frozen=True)
 class ActivityConfig:
-    interval_s: float
-    window_s: float
-    ignore_paths: tuple[str, ...]
-    tunnel_process: str
-    history_max_bytes: int
+    interval_s: float = field(metadata=_NOW)
+    window_s: float = field(metadata=_NOW)
+    ignore_paths: tuple[str, ...] = field(metadata=_NOW)
+    tunnel_process: str = field(metadata=_NOW)
+    history_max_bytes: int = field(metadata=_NOW)
 
 
 @dataclass(frozen=True)
 class SafetyConfig:
-    yellow_max_users: int
-    quiet_for_s: float
-    red_rpm: float
+    yellow_max_users: int = field(metadata=_NOW)
+    quiet_for_s: float = field(metadata=_NOW)
+    red_rpm: float = field(metadata=_NOW)
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    timezone: str
-    preferred: tuple[Window, ...]
-    acceptable: tuple[Window, ...]
-    avoid: tuple[Window, ...]
-    weekly: Weekly | None
+    timezone: str = field(metadata=_NOW)
+    preferred: tuple[Window, ...] = field(metadata=_NOW)
+    acceptable: tuple[Window, ...] = field(metadata=_NOW)
+    avoid: tuple[Window, ...] = field(metadata=_NOW)
+    weekly: Weekly | None = field(metadata=_NOW)
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
@@ -197,40 +221,40 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    notice_grace_s: float
-    drain_timeout_s: float
-    watch_s: float
-    keep_days: float
-    keep_min: int
-    max_5xx_ratio: float
-    min_free_mb: int
-    installer: str
-    canary: bool
-    migrate_timeout_s: float = 300
+    notice_grace_s: float = field(metadata=_NOW)
+    drain_timeout_s: float = field(metadata=_NOW)
+    watch_s: float = field(metadata=_NOW)
+    keep_days: float = field(metadata=_NOW)
+    keep_min: int = field(metadata=_NOW)
+    max_5xx_ratio: float = field(metadata=_NOW)
+    min_free_mb: int = field(metadata=_NOW)
+    installer: str = field(metadata=_NOW)
+    canary: bool = field(metadata=_NOW)
+    migrate_timeout_s: float = field(default=300, metadata=_NOW)
     # a migration the previous release cannot run on goes on only when asked (or this is true)
-    allow_incompatible: bool = False
+    allow_incompatible: bool = field(default=False, metadata=_NOW)
 
 
 @dataclass(frozen=True)
 class NotifyConfig:
-    notice_file: str
-    webhook_url: str
-    webhook_timeout_s: float
+    notice_file: str = field(metadata=_NOW)
+    webhook_url: str = field(metadata=_NOW)
+    webhook_timeout_s: float = field(metadata=_NOW)
 
 
 @dataclass(frozen=True)
 class WebConfig:
     """`proto4d web`: where the status page and /metrics listen; a token for any non-loopback address."""
-    host: str = "127.0.0.1"
-    port: int = 8099
-    token: str = ""
+    host: str = field(default="127.0.0.1", metadata=_WEB_RESTART)
+    port: int = field(default=8099, metadata=_WEB_RESTART)
+    token: str = field(default="", metadata=_WEB_RESTART)
 
 
 @dataclass(frozen=True)
 class Config:
     source: str
-    root: Path
-    python: str
+    root: Path = field(metadata=_RESTART)
+    python: str = field(metadata=_NEXT_UPDATE)
     app: AppConfig
     listen: ListenConfig
     health: HealthConfig
@@ -568,9 +592,7 @@ class _Builder:
     # -- sections
 
     def build(self, doc: dict) -> Config:
-        top = {"root", "python", "app", "listen", "health", "activity", "safety", "schedule", "update",
-               "notify", "web"}
-        self.unknown(doc, top, "")
+        self.unknown(doc, _top_keys(), "")
         if "root" not in doc:
             self.fail("root", "missing; expected a directory where proto4d keeps its state "
                       "(this key is required)")
@@ -613,10 +635,7 @@ class _Builder:
         return value
 
     def app(self, doc: dict) -> AppConfig:
-        known = {"repo", "branch", "subdir", "workdir", "requirements", "command", "env", "shared",
-                 "ready_pattern", "access_log_regex", "drain", "drain_grace_s", "stable_s",
-                 "max_fast_failures", "log_max_bytes", "log_backups", "databases", "migrate"}
-        sec = self.section(doc, "app", known, required=True)
+        sec = self.section(doc, "app", _keys(AppConfig), required=True)
         p = "app."
         if "repo" not in sec:
             self.fail("app.repo", "missing; expected a git URL or a local path to the app's repository "
@@ -767,7 +786,7 @@ class _Builder:
         return tuple(out)
 
     def listen(self, doc: dict) -> ListenConfig:
-        sec = self.section(doc, "listen", {"host", "port", "backlog"})
+        sec = self.section(doc, "listen", _keys(ListenConfig))
         host = self.get(sec, "listen.", "host", "0.0.0.0", self.text(False, "an IP address"))
         if host != "localhost":
             try:
@@ -782,8 +801,7 @@ class _Builder:
         return ListenConfig(host, port, backlog)
 
     def health(self, doc: dict) -> HealthConfig:
-        sec = self.section(doc, "health", {"checks", "external_url", "start_timeout_s", "timeout_s",
-                                           "interval_s"})
+        sec = self.section(doc, "health", _keys(HealthConfig))
         raw = sec.get("checks", None)
         checks: list[Check] = []
         if raw is None:
@@ -821,8 +839,7 @@ class _Builder:
         )
 
     def activity(self, doc: dict) -> ActivityConfig:
-        sec = self.section(doc, "activity", {"interval_s", "window_s", "ignore_paths", "tunnel_process",
-                                             "history_max_bytes"})
+        sec = self.section(doc, "activity", _keys(ActivityConfig))
         p = "activity."
         interval = self.get(sec, p, "interval_s", 5, self.number(0.1, 3600, unit="seconds"))
         window = self.get(sec, p, "window_s", 300, self.number(1, 86400, unit="seconds"))
@@ -843,7 +860,7 @@ class _Builder:
         )
 
     def safety(self, doc: dict) -> SafetyConfig:
-        sec = self.section(doc, "safety", {"yellow_max_users", "quiet_for_s", "red_rpm"})
+        sec = self.section(doc, "safety", _keys(SafetyConfig))
         return SafetyConfig(
             yellow_max_users=self.get(sec, "safety.", "yellow_max_users", 2,
                                       self.number(0, 10000, integer=True)),
@@ -852,7 +869,7 @@ class _Builder:
         )
 
     def schedule(self, doc: dict) -> ScheduleConfig:
-        sec = self.section(doc, "schedule", {"timezone", "preferred", "acceptable", "avoid", "weekly"})
+        sec = self.section(doc, "schedule", _keys(ScheduleConfig))
         tz = self.get(sec, "schedule.", "timezone", "UTC", self.text(False, "an IANA time zone"))
         try:
             if tz != tz.strip() or ".." in tz or tz.startswith("/"):
@@ -871,9 +888,7 @@ class _Builder:
         )
 
     def update(self, doc: dict) -> UpdateConfig:
-        sec = self.section(doc, "update", {"notice_grace_s", "drain_timeout_s", "watch_s", "keep_days",
-                                           "keep_min", "max_5xx_ratio", "min_free_mb", "installer", "canary",
-                                           "migrate_timeout_s", "allow_incompatible"})
+        sec = self.section(doc, "update", _keys(UpdateConfig))
         p = "update."
         installer = self.get(sec, p, "installer", "auto", self.text(False))
         if installer not in ("auto", "uv", "pip"):
@@ -899,7 +914,7 @@ class _Builder:
         )
 
     def notify(self, doc: dict) -> NotifyConfig:
-        sec = self.section(doc, "notify", {"notice_file", "webhook_url", "webhook_timeout_s"})
+        sec = self.section(doc, "notify", _keys(NotifyConfig))
         notice = self.get(sec, "notify.", "notice_file", "notice.json",
                           self.relpath(False, "a file path", inside="root"))
         return NotifyConfig(
@@ -992,20 +1007,62 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def reload_differences(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """Which changes apply now and which wait for the next switch, as dotted key names.
+def _sections() -> dict[str, type]:
+    """The config's sections (`app`, `listen`, ...): the fields of Config that are dataclasses."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
-    `root` cannot change while running; the caller refuses such a reload.
-    """
-    later_keys = {"app", "listen", "python"}
-    now, later = [], []
-    for name in ("python", "app", "listen", "health", "activity", "safety", "schedule", "update", "notify"):
-        a, b = getattr(old, name), getattr(new, name)
-        if a == b:
-            continue
-        if hasattr(a, "__dataclass_fields__"):
-            changed = [f"{name}.{f}" for f in a.__dataclass_fields__ if getattr(a, f) != getattr(b, f)]
-        else:
-            changed = [name]
-        (later if name in later_keys else now).extend(changed)
-    return now, later
+
+SECTIONS = tuple(_sections())
+
+
+def _keys(cls: type) -> set[str]:
+    """The keys a section accepts: its fields."""
+    return {f.name for f in fields(cls)}
+
+
+def _top_keys() -> set[str]:
+    return {f.name for f in fields(Config) if f.name not in ("source", "raw")}
+
+
+def schema() -> dict[str, str]:
+    """Every dotted key and its reload rule, in declaration order (a key that declares none: RESTART)."""
+    out: dict[str, str] = {}
+    sections = _sections()
+    for f in fields(Config):
+        if f.name in sections:
+            for sub in fields(sections[f.name]):
+                out[f"{f.name}.{sub.name}"] = sub.metadata.get("reload", RESTART)
+        elif f.name in _top_keys():
+            out[f.name] = f.metadata.get("reload", RESTART)
+    return out
+
+
+def reload_differences(old: Config, new: Config) -> dict[str, list[str]]:
+    """The keys whose value differs, grouped by when the change takes effect (RELOAD_RULES; every rule
+    present, possibly empty). `root` cannot change while running; the caller refuses such a reload."""
+    out: dict[str, list[str]] = {rule: [] for rule in RELOAD_RULES}
+    for key, rule in schema().items():
+        section, _, name = key.partition(".")
+        a, b = getattr(old, section), getattr(new, section)
+        if name:
+            a, b = getattr(a, name), getattr(b, name)
+        if a != b:
+            out[rule].append(key)
+    return out
+
+
+def describe_reload_rules() -> str:
+    """What `check-config` prints after the values: when each key takes effect on SIGHUP."""
+    rules = schema()
+    by_rule: dict[str, list[str]] = {rule: [] for rule in RELOAD_RULES}
+    for key, rule in rules.items():
+        section = key.partition(".")[0]
+        whole = section in SECTIONS and all(r == rule for k, r in rules.items() if k.startswith(section + "."))
+        name = f"{section}.*" if whole else key
+        if name not in by_rule[rule]:
+            by_rule[rule].append(name)
+    lines = ["# A change sent by SIGHUP (kill -HUP) takes effect:"]
+    for rule, keys in by_rule.items():
+        lines.append(f"#   {RELOAD_RULES[rule]}: {', '.join(keys)}")
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ USER_AGENT = f"proto4d-probe/{__version__}"
 STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})(?: |\r?$)")
 # Enough of any health answer; a bigger body is not read to its end, only the status matters.
 MAX_BODY = 1 << 20
+ALIVE_POLL_S = 0.05  # how often a running health check looks whether the process it waits for died
 # Config paths have no whitespace; only non-ASCII is escaped in the request line.
 PRINTABLE = "".join(chr(c) for c in range(33, 127))
 
@@ -157,7 +158,21 @@ class Prober:
         while True:
             if not alive():
                 return HealthReport(False, report.results)
-            report = await self.check(host, port, checks, min(per_try, max(0.2, deadline - time.monotonic())))
+            # Raced against the process's death: on an inherited socket the kernel accepts for a dead
+            # app too, and a check would wait its whole timeout for an answer that never comes.
+            check = asyncio.ensure_future(
+                self.check(host, port, checks, min(per_try, max(0.2, deadline - time.monotonic()))))
+            try:
+                while not check.done():
+                    await asyncio.wait({check}, timeout=ALIVE_POLL_S)
+                    if not check.done() and not alive():
+                        return HealthReport(False, report.results)
+            finally:
+                if not check.done():
+                    check.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await check
+            report = check.result()
             if report.ok or time.monotonic() >= deadline:
                 return report
             await asyncio.sleep(interval)

@@ -765,6 +765,12 @@ def python_for(paths: Paths, release: Release) -> Path:
     return venv_python(paths.venvs / release.venv)
 
 
+def is_installer_output(text: str) -> bool:
+    """A progress line that is the installer's own output (pip/uv), not a step: the update log keeps it,
+    the daemon's log does not."""
+    return text.startswith("  |")
+
+
 def repair_venv(cfg: Config, paths: Paths, release: Release, *, progress: Progress,
                 cancel: Cancel | None = None, registry: PidRegistry | None = None) -> Release:
     """Make sure `release`'s venv runs before it is started or switched to; rebuild it when not.

@@ -28,13 +28,13 @@ import yaml
 
 from proto4d import fsutil
 from proto4d.paths import Paths
+from proto4d.states import FINAL
 
 MAX_REQUEST_BYTES = 16 * 1024
 KNOWN_KEYS = {"id", "action", "ref", "force", "reason", "release", "requested_by", "requested_at"}
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}$")
 RELEASE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-FINAL = {"done", "aborted", "rolled_back", "rejected", "superseded"}
 
 
 class RequestRejected(Exception):

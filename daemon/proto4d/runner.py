@@ -18,20 +18,21 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 
-from proto4d import drain, faults, log, procs, releases
-from proto4d.child import AppProcess, Backoff
+from proto4d import drain, faults, log, procs, releases, states
+from proto4d.child import AppProcess, Backoff, LineHandler
+from proto4d.config import Config
+from proto4d.health import HealthReport, Prober
 from proto4d.listener import ListenError, free_port, open_listener, private_listener
-from proto4d.procs import lower_priority
+from proto4d.paths import Paths
+from proto4d.procs import PidRegistry, lower_priority
 from proto4d.releases import Release, python_for
-
-if TYPE_CHECKING:
-    from proto4d.health import HealthReport
-    from proto4d.supervisor import Daemon
+from proto4d.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING
 
 # The daemon's own plumbing must not leak into the app's environment.
 _SCRUB_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
@@ -45,11 +46,24 @@ class SwitchFailed(Exception):
     """The new process did not become ready; the old one still serves."""
 
 
+@dataclass(frozen=True)
+class RunnerDeps:
+    """What the runner needs from the daemon that owns it, and nothing more."""
+
+    config: Callable[[], Config]  # the config in force (a reload replaces it)
+    paths: Paths
+    prober: Prober
+    registry: PidRegistry
+    on_line: LineHandler  # every line the app prints
+    on_fatal: Callable[[], None]  # the app gave up (status must say so)
+    stopping: Callable[[], bool]  # the daemon is shutting down: restart nothing
+
+
 class Runner:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, deps: RunnerDeps) -> None:
+        self.deps = deps
         self.log = log.get("proto4d.app")
-        self.state = "stopped"
+        self._machine = states.Machine(states.APP, STOPPED, states.logged(self.log, "app.state"))
         self.proc: AppProcess | None = None
         self.release: Release | None = None
         self.listener: socket.socket | None = None
@@ -69,15 +83,23 @@ class Runner:
         self._tasks: set[asyncio.Task[None]] = set()
         self.configure()
 
+    @property
+    def state(self) -> str:
+        return self._machine.state
+
+    @property
+    def cfg(self) -> Config:
+        return self.deps.config()
+
     def configure(self) -> None:
-        app = self.d.cfg.app
+        app = self.cfg.app
         self.backoff.stable_s = app.stable_s
         self.backoff.max_fast_failures = app.max_fast_failures
 
     # -- building a process
 
     def production_listener(self) -> socket.socket | None:
-        cfg = self.d.cfg
+        cfg = self.cfg
         if not cfg.app.uses_fd:
             return None
         key = (cfg.listen.host, cfg.listen.port, cfg.listen.backlog)
@@ -94,11 +116,11 @@ class Runner:
 
     def build(self, release: Release, role: str, sock: socket.socket | None = None,
               port: int | None = None, host: str | None = None) -> tuple[AppProcess, drain.DrainPlan]:
-        cfg = self.d.cfg
+        cfg = self.cfg
         for rel in cfg.app.shared:  # what the app may print from its .env is masked (read now: it may have changed)
             if Path(rel).name.startswith(".env"):
-                log.redact_env_file(self.d.paths.shared / rel)
-        python = python_for(self.d.paths, release)
+                log.redact_env_file(self.deps.paths.shared / rel)
+        python = python_for(self.deps.paths, release)
         if sock is not None:
             port = int(sock.getsockname()[1])
         values = {"python": str(python), "fd": str(sock.fileno()) if sock is not None else "",
@@ -113,8 +135,8 @@ class Runner:
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
         proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=release.path / cfg.app.workdir,
-                          env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.d.on_app_line,
-                          registry=self.d.registry, ready_pattern=cfg.app.ready_pattern)
+                          env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.deps.on_line,
+                          registry=self.deps.registry, ready_pattern=cfg.app.ready_pattern)
         return proc, plan
 
     def _adopt(self, proc: AppProcess, release: Release, plan: drain.DrainPlan) -> None:
@@ -129,20 +151,45 @@ class Runner:
     def production_port(self) -> int:
         if self.listener is not None:
             return int(self.listener.getsockname()[1])
-        return self.d.cfg.listen.port
+        return self.cfg.listen.port
+
+    # -- health
+
+    def serving_alive(self) -> bool:
+        return self.proc is not None and self.proc.alive
+
+    async def wait_healthy(self, *, alive: Callable[[], bool] | None = None, timeout: float | None = None,
+                           host: str | None = None, port: int | None = None) -> HealthReport:
+        """Every health check passing, within `timeout` (default health.start_timeout_s), on the production
+        port unless told otherwise; gives up early once `alive` (default: the serving process) says no."""
+        cfg = self.cfg
+        return await self.deps.prober.wait_healthy(
+            host or cfg.listen.probe_host, port if port is not None else self.production_port, cfg.health.checks,
+            cfg.health.start_timeout_s if timeout is None else timeout, cfg.health.timeout_s,
+            alive=alive or self.serving_alive)
+
+    async def check(self) -> HealthReport:
+        """One round of every health check against the production port."""
+        cfg = self.cfg
+        return await self.deps.prober.check(cfg.listen.probe_host, self.production_port, cfg.health.checks,
+                                            cfg.health.timeout_s)
+
+    def mark_healthy(self, ok: bool) -> None:
+        """The update verified (or failed to verify) the serving process."""
+        self.healthy = ok
 
     # -- first start and restarts
 
     async def start(self, release: Release) -> bool:
         """Start `release` on the production socket and wait until every health check passes."""
-        cfg = self.d.cfg
-        self.state = "starting"
+        cfg = self.cfg
+        self.release = release  # even if it never starts: a restart or a revive tries it again
+        self._machine.change(STARTING)
         self.healthy = None
         try:
             sock = await self.listen_production()
         except ListenError as e:
             self.log.error("listen.failed", release=release.name, error=str(e))
-            self.release = release
             self._retry_later(release.name, 0.0, str(e))
             return False
         proc, plan = self.build(release, "app", sock)
@@ -150,13 +197,11 @@ class Runner:
                       cwd=str(proc.cwd), drain=plan.description)
         await proc.start()
         self._adopt(proc, release, plan)
-        report = await self.d.prober.wait_healthy(cfg.listen.probe_host, self.production_port, cfg.health.checks,
-                                                  cfg.health.start_timeout_s, cfg.health.timeout_s,
-                                                  alive=lambda: proc.alive)
-        if proc is not self.proc:
+        report = await self.wait_healthy(alive=lambda: proc.alive)
+        if proc is not self.proc or self.state == STOPPING:
             return False
         if report.ok:
-            self.state = "running"
+            self._machine.change(RUNNING)
             self.healthy = True
             self.since = time.time()
             self.message = ""
@@ -184,7 +229,7 @@ class Runner:
         if self.hold:
             self.crashed.set()
             return
-        if self.state == "starting":
+        if self.state == STARTING:
             return  # start() sees the death through wait_healthy and calls _failed itself
         self._failed(proc, f"{desc}: {proc.last_lines()}")
 
@@ -193,22 +238,22 @@ class Runner:
 
     def _retry_later(self, release: str, ran_for: float, why: str) -> None:
         """Every failed start or crash ends here: a restart is always scheduled (slowly once fatal)."""
-        if self.d.stopping or self.hold:
+        if self.deps.stopping() or self.hold:
             return
         self.last_exit = why
         self.healthy = False
         action, delay = self.backoff.on_exit(ran_for)
         if action == "fatal":
             delay = max(FATAL_RETRY_S, self.backoff.maximum_s)
-            self.state = "fatal"
+            self._machine.change(FATAL)
             self.message = (f"gave up after {self.backoff.failures} fast failures in a row "
                             f"(each under {self.backoff.stable_s:g} s), trying again every {delay:g} s "
                             f"(SIGHUP: at once); last: {why}")
             self.log.critical("app.fatal", release=release, failures=self.backoff.failures, last=why[:500],
                               retry_s=delay)
-            self.d.on_app_fatal()
+            self.deps.on_fatal()
         else:
-            self.state = "backoff"
+            self._machine.change(BACKOFF)
             self.restarts += 1
             self.message = f"restarting in {delay:g} s after: {why[:300]}"
             self.log.warning("app.backoff", release=release, delay_s=delay, failures=self.backoff.failures)
@@ -219,12 +264,12 @@ class Runner:
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         rel = self.release
-        if self.state not in ("backoff", "fatal") or self.d.stopping or self.hold or rel is None:
+        if self.state not in (BACKOFF, FATAL) or self.deps.stopping() or self.hold or rel is None:
             return
         if await self.start(rel) and rel.outcome in ("prepared", "serving") \
-                and self.d.paths.current_release() == rel.name:
+                and self.deps.paths.current_release() == rel.name:
             # As at the first start: a release no update verified is verified by passing every check.
-            releases.set_outcome(self.d.paths, rel.name, "verified")
+            releases.set_outcome(self.deps.paths, rel.name, "verified")
 
     async def listen_production(self) -> socket.socket | None:
         """The production socket. When it cannot be bound, end stale processes of ours (a daemon killed
@@ -241,17 +286,30 @@ class Runner:
 
     async def end_stale(self) -> list[dict]:
         """End processes of ours that nobody holds (procs.find_stale); return them."""
-        d = self.d
-        return await asyncio.to_thread(procs.end_stale, d.paths.root, d.cfg.listen.port, d.registry.pids(),
-                                       d.cfg.update.drain_timeout_s, self.log.warning)
+        cfg = self.cfg
+        return await asyncio.to_thread(procs.end_stale, self.deps.paths.root, cfg.listen.port,
+                                       self.deps.registry.pids(), cfg.update.drain_timeout_s, self.log.warning)
+
+    def hold_for_switch(self) -> None:
+        """An update switches: from now on an exit is the update's to act on (it rolls back), not restarted."""
+        self.hold = True
+        self.crashed.clear()
+
+    def fall_back(self, release: Release, why: str) -> None:
+        """A rollback could not start `release`: it stays the runner's release and the restart policy takes
+        over from here."""
+        self.hold = False
+        self.release = release
+        if self.proc is not None:
+            self._failed(self.proc, why)
 
     def release_hold(self) -> None:
         """End an update's hold. A process that died while held, and that the update did not act on,
         is handed to the normal restart policy: never left dead with nobody watching."""
         self.hold = False
         proc = self.proc
-        if proc is not None and not proc.alive and not proc.stop_requested and self.state == "running" \
-                and not self.d.stopping:
+        if proc is not None and not proc.alive and not proc.stop_requested and self.state == RUNNING \
+                and not self.deps.stopping():
             self._failed(proc, f"{proc.exit_description()}: {proc.last_lines()}")
 
     def stable_check(self) -> None:
@@ -261,7 +319,7 @@ class Runner:
 
     async def revive(self) -> bool:
         """Leave `fatal` (on SIGHUP or an operator action) and try again from a clean backoff."""
-        if self.state != "fatal" or self.release is None:
+        if self.state != FATAL or self.release is None:
             return False
         if self._restart is not None and not self._restart.done():
             self._restart.cancel()
@@ -273,7 +331,7 @@ class Runner:
 
     async def handoff(self, release: Release) -> AppProcess:
         """Start `release` on the same listening socket; once it is ready, retire the old process."""
-        cfg = self.d.cfg
+        cfg = self.cfg
         try:
             sock = await self.listen_production()
         except ListenError as e:
@@ -290,7 +348,7 @@ class Runner:
         await faults.point("new_started")
         old = self.proc
         self._adopt(proc, release, plan)
-        self.state = "running"
+        self._machine.change(RUNNING)
         self.healthy = None
         self.since = time.time()
         self.restarts = 0
@@ -302,7 +360,7 @@ class Runner:
 
     async def stop_then_start(self, release: Release) -> tuple[AppProcess, float]:
         """For apps that bind the port themselves: the gap is as long as the new one's start-up."""
-        cfg = self.d.cfg
+        cfg = self.cfg
         old = self.proc
         t0 = time.monotonic()
         if old is not None:
@@ -310,16 +368,14 @@ class Runner:
         proc, plan = self.build(release, "app")
         await proc.start()
         self._adopt(proc, release, plan)
-        self.state = "starting"
-        report = await self.d.prober.wait_healthy(cfg.listen.probe_host, cfg.listen.port, cfg.health.checks,
-                                                  cfg.health.start_timeout_s, cfg.health.timeout_s,
-                                                  alive=lambda: proc.alive)
+        self._machine.change(STARTING)
+        report = await self.wait_healthy(alive=lambda: proc.alive, port=self.cfg.listen.port)
         gap = time.monotonic() - t0
         if not report.ok:
             why = report.failures() if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
             await proc.stop(5)
             raise SwitchFailed(f"{release.name} did not become healthy after stop-then-start: {why}")
-        self.state = "running"
+        self._machine.change(RUNNING)
         self.healthy = None
         self.since = time.time()
         self.backoff.reset()
@@ -333,7 +389,7 @@ class Runner:
 
     async def _drain(self, old: AppProcess) -> None:
         t = time.monotonic()
-        timeout = self.d.cfg.update.drain_timeout_s
+        timeout = self.cfg.update.drain_timeout_s
         rc = await old.stop(timeout)
         took = time.monotonic() - t
         self.log.info("app.drained", release=old.release, pid=old.pid, seconds=round(took, 2),
@@ -374,16 +430,14 @@ class Runner:
 
     async def canary(self, release: Release) -> tuple[HealthReport, str]:
         """Run `release` on a private loopback port and check it; always stopped afterwards."""
-        cfg = self.d.cfg
+        cfg = self.cfg
         sock = private_listener() if cfg.app.uses_fd else None
         port = int(sock.getsockname()[1]) if sock is not None else free_port()
         proc, _plan = self.build(release, "canary", sock, port, host="127.0.0.1")
         try:
             await proc.start()
             lower_priority(proc.pid)
-            report = await self.d.prober.wait_healthy("127.0.0.1", port, cfg.health.checks,
-                                                      cfg.health.start_timeout_s, cfg.health.timeout_s,
-                                                      alive=lambda: proc.alive)
+            report = await self.wait_healthy(alive=lambda: proc.alive, host="127.0.0.1", port=port)
             died = "" if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
             return report, died
         finally:
@@ -395,10 +449,10 @@ class Runner:
 
     async def stop_all(self) -> None:
         """Drain every app process (the serving one and any still draining), then close the sockets."""
-        self.state = "stopping"
+        self._machine.change(STOPPING)
         if self._restart is not None:
             self._restart.cancel()
-        timeout = self.d.cfg.update.drain_timeout_s
+        timeout = self.cfg.update.drain_timeout_s
         procs = [p for p in {self.proc, *self.draining} if p is not None]
         await asyncio.gather(*(p.stop(timeout) for p in procs), return_exceptions=True)
         for s in [self.listener, *self._retired_listeners]:
@@ -407,7 +461,7 @@ class Runner:
                     s.close()
         self.listener = None
         self._retired_listeners.clear()
-        self.state = "stopped"
+        self._machine.change(STOPPED)
         self.healthy = False
 
     def pids(self) -> list[int]:

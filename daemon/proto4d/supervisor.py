@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proto4d import __version__, configwait, faults, fsutil, log, releases, update
+from proto4d import __version__, configwait, faults, fsutil, log, prune, releases, states
 from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
@@ -32,7 +32,8 @@ from proto4d.notifier import Notifier
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
 from proto4d.requests import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
-from proto4d.runner import Runner
+from proto4d.runner import Runner, RunnerDeps
+from proto4d.update import UpdateDeps, UpdateManager
 
 REQUEST_POLL_S = 1.0  # `proto4d update` also sends SIGUSR2 to have it looked at at once
 NO_RELEASE_RETRY_S = 60.0
@@ -48,7 +49,7 @@ class Daemon:
         self.config_path = config_path
         self.paths = Paths(cfg.root)
         self.log = log.get("proto4d")
-        self.state = "starting"
+        self._machine = states.Machine(states.DAEMON, states.STARTING, states.logged(self.log, "daemon.state"))
         self.stopping = False
         self.started_at = time.time()
         self.notifier = Notifier()
@@ -63,14 +64,29 @@ class Daemon:
         self.release_error = ""
         self._data_cache: tuple[float, tuple[str, bool], dict[str, Any]] | None = None
         self.app_log: RotatingLog | None = None
-        self.runner = Runner(self)
-        self.updates = update.UpdateManager(self)
+        self.runner = Runner(RunnerDeps(config=lambda: self.cfg, paths=self.paths, prober=self.prober,
+                                        registry=self.registry, on_line=self.on_app_line,
+                                        on_fatal=self.on_app_fatal, stopping=lambda: self.stopping))
+        self.updates = UpdateManager(UpdateDeps(
+            config=lambda: self.cfg, paths=self.paths, runner=self.runner, mirror=self.mirror, prober=self.prober,
+            registry=self.registry, sampler=self.sampler, green_since=lambda: self.green_since,
+            wait_sample=self.wait_sample, webhook=lambda: self.webhook, status_changed=self.status_changed,
+            prune=self.prune, stopping=lambda: self.stopping))
         self._stop = asyncio.Event()
         self._sampled = asyncio.Event()
         self._lock_fd: int | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._startup_cancel = Cancel()
+
+    @property
+    def state(self) -> str:
+        return self._machine.state
+
+    def _running(self) -> None:
+        """Startup or a reload is over; a stop that arrived meanwhile wins."""
+        if not self.stopping and self.state != states.RUNNING:
+            self._machine.change(states.RUNNING)
 
     # -- lifecycle
 
@@ -112,7 +128,7 @@ class Daemon:
                 return 0
             stop.cancel()
             startup.result()
-            self.state = "running"
+            self._running()
             self.write_status()
             self._tasks = [asyncio.create_task(self._sample_loop(), name="sample"),
                            asyncio.create_task(self._request_loop(), name="requests"),
@@ -141,9 +157,9 @@ class Daemon:
         self._resubmit_claimed()
         resume = self.updates.recover()
         await self._start_current()
-        self.state = "running"
+        self._running()
         self.write_status()
-        if self.runner.state in ("running", "fatal", "backoff") or self.runner.release is None:
+        if self.runner.state in (states.RUNNING, states.FATAL, states.BACKOFF) or self.runner.release is None:
             self.notifier.ready()
         if resume is not None:
             self.updates.submit(resume)
@@ -160,7 +176,6 @@ class Daemon:
                 self.log.error("release.unreadable", release=name)
             else:
                 await self._rebuild_venv(rel)
-                self.runner.release = rel
                 # A failure here (port, exec, crash) is retried by the runner's backoff, never left idle.
                 if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
                     # The first release has no update to verify it: passing every check at start does.
@@ -172,7 +187,7 @@ class Daemon:
         self.log.info("first_release.start", repo=cfg.app.repo, branch=cfg.app.branch)
 
         def progress(text: str) -> None:
-            if not text.startswith("  |"):
+            if not releases.is_installer_output(text):
                 self.log.info("first_release.progress", text=text)
 
         try:
@@ -222,7 +237,7 @@ class Daemon:
         try:
             await asyncio.to_thread(releases.repair_venv, self.cfg, self.paths, rel,
                                     progress=lambda t: self.log.warning("venv.repair", text=t)
-                                    if not t.startswith("  |") else None,
+                                    if not releases.is_installer_output(t) else None,
                                     cancel=self._startup_cancel, registry=self.registry)
         except releases.ReleaseError as e:
             self.log.error("venv.rebuild_failed", release=rel.name, error=str(e))
@@ -233,12 +248,13 @@ class Daemon:
         if not self.stopping:
             self.log.info("daemon.stopping", signal=signal.Signals(sig).name if sig else None)
         self.stopping = True
-        self.state = "stopping"
+        if self.state != states.STOPPED:  # a signal after the shutdown: nothing left to stop
+            self._machine.change(states.STOPPING)
         self._stop.set()
 
     async def _shutdown(self) -> None:
         self.stopping = True
-        self.state = "stopping"
+        self._machine.change(states.STOPPING)
         self.notifier.stopping()
         with contextlib.suppress(Exception):
             self.write_status()
@@ -255,7 +271,7 @@ class Daemon:
         if left:
             self.log.warning("stop.ended_unheld", pids=[e["pid"] for e in left])
         await self.webhook.flush()
-        self.state = "stopped"
+        self._machine.change(states.STOPPED)
         with contextlib.suppress(Exception):
             self.write_status()
         if self.app_log is not None:
@@ -297,7 +313,7 @@ class Daemon:
     def sample(self) -> None:
         runner = self.runner
         runner.stable_check()
-        act = self.sampler.sample(runner.pids(), app_up=runner.state == "running")
+        act = self.sampler.sample(runner.pids(), app_up=runner.state == states.RUNNING)
         if act["verdict"] == "green":
             if self.green_since is None:
                 self.green_since = time.time()
@@ -432,9 +448,11 @@ class Daemon:
     # -- reload
 
     async def reload(self) -> None:
+        if self.stopping:
+            return  # a SIGHUP during the shutdown: nothing left to reconfigure
         self.notifier.reloading()
         previous_state = self.state
-        self.state = "reloading"
+        self._machine.change(states.RELOADING)
         path = self.config_path
         try:
             new = configmod.load(path)
@@ -443,10 +461,10 @@ class Daemon:
                                             "restart the daemon to move it", new.root)
         except configmod.ConfigError as e:
             self.log.error("reload.refused", error=str(e), kept=self.cfg.source)
-            self.state = previous_state
+            self._machine.change(previous_state)
             self.notifier.ready()
             return
-        now_keys, later_keys = configmod.reload_differences(self.cfg, new)
+        changed = configmod.reload_differences(self.cfg, new)
         self.cfg = new
         self.sampler.reconfigure(new.activity, new.safety, new.listen.port, new.app.access_log_regex)
         self.history.max_bytes = new.activity.history_max_bytes
@@ -456,13 +474,16 @@ class Daemon:
         self.runner.configure()
         if self.app_log is not None:
             self.app_log.reconfigure(new.app.log_max_bytes, new.app.log_backups)
-        self.log.info("reload.applied", now=now_keys or "nothing", at_next_switch=later_keys or "nothing")
-        if later_keys:
-            self.log.info("reload.pending", keys=later_keys,
-                          msg="these take effect at the next switch (update or rollback)")
-        self.state = previous_state if previous_state != "reloading" else "running"
+        self.log.info("reload.applied", now=changed[configmod.NOW] or "nothing",
+                      **{f"at_{rule}": keys for rule, keys in changed.items() if rule != configmod.NOW and keys})
+        pending = [k for rule, keys in changed.items() if rule != configmod.NOW for k in keys]
+        if pending:
+            self.log.info("reload.pending", keys=pending, msg="; ".join(
+                f"{', '.join(keys)}: {configmod.RELOAD_RULES[rule]}" for rule, keys in changed.items()
+                if rule != configmod.NOW and keys))
+        self._machine.change(previous_state)
         self.notifier.ready()
-        if self.runner.state == "fatal":
+        if self.runner.state == states.FATAL:
             await self.runner.revive()
         elif self.runner.release is None and self.updates.run is None:
             await self._start_current()
@@ -537,7 +558,7 @@ class Daemon:
 
     def prune(self) -> None:
         in_use = {r.venv for r in (self.runner.release,) if r is not None}
-        removed, venvs = update.retained(self.paths, self.cfg, sorted(in_use))
+        removed, venvs = prune.apply(self.paths, self.cfg, sorted(in_use))
         for name in removed:
             self.mirror.unpin(name)
         from proto4d import datasteps

@@ -19,23 +19,69 @@ import contextlib
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from proto4d import datasteps, faults, fsutil, log, notices, policy, releases, retention
-from proto4d.activity import iso
-from proto4d.procs import Cancel, Cancelled
+from proto4d import datasteps, faults, fsutil, log, notices, policy, releases, states
+from proto4d.activity import Sampler, iso
+from proto4d.config import Config
+from proto4d.health import Prober
+from proto4d.notices import Webhook
+from proto4d.paths import Paths
+from proto4d.procs import Cancel, Cancelled, PidRegistry
 from proto4d.requests import Request, write_answer
-from proto4d.runner import SwitchFailed
+from proto4d.runner import Runner, SwitchFailed
+from proto4d.states import (
+    ABORTED,
+    BEFORE_SWITCH,
+    CANARY,
+    DONE,
+    FINAL,
+    NOTICED,
+    PENDING,
+    PREPARING,
+    REJECTED,
+    REQUESTED,
+    ROLLED_BACK,
+    ROLLING_BACK,
+    SUPERSEDED,
+    SWITCHING,
+    VERIFYING,
+    WAITING,
+    WATCHING,
+)
 
-if TYPE_CHECKING:
-    from proto4d.supervisor import Daemon
 
-PENDING = ("requested", "waiting", "noticed")
-BEFORE_SWITCH = ("preparing", "canary")
-AFTER_SWITCH = ("switching", "verifying", "watching", "rolling_back")
-FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded")
-UPDATE_LOGS_KEPT = 50
+class Clock:
+    """Wall and monotonic time; the unit tests give the update a clock they move themselves."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@dataclass(frozen=True)
+class UpdateDeps:
+    """What an update needs from the daemon, and nothing more. It talks to the runner through its methods."""
+
+    config: Callable[[], Config]  # the config in force (a reload replaces it)
+    paths: Paths
+    runner: Runner
+    mirror: releases.Mirror
+    prober: Prober  # the external check (the app's own checks go through the runner)
+    registry: PidRegistry
+    sampler: Sampler  # the activity verdict, 5xx answers since the switch
+    green_since: Callable[[], float | None]
+    wait_sample: Callable[[float], Awaitable[None]]
+    webhook: Callable[[], Webhook]
+    status_changed: Callable[[], None]
+    prune: Callable[[], None]  # retention after a successful update
+    stopping: Callable[[], bool]
+    clock: Clock = field(default_factory=Clock)
+    prepare_release: Callable[..., releases.Prepared] = releases.prepare_release
 
 
 class Rejected(Exception):
@@ -60,9 +106,9 @@ class Journal:
         self.data: dict[str, Any] = {}
 
     def start(self, req: Request, **fields: Any) -> None:
-        self.data = {"id": req.id, "action": req.action, "request": req.to_dict(), "state": "requested",
+        self.data = {"id": req.id, "action": req.action, "request": req.to_dict(), "state": REQUESTED,
                      "steps": [], **fields}
-        self.write("requested")
+        self.write(REQUESTED)
 
     def write(self, state: str, **fields: Any) -> None:
         now = time.time()
@@ -104,8 +150,8 @@ class UpdateLog:
 class UpdateManager:
     """One update at a time; a request that arrives meanwhile is answered and queued (at most one)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, deps: UpdateDeps) -> None:
+        self.deps = deps
         self.log = log.get("proto4d.update")
         self.run: UpdateRun | None = None
         self.queued: Request | None = None
@@ -113,6 +159,10 @@ class UpdateManager:
         self.last_rejected: dict[str, Any] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def cfg(self) -> Config:
+        return self.deps.config()
 
     def submit(self, req: Request) -> None:
         try:
@@ -126,38 +176,38 @@ class UpdateManager:
             # Nothing has been touched yet: the newer request replaces it.
             run.supersede(req.id)
             self._replace_queued(req)
-            write_answer(self.d.paths, req.id, "accepted", f"{req.describe()} accepted (replaces {run.req.id})")
+            write_answer(self.deps.paths, req.id, "accepted", f"{req.describe()} accepted (replaces {run.req.id})")
         elif run is not None:
             self._replace_queued(req)
-            write_answer(self.d.paths, req.id, "queued",
+            write_answer(self.deps.paths, req.id, "queued",
                          f"{req.describe()} queued: update {run.req.id} is {run.state}; this one starts after it")
             self.log.info("request.queued", id=req.id, behind=run.req.id, behind_state=run.state)
         else:
             self._replace_queued(req)
-            write_answer(self.d.paths, req.id, "accepted", f"{req.describe()} accepted")
+            write_answer(self.deps.paths, req.id, "accepted", f"{req.describe()} accepted")
 
     def _replace_queued(self, req: Request) -> None:
         if self.queued is not None:
-            write_answer(self.d.paths, self.queued.id, "superseded", f"superseded by request {req.id}")
+            write_answer(self.deps.paths, self.queued.id, SUPERSEDED, f"superseded by request {req.id}")
             self.log.info("request.superseded", id=self.queued.id, by=req.id)
         self.queued = req
 
     def reject(self, req_id: str, why: str, source: str) -> None:
         self.last_rejected = {"id": req_id, "reason": why, "at": iso(time.time()), "source": source}
-        write_answer(self.d.paths, req_id, "rejected", why)
+        write_answer(self.deps.paths, req_id, REJECTED, why)
         self.log.warning("request.rejected", id=req_id, reason=why, source=source)
 
     async def loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.queued is not None and not self.d.stopping:
+            while self.queued is not None and not self.deps.stopping():
                 req, self.queued = self.queued, None
                 try:
-                    run = UpdateRun(self.d, req)
+                    run = UpdateRun(self.deps, req)
                 except OSError as e:  # cannot even open its log (disk full): nothing was touched
                     self.log.error("update.cannot_start", id=req.id, error=str(e))
-                    self.last = {"id": req.id, "state": "aborted", "message": f"could not start: {e}"}
+                    self.last = {"id": req.id, "state": ABORTED, "message": f"could not start: {e}"}
                     continue
                 self.run = run
                 try:
@@ -167,13 +217,13 @@ class UpdateManager:
                         raise
                 except Exception as e:  # e.g. the journal could not be written: this loop must go on
                     self.log.exception("update.failed", id=req.id)
-                    if run.state not in FINAL:
-                        run.message = f"{type(e).__name__}: {e}"
-                        run.state = "aborted" if not run.switched else run.state
+                    run.crashed(e)
                 finally:
+                    if run.rejected is not None:
+                        self.last_rejected = run.rejected
                     self.last = run.summary()
                     self.run = None
-                    self.d.status_changed()
+                    self.deps.status_changed()
                     run.publish_answer()
 
     def start(self) -> None:
@@ -202,25 +252,28 @@ class UpdateManager:
 
     def recover(self) -> Request | None:
         """Settle an update a previous daemon left unfinished. Returns a request to resume, if any."""
-        j = Journal.read(self.d.paths.journal)
-        if j is None or j.get("state") in FINAL:
+        j = Journal.read(self.deps.paths.journal)
+        if j is None:
             return None
         state = j["state"]
+        outcome = states.recovery_outcome(state)
+        if outcome is None:
+            return None
         req_id = j.get("id", "?")
-        paths = self.d.paths
+        paths = self.deps.paths
         journal = Journal(paths.journal)
         journal.data = j
-        if state in PENDING:
+        if outcome == states.RESUME:
             self.log.info("recover.resume", id=req_id, state=state)
             return Request.from_dict(j.get("request") or {"id": req_id})
         new, old = j.get("new_release"), j.get("old_release")
-        if state in BEFORE_SWITCH:
+        if outcome == ABORTED:
             if new and new != paths.current_release() and paths.release(new).exists():
                 with contextlib.suppress(OSError):
                     fsutil.remove_tree(paths.release(new))
             why = f"interrupted by a daemon restart during {state}; the live service was not touched"
-            journal.write("aborted", message=why, outcome="aborted")
-            write_answer(paths, req_id, "aborted", why)
+            journal.write(ABORTED, message=why, outcome=ABORTED)
+            write_answer(paths, req_id, ABORTED, why)
             self.log.warning("recover.aborted", id=req_id, state=state)
         else:
             if j.get("restore_on_rollback") and j.get("snapshot"):
@@ -235,11 +288,11 @@ class UpdateManager:
             if back and paths.current_release() != back:
                 releases.switch_current(paths, back)
             if new and new != back:
-                releases.set_outcome(paths, new, "rolled_back", why=f"daemon restarted during {state}")
+                releases.set_outcome(paths, new, ROLLED_BACK, why=f"daemon restarted during {state}")
             why = (f"the daemon restarted during {state}; back on {back} (the new release had not finished "
                    "its verification)")
-            journal.write("rolled_back", message=why, outcome="rolled_back")
-            write_answer(paths, req_id, "rolled_back", why, release=back)
+            journal.write(ROLLED_BACK, message=why, outcome=ROLLED_BACK)
+            write_answer(paths, req_id, ROLLED_BACK, why, release=back)
             self.log.warning("recover.rolled_back", id=req_id, state=state, release=back)
         self.last = {"id": req_id, "state": journal.data["state"], "message": journal.data.get("message", "")}
         return None
@@ -247,11 +300,13 @@ class UpdateManager:
 
 
 class UpdateRun:
-    def __init__(self, daemon: Daemon, req: Request) -> None:
-        self.d = daemon
+    def __init__(self, deps: UpdateDeps, req: Request) -> None:
+        self.deps = deps
+        self.runner = deps.runner
+        self.clock = deps.clock
         self.req = req
         self.log = log.get("proto4d.update").bind(id=req.id)
-        self.state = "requested"
+        self._machine = states.Machine(states.UPDATE, REQUESTED, self._record)
         self.message = ""
         self.waiting_for = ""
         self.until: dt.datetime | None = None
@@ -262,38 +317,59 @@ class UpdateRun:
         self.cancel = Cancel()
         self.target_commit = ""
         self.new: releases.Release | None = None
-        self.old: releases.Release | None = daemon.runner.release
+        self.old: releases.Release | None = deps.runner.release
+        self.rejected: dict[str, Any] | None = None  # for status' last_rejected
         self.switched = False
+        self.switched_at = 0.0  # wall clock of the switch: the watch counts 5xx answers from it
+        self._fetched_at: float | None = None  # monotonic; None: not fetched by this run yet
         self.waited = False  # the update waited for a safe moment: refetch before preparing
         self.timings: dict[str, float] = {}
         stamp = time.strftime("%Y%m%d_%H%M%S")
-        self.log_path = daemon.paths.update_log(stamp)
+        self.log_path = deps.paths.update_log(stamp)
         n = 2
         while self.log_path.exists():
-            self.log_path = daemon.paths.update_log(f"{stamp}_{n}")
+            self.log_path = deps.paths.update_log(f"{stamp}_{n}")
             n += 1
         self.ulog = UpdateLog(self.log_path)
-        self.journal = Journal(daemon.paths.journal)
+        self.journal = Journal(deps.paths.journal)
         self._task: asyncio.Task[Any] | None = None
-        self.started = time.monotonic()
-        cfg, paths = daemon.cfg, daemon.paths
+        self.started = self.clock.monotonic()
+        cfg, paths = deps.config(), deps.paths
         self.data = datasteps.DataSteps(
             shared_root=paths.shared, shared=cfg.app.shared, declared=cfg.app.databases, migrate_argv=cfg.app.migrate,
             workdir=cfg.app.workdir, state_dir=paths.state, backups=paths.backups,
             timeout_s=cfg.update.migrate_timeout_s, app_env=cfg.app.env_dict,
-            python_for=lambda rel: releases.python_for(paths, rel), progress=self._progress, registry=daemon.registry)
+            python_for=lambda rel: releases.python_for(paths, rel), progress=self._progress, registry=deps.registry)
 
     # -- public
 
+    @property
+    def state(self) -> str:
+        return self._machine.state
+
+    @property
+    def cfg(self) -> Config:
+        return self.deps.config()
+
+    def crashed(self, e: Exception) -> None:
+        """An exception escaped execute() (its own handlers failed, e.g. on a full disk): end the run
+        as aborted if the live service was not touched yet; after the switch the state stays, and the
+        next start settles it from the journal."""
+        if self.state in FINAL:
+            return
+        self.message = f"{type(e).__name__}: {e}"
+        if not self.switched and ABORTED in states.UPDATE[self.state]:
+            self._machine.change(ABORTED, outcome=ABORTED, message=self.message)
+
     def summary(self) -> dict[str, Any]:
         r = self.req
-        until = self.until.astimezone(self.d.cfg.schedule.zone).isoformat(timespec="seconds") if self.until else None
-        return {"state": self.state, "id": r.id, "action": r.action, "ref": r.ref or self.d.cfg.app.branch,
+        until = self.until.astimezone(self.cfg.schedule.zone).isoformat(timespec="seconds") if self.until else None
+        return {"state": self.state, "id": r.id, "action": r.action, "ref": r.ref or self.cfg.app.branch,
                 "reason": r.reason, "requested_at": iso(r.requested_at), "message": self.message,
                 "waiting_for": self.waiting_for, "until": until, "target_commit": self.target_commit,
                 "new_release": self.new.name if self.new else None,
                 "old_release": self.old.name if self.old else None,
-                "log": str(self.log_path.relative_to(self.d.paths.root)), "force": r.force,
+                "log": str(self.log_path.relative_to(self.deps.paths.root)), "force": r.force,
                 "timings": {k: round(v, 2) for k, v in self.timings.items()}}
 
     def supersede(self, by: str) -> None:
@@ -310,7 +386,7 @@ class UpdateRun:
 
     async def execute(self) -> None:
         self._task = asyncio.current_task()
-        paths = self.d.paths
+        paths = self.deps.paths
         r = self.req
         self.ulog.line(f"{r.describe()} requested by {r.requested_by or r.source} (id {r.id})"
                        + (f": {r.reason}" if r.reason else ""))
@@ -318,40 +394,42 @@ class UpdateRun:
                            old_commit=self.old.commit if self.old else None,
                            log=str(self.log_path.relative_to(paths.root)))
         self._answer("accepted", f"{r.describe()} accepted")
-        self.d.webhook.send("requested", self._event())
+        self.deps.webhook().send(REQUESTED, self._event())
         try:
             await self._resolve()
             if r.action == "update" and not r.force:
                 await self._wait_for_window()
             elif r.force:
                 self.ulog.line("forced: not waiting for a quiet moment (health checks still run)")
-            self._post_notice("An update is being applied now.", time.time())
-            self.d.webhook.send("started", self._event())
-            await self._step("preparing", self._prepare)
+            self._post_notice("An update is being applied now.", self.clock.time())
+            self.deps.webhook().send("started", self._event())
+            await self._step(PREPARING, self._prepare)
             if self._canary_possible():
-                await self._step("canary", self._canary)
+                await self._step(CANARY, self._canary)
                 await faults.point("canary_done")
             try:
-                await self._step("switching", self._switch)
-                await self._step("verifying", self._verify)
-                await self._step("watching", self._watch)
+                await self._step(SWITCHING, self._switch)
+                await self._step(VERIFYING, self._verify)
+                await self._step(WATCHING, self._watch)
             except (RollBack, SwitchFailed) as e:
                 await self._rollback(str(e))
                 return
-            self._finish("done", f"{self.new.name if self.new else '?'} serves and is verified "
+            self._finish(DONE, f"{self.new.name if self.new else '?'} serves and is verified "
                                  f"(commit {self.target_commit[:7]})")
-            releases.set_outcome(paths, self.new.name, "verified")
-            await asyncio.to_thread(self.d.prune)
+            try:
+                releases.set_outcome(paths, self.new.name, "verified")
+                await asyncio.to_thread(self.deps.prune)
+            except Exception as e:  # done and verified: failing housekeeping is no reason to roll back
+                self.log.exception("update.housekeeping_failed", error=str(e))
         except Done as e:
-            self._finish("done", str(e))
+            self._finish(DONE, str(e))
         except Rejected as e:
-            self.d.updates.last_rejected = {"id": r.id, "reason": str(e), "at": iso(time.time()),
-                                            "source": r.source}
+            self.rejected = {"id": r.id, "reason": str(e), "at": iso(self.clock.time()), "source": r.source}
             self.log.warning("request.rejected", reason=str(e), source=r.source)  # as for a malformed file
-            self._finish("rejected", str(e))
+            self._finish(REJECTED, str(e))
         except Aborted as e:
             self._discard_new()
-            self._finish("aborted", str(e))
+            self._finish(ABORTED, str(e))
         except (asyncio.CancelledError, Cancelled):
             self._on_cancel()
             raise
@@ -361,33 +439,43 @@ class UpdateRun:
                 await self._rollback(f"internal error: {type(e).__name__}: {e}")
             else:
                 self._discard_new()
-                self._finish("aborted", f"internal error before the switch: {type(e).__name__}: {e}")
+                self._finish(ABORTED, f"internal error before the switch: {type(e).__name__}: {e}")
         finally:
-            self.d.runner.release_hold()
-            notices.remove_notice(self.d.cfg.notice_path)
+            self.runner.release_hold()
+            notices.remove_notice(self.cfg.notice_path)
             self.ulog.close()
 
     # -- steps
 
     async def _step(self, state: str, fn: Callable[[], Awaitable[None]]) -> None:
         self._enter(state)
-        t = time.monotonic()
+        t = self.clock.monotonic()
         await fn()
-        took = time.monotonic() - t
+        took = self.clock.monotonic() - t
         self.timings[state] = took
         self.ulog.line(f"  {state} done in {took:.2f} s")
         self.log.info("update.step_done", step=state, seconds=round(took, 3))
 
     def _enter(self, state: str, **fields: Any) -> None:
-        self.journal.write(state, **fields)  # durable before the step does anything
-        self.state = state
+        self._machine.change(state, **fields)
         self.ulog.line(f"{state} ...")
         self.log.info("update.step", step=state, **{k: v for k, v in fields.items() if isinstance(v, str | int)})
-        self.d.status_changed()
+        self.deps.status_changed()
+
+    def _record(self, old: str, new: str, fields: dict[str, Any]) -> None:
+        """The journal is written before the state changes: durable before the step does anything. Going
+        back (rolling_back) and the outcome are recorded best-effort: on a full disk they still happen,
+        are logged, answered if possible and shown in status."""
+        try:
+            self.journal.write(new, **fields)
+        except OSError as e:
+            if new not in FINAL and new != ROLLING_BACK:
+                raise
+            self.log.error("journal.write_failed", state=new, error=str(e))
 
     def _answer(self, state: str, message: str, **extra: Any) -> None:
-        write_answer(self.d.paths, self.req.id, state, message, log=str(self.log_path.relative_to(self.d.paths.root)),
-                     **extra)
+        write_answer(self.deps.paths, self.req.id, state, message,
+                     log=str(self.log_path.relative_to(self.deps.paths.root)), **extra)
 
     def _event(self, **extra: Any) -> dict[str, Any]:
         return {"id": self.req.id, "action": self.req.action, "ref": self.req.ref, "state": self.state,
@@ -395,26 +483,22 @@ class UpdateRun:
                 "old_release": self.old.name if self.old else None, "commit": self.target_commit, **extra}
 
     def _finish(self, outcome: str, message: str) -> None:
-        notices.remove_notice(self.d.cfg.notice_path)  # before the answer: whoever waits sees it gone
-        self.state = outcome
+        notices.remove_notice(self.cfg.notice_path)  # before the answer: whoever waits sees it gone
         self.message = message
-        took = time.monotonic() - self.started
-        try:
-            self.journal.write(outcome, outcome=outcome, message=message, seconds=round(took, 2))
-        except OSError as e:  # disk full: the outcome is still logged, answered if possible, and in status
-            self.log.error("journal.write_failed", state=outcome, error=str(e))
+        took = self.clock.monotonic() - self.started
+        self._machine.change(outcome, outcome=outcome, message=message, seconds=round(took, 2))
         self.ulog.line(f"outcome: {outcome.upper()} after {took:.1f} s: {message}")
         if self.timings:
             self.ulog.line("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         # Answered by the manager once this run is over and status says so: whoever waits on the
         # answer then reads a status that agrees with it.
-        self.final_answer = (outcome, message, {"verified": outcome == "done", "release":
-                             self.d.runner.release.name if self.d.runner.release else None})
-        level = "info" if outcome == "done" else "warning"
-        getattr(self.log, level)("update.finished", outcome=outcome, message=message, seconds=round(took, 2))
-        if outcome in ("done", "rolled_back", "aborted", "rejected"):
-            self.d.webhook.send(outcome, self._event(message=message))
-        self.d.status_changed()
+        self.final_answer = (outcome, message, {"verified": outcome == DONE, "release":
+                             self.runner.release.name if self.runner.release else None})
+        (self.log.info if outcome == DONE else self.log.warning)("update.finished", outcome=outcome, message=message,
+                                                                 seconds=round(took, 2))
+        if outcome in (DONE, ROLLED_BACK, ABORTED, REJECTED):
+            self.deps.webhook().send(outcome, self._event(message=message))
+        self.deps.status_changed()
 
     def publish_answer(self) -> None:
         if self.final_answer is None:
@@ -427,13 +511,13 @@ class UpdateRun:
 
     def _on_cancel(self) -> None:
         if self.superseded_by:
-            self._finish("superseded", f"superseded by request {self.superseded_by} before anything was touched")
+            self._finish(SUPERSEDED, f"superseded by request {self.superseded_by} before anything was touched")
         elif self.state in PENDING:
             # The daemon is stopping while this waits: the journal keeps it, the next start resumes it.
             self.ulog.line("daemon stopping: the request stays pending and resumes at the next start")
         elif self.state in BEFORE_SWITCH:
             self._discard_new()
-            self._finish("aborted", f"the daemon stopped during {self.state}; the live service was not touched")
+            self._finish(ABORTED, f"the daemon stopped during {self.state}; the live service was not touched")
         else:
             self.ulog.line(f"daemon stopping during {self.state}: the next start returns to "
                            f"{self.old.name if self.old else 'the previous release'}")
@@ -441,7 +525,7 @@ class UpdateRun:
     # -- resolve: what exactly will be deployed
 
     async def _resolve(self) -> None:
-        paths = self.d.paths
+        paths = self.deps.paths
         r = self.req
         running = self.old.commit if self.old else None
         if r.action == "rollback":
@@ -451,18 +535,18 @@ class UpdateRun:
             self.ulog.line(f"rollback target: {target.name} (commit {target.commit[:7]}, {target.outcome})")
             return
         await self._fetch()
-        mirror = self.d.mirror
+        mirror = self.deps.mirror
         if r.ref:
             sha = await asyncio.to_thread(mirror.resolve, r.ref)
             if sha is None:
-                raise Rejected(f"ref {r.ref!r} does not exist in {self.d.cfg.app.repo} (not a branch, tag or commit)")
+                raise Rejected(f"ref {r.ref!r} does not exist in {self.cfg.app.repo} (not a branch, tag or commit)")
         else:
-            sha = await asyncio.to_thread(mirror.branch_head, self.d.cfg.app.branch)
+            sha = await asyncio.to_thread(mirror.branch_head, self.cfg.app.branch)
             if sha is None:
-                raise Rejected(f"branch {self.d.cfg.app.branch!r} does not exist in {self.d.cfg.app.repo}")
+                raise Rejected(f"branch {self.cfg.app.branch!r} does not exist in {self.cfg.app.repo}")
         self.target_commit = sha
         self.journal.note(target_commit=sha)
-        if running == sha and self.d.runner.state == "running":
+        if running == sha and self.runner.state == states.RUNNING:
             raise Done(f"already running {sha[:7]} ({self.old.name if self.old else '?'}); nothing to do")
         commits = await asyncio.to_thread(mirror.log_between, running, sha)
         self.ulog.line(f"from {running[:7] if running else '(nothing)'} to {sha[:7]}: {len(commits)} commit(s)")
@@ -471,23 +555,23 @@ class UpdateRun:
         del paths
 
     async def _fetch(self) -> None:
-        t = time.monotonic()
+        t = self.clock.monotonic()
         try:
-            await asyncio.to_thread(self.d.mirror.fetch, self.cancel)
+            await asyncio.to_thread(self.deps.mirror.fetch, self.cancel)
         except releases.ReleaseError as e:
             raise Aborted(str(e)) from None
-        self.timings["fetch"] = self.timings.get("fetch", 0) + time.monotonic() - t
-        self._fetched_at = time.monotonic()
+        self.timings["fetch"] = self.timings.get("fetch", 0) + self.clock.monotonic() - t
+        self._fetched_at = self.clock.monotonic()
 
     def _rollback_target(self) -> releases.Release:
-        paths = self.d.paths
+        paths = self.deps.paths
         current = paths.current_release()
         if self.req.release:
             rel = releases.read_release(paths, self.req.release)
             if rel is None:
                 known = ", ".join(r.name for r in releases.list_releases(paths)[:5])
                 raise Rejected(f"release {self.req.release!r} is not retained (see `proto4d releases`: {known})")
-            if rel.name == current and self.d.runner.state == "running":
+            if rel.name == current and self.runner.state == states.RUNNING:
                 raise Rejected(f"{rel.name} is already the current release")
             return rel
         cur = releases.read_release(paths, current) if current else None
@@ -505,19 +589,19 @@ class UpdateRun:
     # -- waiting for a safe moment
 
     async def _wait_for_window(self) -> None:
-        cfg = self.d.cfg
-        self._enter("waiting")
-        self.d.webhook.send("waiting", self._event())
+        cfg = self.cfg
+        self._enter(WAITING)
+        self.deps.webhook().send(WAITING, self._event())
         last_reason = ""
         while True:
             if self.cancelling:  # superseded or stopping, even if a cancellation was lost on the way
                 raise asyncio.CancelledError
-            cfg = self.d.cfg
+            cfg = self.cfg
             zone = cfg.schedule.zone
             now = dt.datetime.now(zone)
-            verdict = self.d.sampler.last_verdict or policy.Verdict("red", ("no activity sample yet",))
-            green_since = (dt.datetime.fromtimestamp(self.d.green_since, zone)
-                           if self.d.green_since is not None else None)
+            verdict = self.deps.sampler.last_verdict or policy.Verdict("red", ("no activity sample yet",))
+            green = self.deps.green_since()
+            green_since = dt.datetime.fromtimestamp(green, zone) if green is not None else None
             decision = policy.decide(verdict, now, cfg.safety, cfg.schedule, cfg.update.notice_grace_s,
                                      green_since=green_since, noticed_at=self.noticed_at, force=self.req.force)
             self.waiting_for = decision.reason
@@ -528,7 +612,7 @@ class UpdateRun:
                               until=decision.until.isoformat(timespec="seconds") if decision.until else None)
                 last_reason = decision.reason
                 self.message = decision.reason
-                self.d.status_changed()
+                self.deps.status_changed()
             if decision.action == "start":
                 self.waiting_for = ""
                 self.until = None
@@ -536,36 +620,36 @@ class UpdateRun:
             self.waited = True
             if decision.action == "notice" and self.noticed_at is None:
                 self.noticed_at = now
-                when = time.time() + cfg.update.notice_grace_s
+                when = self.clock.time() + cfg.update.notice_grace_s
                 grace = policy.duration_words(cfg.update.notice_grace_s)
                 self._post_notice(f"An update will be applied in about {grace}. It should not interrupt you; "
                                   "requests in progress will finish.", when)
-                self._enter("noticed", noticed_at=now.timestamp())
-                self.d.webhook.send("noticed", self._event(notice_until=iso(when), verdict=verdict.color))
+                self._enter(NOTICED, noticed_at=now.timestamp())
+                self.deps.webhook().send(NOTICED, self._event(notice_until=iso(when), verdict=verdict.color))
                 continue
-            await self.d.wait_sample(1.0)
+            await self.deps.wait_sample(1.0)
 
     def _post_notice(self, message: str, when: float) -> None:
-        notices.write_notice(self.d.cfg.notice_path, update_id=self.req.id, message=message, when=when,
+        notices.write_notice(self.cfg.notice_path, update_id=self.req.id, message=message, when=when,
                              impact="none expected: the new version takes over without dropping a request")
 
     # -- preparing
 
     async def _prepare(self) -> None:
-        cfg, paths = self.d.cfg, self.d.paths
+        cfg, paths = self.cfg, self.deps.paths
         if self.req.action == "rollback":
             await self._prepare_rollback()
             return
         # What was resolved at request time may be stale after a wait: look again.
-        if self.waited or time.monotonic() - getattr(self, "_fetched_at", 0) > 30:
+        if self.waited or self._fetched_at is None or self.clock.monotonic() - self._fetched_at > 30:
             await self._fetch()
         if not self.req.ref:
-            head = await asyncio.to_thread(self.d.mirror.branch_head, cfg.app.branch)
+            head = await asyncio.to_thread(self.deps.mirror.branch_head, cfg.app.branch)
             if head and head != self.target_commit:
                 self.ulog.line(f"  branch moved while waiting: now {head[:7]}")
                 self.target_commit = head
         else:
-            sha = await asyncio.to_thread(self.d.mirror.resolve, self.req.ref)
+            sha = await asyncio.to_thread(self.deps.mirror.resolve, self.req.ref)
             if sha is None:
                 raise Aborted(f"ref {self.req.ref!r} no longer exists in {cfg.app.repo} (it was "
                               f"{self.target_commit[:7]} when requested); nothing was deployed")
@@ -574,9 +658,9 @@ class UpdateRun:
                 self.target_commit = sha
         self.journal.note(target_commit=self.target_commit)
         running = self.old.commit if self.old else None
-        if running == self.target_commit and self.d.runner.state == "running":
+        if running == self.target_commit and self.runner.state == states.RUNNING:
             raise Done(f"already running {running[:7]}; nothing to do")
-        mirror = self.d.mirror
+        mirror = self.deps.mirror
         if (not self.req.ref and running and await asyncio.to_thread(mirror.has_commit, running)
                 and not await asyncio.to_thread(mirror.is_ancestor, running, self.target_commit)):
             raise Aborted(f"history rewritten: {cfg.app.branch} is now {self.target_commit[:7]}, which does not "
@@ -584,9 +668,9 @@ class UpdateRun:
                           f"proto4d update --ref {self.target_commit[:12]}")
         try:
             prepared = await asyncio.to_thread(
-                releases.prepare_release, cfg, paths, self.d.mirror, self.target_commit,
+                self.deps.prepare_release, cfg, paths, self.deps.mirror, self.target_commit,
                 self.req.ref or cfg.app.branch, progress=self._progress, cancel=self.cancel,
-                registry=self.d.registry, timings=self.timings)
+                registry=self.deps.registry, timings=self.timings)
         except releases.ReleaseError as e:
             raise Aborted(str(e)) from None
         except OSError as e:
@@ -599,32 +683,32 @@ class UpdateRun:
         assert target is not None
         # a venv removed by retention, or left dangling by an interpreter upgrade, is rebuilt first
         try:
-            await asyncio.to_thread(releases.repair_venv, self.d.cfg, self.d.paths, target, progress=self._progress,
-                                    cancel=self.cancel, registry=self.d.registry)
+            await asyncio.to_thread(releases.repair_venv, self.cfg, self.deps.paths, target, progress=self._progress,
+                                    cancel=self.cancel, registry=self.deps.registry)
         except releases.ReleaseError as e:
             raise Aborted(str(e)) from None
         self.journal.note(new_release=target.name, new_commit=target.commit)
 
     def _progress(self, text: str) -> None:
         self.ulog.line("  " + text)
-        if not text.startswith("  |"):
+        if not releases.is_installer_output(text):
             self.log.info("update.progress", text=text)
 
     def _discard_new(self) -> None:
         """An aborted update's release never served: remove it (a rollback target is kept)."""
         if self.new is None or self.req.action == "rollback":
             return
-        if self.d.paths.current_release() == self.new.name:
+        if self.deps.paths.current_release() == self.new.name:
             return
         with contextlib.suppress(OSError):
             fsutil.remove_tree(self.new.path)
-        self.d.mirror.unpin(self.new.name)
+        self.deps.mirror.unpin(self.new.name)
         self.ulog.line(f"  removed {self.new.name}")
 
     # -- canary
 
     def _canary_runs(self) -> bool:
-        cfg = self.d.cfg
+        cfg = self.cfg
         return cfg.update.canary and (cfg.app.uses_fd or cfg.app.uses_port)
 
     def _canary_possible(self) -> bool:
@@ -637,7 +721,7 @@ class UpdateRun:
             self.old.name != self.new.name else None
         try:
             report, died = await self.data.canary(self.new, old,
-                                                  self.d.runner.canary if self._canary_runs() else None,
+                                                  self.runner.canary if self._canary_runs() else None,
                                                   migrate_copy=self.req.action == "update")
         except datasteps.DataStepFailed as e:
             raise Aborted(str(e)) from None
@@ -657,12 +741,12 @@ class UpdateRun:
     def _allow_incompatible(self) -> None:
         """An incompatible migration goes on only when allowed, and only while nobody is on."""
         assert self.new is not None
-        if not self.d.cfg.update.allow_incompatible:
+        if not self.cfg.update.allow_incompatible:
             raise Aborted(f"the migration of {self.new.name} is not rollback-compatible: "
                           f"{self.old.name if self.old else 'the previous release'} fails its checks on the migrated "
                           "copy, so a rollback would have to restore the pre-switch snapshot and lose what was "
                           "written since. Set update.allow_incompatible: true to deploy it in a green window")
-        verdict = self.d.sampler.last_verdict or policy.Verdict("red", ("no activity sample yet",))
+        verdict = self.deps.sampler.last_verdict or policy.Verdict("red", ("no activity sample yet",))
         if verdict.color != "green":
             raise Aborted(f"the migration of {self.new.name} is not rollback-compatible and the verdict is "
                           f"{verdict.color} ({'; '.join(verdict.reasons)}): it runs only when nobody is on")
@@ -673,12 +757,11 @@ class UpdateRun:
 
     async def _switch(self) -> None:
         assert self.new is not None
-        runner = self.d.runner
-        cfg = self.d.cfg
+        runner = self.runner
+        cfg = self.cfg
         await self._data_before_switch()
-        runner.hold = True
-        runner.crashed.clear()
-        if cfg.app.uses_fd and runner.proc is not None and runner.proc.alive:
+        runner.hold_for_switch()
+        if cfg.app.uses_fd and runner.serving_alive():
             await runner.handoff(self.new)
             self.ulog.line(f"  handoff: {self.new.name} accepts on the same socket; "
                            f"{self.old.name if self.old else 'the old process'} drains (up to "
@@ -691,12 +774,12 @@ class UpdateRun:
             self.timings["gap"] = gap
             self.ulog.line(f"  stop-then-start: the port was closed for {gap:.2f} s")
         self.switched = True
-        releases.switch_current(self.d.paths, self.new.name)
+        releases.switch_current(self.deps.paths, self.new.name)
         await faults.point("current_renamed")
         self._link_previous()
-        self.journal.note(current=self.new.name, switched_at=time.time())
-        self.switched_at = time.time()
-        releases.set_outcome(self.d.paths, self.new.name, "serving")
+        self.switched_at = self.clock.time()
+        self.journal.note(current=self.new.name, switched_at=self.switched_at)
+        releases.set_outcome(self.deps.paths, self.new.name, "serving")
         self.ulog.line(f"  current -> releases/{self.new.name}")
 
     async def _data_before_switch(self) -> None:
@@ -724,27 +807,26 @@ class UpdateRun:
         """Remember which release this one replaced: `rollback` with no name goes there."""
         if self.new is None or self.old is None or self.old.name == self.new.name:
             return
-        rel = releases.read_release(self.d.paths, self.new.name)
+        rel = releases.read_release(self.deps.paths, self.new.name)
         if rel is not None and self.req.action == "update":
             rel.info["previous"] = self.old.name
             fsutil.atomic_write_json(rel.path / "release.json", rel.info)
 
     async def _verify(self) -> None:
-        cfg = self.d.cfg
-        runner = self.d.runner
+        cfg = self.cfg
+        runner = self.runner
         proc = runner.proc
         await faults.point("verify")
-        report = await self.d.prober.wait_healthy(
-            cfg.listen.probe_host, runner.production_port, cfg.health.checks, min(cfg.health.start_timeout_s, 15),
-            cfg.health.timeout_s, alive=lambda: proc is not None and proc.alive)
+        report = await runner.wait_healthy(timeout=min(cfg.health.start_timeout_s, 15),
+                                           alive=lambda: proc is not None and proc.alive)
         self.ulog.line(f"  checks: {report.summary()}")
         if not report.ok:
             raise RollBack(f"verification failed on port {runner.production_port}: "
                            + (report.failures() if proc is not None and proc.alive else
                               f"the new process {proc.exit_description() if proc else 'is gone'}"))
-        runner.healthy = True
+        runner.mark_healthy(True)
         if cfg.health.external_url:
-            ext = await self.d.prober.external(cfg.health.external_url, cfg.health.timeout_s)
+            ext = await self.deps.prober.external(cfg.health.external_url, cfg.health.timeout_s)
             if ext.ok:
                 self.ulog.line(f"  external: {ext.describe()}")
             else:
@@ -752,15 +834,15 @@ class UpdateRun:
                 self.log.warning("update.external_failed", check=ext.describe())
 
     async def _watch(self) -> None:
-        cfg = self.d.cfg
-        runner = self.d.runner
-        end = time.monotonic() + cfg.update.watch_s
-        since = getattr(self, "switched_at", time.time())
+        cfg = self.cfg
+        runner = self.runner
+        end = self.clock.monotonic() + cfg.update.watch_s
+        since = self.switched_at or self.clock.time()
         failures = 0
         await faults.point("watch")
         while True:
             self._check_alive()
-            remaining = end - time.monotonic()
+            remaining = end - self.clock.monotonic()
             if remaining <= 0:
                 break
             self.until = dt.datetime.now().astimezone() + dt.timedelta(seconds=remaining)
@@ -769,8 +851,7 @@ class UpdateRun:
             self._check_alive()
             # A check sent as the process dies waits in the socket's backlog for its whole timeout:
             # race it against the crash so a death is never mistaken for a slow answer.
-            check = asyncio.ensure_future(self.d.prober.check(cfg.listen.probe_host, runner.production_port,
-                                                              cfg.health.checks, cfg.health.timeout_s))
+            check = asyncio.ensure_future(runner.check())
             crash = asyncio.ensure_future(runner.crashed.wait())
             await asyncio.wait({check, crash}, return_when=asyncio.FIRST_COMPLETED)
             crash.cancel()
@@ -785,35 +866,31 @@ class UpdateRun:
                     raise RollBack(f"health checks failed during the watch: {report.failures()}")
                 continue
             failures = 0
-            total, errors = self.d.sampler.errors_since(since)
+            total, errors = self.deps.sampler.errors_since(since)
             if total >= 5 and errors / total > cfg.update.max_5xx_ratio:
                 raise RollBack(f"{errors} of {total} requests answered 5xx since the switch "
                                f"({errors / total:.0%} > update.max_5xx_ratio {cfg.update.max_5xx_ratio:.0%})")
         self.until = None
         self._check_alive()
-        total, errors = self.d.sampler.errors_since(since)
+        total, errors = self.deps.sampler.errors_since(since)
         self.ulog.line(f"  watched {cfg.update.watch_s:g} s: no crash, checks passing, {errors}/{total} 5xx")
 
     def _check_alive(self) -> None:
-        runner = self.d.runner
+        runner = self.runner
         proc = runner.proc
         if runner.crashed.is_set() or proc is None or not proc.alive:
             how = proc.exit_description() if proc is not None else "is gone"
             raise RollBack(f"the new release crashed during the watch ({how}): {proc.last_lines() if proc else ''}")
 
     async def _rollback(self, why: str) -> None:
-        paths, runner, cfg = self.d.paths, self.d.runner, self.d.cfg
+        paths, runner, cfg = self.deps.paths, self.runner, self.cfg
         self.message = why
         self.ulog.line(f"FAILED: {why}")
-        try:
-            self._enter("rolling_back", message=why)
-        except OSError as e:  # disk full: going back to what served is the safe direction, journal or not
-            self.state = "rolling_back"
-            self.log.error("journal.write_failed", state="rolling_back", error=str(e))
-        self.d.webhook.send("rolling_back", self._event(message=why))
+        self._enter(ROLLING_BACK, message=why)  # recorded best-effort: going back is the safe direction
+        self.deps.webhook().send(ROLLING_BACK, self._event(message=why))
         back = self.old
         new = self.new
-        t = time.monotonic()
+        t = self.clock.monotonic()
         await faults.point("rollback_started")
         if self.data.restore_on_rollback:
             # The old code cannot run on the new schema: the data goes back first, what was written since is saved.
@@ -825,8 +902,7 @@ class UpdateRun:
         try:
             if back is not None and (runner.release is None or runner.release.name != back.name
                                      or runner.proc is None or not runner.proc.alive):
-                runner.hold = True
-                runner.crashed.clear()
+                runner.hold_for_switch()
                 if cfg.app.uses_fd:
                     await runner.handoff(back)
                 else:
@@ -834,52 +910,22 @@ class UpdateRun:
             if back is not None:
                 releases.switch_current(paths, back.name)
                 await faults.point("rollback_renamed")
-            report = await self.d.prober.wait_healthy(cfg.listen.probe_host, runner.production_port,
-                                                      cfg.health.checks, min(cfg.health.start_timeout_s, 15),
-                                                      cfg.health.timeout_s,
-                                                      alive=lambda: runner.proc is not None and runner.proc.alive)
-            runner.healthy = report.ok
+            report = await runner.wait_healthy(timeout=min(cfg.health.start_timeout_s, 15))
+            runner.mark_healthy(report.ok)
             self.ulog.line(f"  back on {back.name if back else '?'}: {report.summary()} "
-                           f"({time.monotonic() - t:.2f} s)")
+                           f"({self.clock.monotonic() - t:.2f} s)")
             if not report.ok:
                 self.log.error("rollback.unhealthy", release=back.name if back else None, checks=report.failures())
         except SwitchFailed as e:
             # Nothing good is serving: let the supervisor's restart loop take over on `current`.
             self.log.critical("rollback.failed", error=str(e))
             self.ulog.line(f"  ROLLBACK FAILED: {e}; the supervisor keeps restarting {back.name if back else '?'}")
-            runner.hold = False
             if back is not None:
                 releases.switch_current(paths, back.name)
-                runner.release = back
-                runner._failed(runner.proc, str(e)) if runner.proc is not None else None
+                runner.fall_back(back, str(e))
         finally:
-            runner.hold = False
+            runner.release_hold()
         if new is not None and (back is None or new.name != back.name):
-            releases.set_outcome(paths, new.name, "rolled_back", why=why)
-        self.timings["rollback"] = time.monotonic() - t
-        self._finish("rolled_back", f"{why}; back on {back.name if back else '?'}")
-
-
-def retained(paths, cfg, in_use: list[str]) -> tuple[list[str], list[str]]:
-    """Apply retention: remove old releases and unreferenced venvs; return what went."""
-    rels = releases.list_releases(paths)
-    current = paths.current_release()
-    cur = next((r for r in rels if r.name == current), None)
-    previous = cur.info.get("previous") if cur else None
-    facts = [retention.ReleaseFacts(r.name, r.created_at, r.venv) for r in rels]
-    doomed = retention.plan_releases(facts, current=current, previous=previous, now=time.time(),
-                                     keep_days=cfg.update.keep_days, keep_min=cfg.update.keep_min)
-    for name in doomed:
-        fsutil.remove_tree(paths.release(name))
-    kept = [f for f in facts if f.name not in doomed]
-    venvs = [p.name for p in paths.venvs.iterdir() if p.is_dir() and not p.name.startswith(".")] \
-        if paths.venvs.is_dir() else []
-    dead_venvs = retention.plan_venvs(venvs, kept, in_use)
-    for key in dead_venvs:
-        fsutil.remove_tree(paths.venvs / key)
-    logs = sorted(paths.logs.glob("update_*.log"), key=lambda p: p.stat().st_mtime)
-    for old in retention.plan_logs([(p.name, p.stat().st_mtime) for p in logs], now=time.time(),
-                                   keep_days=cfg.update.keep_days, keep_min=UPDATE_LOGS_KEPT):
-        with contextlib.suppress(OSError):
-            (paths.logs / old).unlink()
-    return doomed, dead_venvs
+            releases.set_outcome(paths, new.name, ROLLED_BACK, why=why)
+        self.timings["rollback"] = self.clock.monotonic() - t
+        self._finish(ROLLED_BACK, f"{why}; back on {back.name if back else '?'}")

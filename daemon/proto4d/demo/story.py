@@ -2,7 +2,7 @@
 
 A local bare git origin gets the sample app (daemon/proto4d/sample) in three versions; a real
 daemon (`python -m proto4d run`) serves it with a real uvicorn in a release venv; simulated
-users (proto4d.loadgen) send real HTTP over loopback. The acts:
+users (proto4d.demo.loadgen) send real HTTP over loopback. The acts:
 
   1. v1 serves;
   2. four busy users make the verdict red; an update to v2 is requested and waits;
@@ -32,7 +32,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,10 @@ import psutil
 import yaml
 
 from proto4d import accesslog, releases
-from proto4d.loadgen import Load, Mix, Result
+from proto4d.demo.loadgen import Load, Mix, Result
+from proto4d.listener import free_port
 
-SAMPLE = Path(__file__).resolve().parent / "sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 KEEP_ENV = "PROTO4D_DEMO_KEEP"
 
 # The timings of the story. v3 crashes CRASH_AFTER_S after its app module is imported: its canary
@@ -157,12 +157,6 @@ def _wrap(text: str, width: int) -> list[str]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ts(event: dict[str, Any]) -> float:
     try:
         return dt.datetime.fromisoformat(str(event.get("timestamp"))).timestamp()
@@ -223,7 +217,7 @@ class Demo:
         self.root = base / "root"
         self.config = base / "proto4d.yaml"
         self.stderr_path = base / "daemon.stderr"
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = LogTail(self.root / "logs" / "proto4d.log")
         self.loads: list[Load] = []
