@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from proto4d import drain, faults, log, procs, releases, states
+from proto4d import drain, envwatch, faults, log, procs, releases, states
 from proto4d.child import AppProcess, Backoff, LineHandler
 from proto4d.config import Config
 from proto4d.health import HealthReport, Prober
@@ -76,6 +76,8 @@ class Runner:
         self.last_exit = ""
         self.message = ""
         self.drain_kind = ""
+        # digests of the .env files and app.env the serving process started with (envwatch)
+        self.env_started: dict[str, dict[str, str]] | None = None
         self.hold = False
         self.crashed = asyncio.Event()
         self.backoff = Backoff()
@@ -143,9 +145,20 @@ class Runner:
         self.proc = proc
         self.release = release
         self.drain_kind = plan.description
+        self.env_started = self.env_now()
         task = asyncio.create_task(self._watch(proc), name=f"watch-{proc.pid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def env_now(self) -> dict[str, dict[str, str]]:
+        cfg = self.cfg
+        return envwatch.read_fingerprints(self.deps.paths.shared, cfg.app.shared, cfg.app.env_dict)
+
+    def env_changes(self) -> list[str]:
+        """Keys of the shared .env (or app.env) changed since the serving process started; never values."""
+        if self.env_started is None or self.proc is None:
+            return []
+        return [c.describe() for c in envwatch.changes(self.env_started, self.env_now())]
 
     @property
     def production_port(self) -> int:

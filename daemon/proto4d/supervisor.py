@@ -510,7 +510,7 @@ class Daemon:
                     "last_exit": runner.last_exit, "drain": f"{runner.drain_kind}; the app says: {proc.drain_note}"
                     if proc is not None and proc.drain_note else runner.drain_kind,
                     "draining": sorted(p.pid for p in runner.draining if p.alive),
-                    "port": runner.production_port},
+                    "port": runner.production_port, "env_changed": self._env_changes()},
             "activity": self.sampler.last or {"verdict": "red", "reasons": ["not sampled yet"], "users": 0,
                                               "requests_window": 0, "connections": 0, "last_request": None,
                                               "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
@@ -527,6 +527,12 @@ class Daemon:
             return None
         return {"ok": report.ok, "at": iso(at), "latency_ms": round(max((r.ms for r in report.results), default=0), 1),
                 "summary": report.summary()}
+
+    def _env_changes(self) -> list[str]:
+        try:
+            return self.runner.env_changes()
+        except OSError:
+            return []
 
     def _data_status(self) -> dict[str, Any] | None:
         # Walking shared/ for databases is not free: once a minute is enough for sizes and ages.

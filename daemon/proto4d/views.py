@@ -112,6 +112,16 @@ def render_status(status: dict[str, Any], problem: str) -> str:
         lines.append(f"         last exit: {app['last_exit']}")
     if app.get("drain"):
         lines.append(f"drain    {app['drain']}")
+    for change in app.get("env_changed") or []:
+        lines.append(f"config   changed since the app started: {change} (`proto4d restart` applies it, no gap)")
+    data = status.get("data") or {}
+    for db in data.get("databases") or []:
+        lines.append(f"data     {db.get('path')}  {_mb(db.get('bytes'))} (WAL {_mb(db.get('wal_bytes'))})  "
+                     f"schema {db.get('revision') or '-'}")
+    last_snap = data.get("last_snapshot")
+    if data.get("databases"):
+        lines.append("         last snapshot: " + (f"{last_snap['id']}, {int(last_snap['age_s'] // 60)} min ago"
+                                                     if last_snap else "none yet (one is taken before every switch)"))
     lines.append(f"activity {str(act.get('verdict', '?')).upper()}: {act.get('users', 0)} users, "
                  f"{act.get('requests_window', 0)} requests in window, {act.get('connections', 0)} connections, "
                  f"tunnel {_tunnel(act.get('tunnel'))}, cpu {act.get('cpu_percent', 0)}%, "
