@@ -34,3 +34,14 @@ def test_a_missing_env_file_reads_as_empty(tmp_path: Path) -> None:
     started = envwatch.read_fingerprints(tmp_path, [".env"], {})
     (tmp_path / ".env").write_text("A=1\n")
     assert [c.added for c in envwatch.changes(started, envwatch.read_fingerprints(tmp_path, [".env"], {}))] == [("A",)]
+
+
+def test_status_names_the_env_keys_changed_since_the_app_started(make_daemon) -> None:
+    d = make_daemon().start()
+    assert d.status()["app"]["env_changed"] == []
+    (d.root / "shared" / ".env").write_text("TUTOR_SECRET=a-new-secret-value\nOPENAI_MODEL=gpt-x\n")
+    s = d.wait_status(lambda s: s["app"]["env_changed"], 15, "the .env change in status")
+    assert s["app"]["env_changed"] == [".env: added OPENAI_MODEL; changed TUTOR_SECRET"]
+    text = d.cli("status").stdout
+    assert "changed since the app started: .env: added OPENAI_MODEL" in text and "proto4d restart" in text
+    assert "a-new-secret-value" not in (d.root / "state" / "status.json").read_text() + text

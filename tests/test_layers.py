@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                         "accesschannel"}),
     ("releases and the app process", {"releases", "runner", "prune", "canarydata", "datasteps"}),
     ("the update", {"update"}),
-    ("the daemon", {"supervisor", "service"}),
+    ("the daemon", {"supervisor", "service", "configwait"}),
     # demo/ (proto4d demo, the load generator) and web/ (the status page, a process of its own) are
     # subpackages: every module in them is of this layer
     ("the CLI", {"cli", "views", "__main__", "__init__", "demo", "web", "doctor", "backups", "pending",

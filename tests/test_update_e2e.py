@@ -79,7 +79,13 @@ def test_version_that_crashes_after_the_switch_is_rolled_back_by_the_watch(make_
 
 
 def test_unhealthy_version_fails_the_canary(make_daemon, origin):
-    d = make_daemon(health={"start_timeout_s": 5}).start()  # the canary answers 503 until this runs out
+    d = make_daemon().start()
+    # The canary answers 503 until start_timeout_s runs out: 5 s, set once the first start (which may be
+    # slow on a loaded machine) is done.
+    d.cfg["health"]["start_timeout_s"] = 5
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: any(e.get("event") == "reload.applied" for e in d.log_events()), 15, "the reload")
     origin.commit("2", mode="unhealthy")
     r = d.update("--force", "--wait")
     assert r.returncode == 1 and "503" in r.stdout and "ABORTED" in r.stdout

@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto4d import faults
 from proto4d.accesschannel import AccessChannel
 from proto4d.accesslog import AccessRecord
 from proto4d.fsutil import private_opener
 from proto4d.log import scrub
-from proto4d.procs import PidRegistry, kill_group
+from proto4d.procs import HELD_EXIT, Hold, PidRegistry, kill_group
 
 LineHandler = Callable[[str, "AppProcess"], None]
 RecordHandler = Callable[[AccessRecord, "AppProcess"], None]
@@ -143,30 +144,56 @@ class AppProcess:
         return self.access is not None and self.access.active
 
     async def start(self) -> None:
-        extra = (self.access.write_fd,) if self.access is not None else ()
+        """Spawn the process held, record its pid, then let it run (procs.Hold).
+
+        Never raises for a start that fails (a missing working directory or interpreter, a
+        registry that cannot be written): the process is then simply dead at once, with the
+        reason as its last output line, and every caller treats it as a failed start.
+        """
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        hold = Hold()
+        extra = (self.access.write_fd,) if self.access is not None else ()  # the shim's access-record pipe
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                *hold.wrap(self.argv), cwd=self.cwd, env=self.env, stdin=hold.read_fd,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=(*self.pass_fds, *extra),
                 start_new_session=True, limit=1 << 20)
-        except BaseException:
+        except OSError as e:
+            hold.abort()
             if self.access is not None:
                 self.access.spawned()
                 with contextlib.suppress(OSError):
                     os.close(self.access.read_fd)
-            raise
+            self._never_started(f"could not start {self.argv[0]} in {self.cwd}: {e.strerror or e}")
+            return
+        hold.spawned()
+        self.pid = self.proc.pid
         if self.access is not None:
-            self.access.spawned()
+            self.access.spawned()  # the child holds the write end now; the pipe ends when the app does
             on_record = self.on_record or (lambda rec, proc: None)
             self._access_reader = asyncio.create_task(
-                self.access.run(lambda rec: on_record(rec, self), lambda: None), name=f"access-{self.proc.pid}")
-        self.pid = self.proc.pid
-        self.started_at = time.time()
-        self.started_mono = time.monotonic()
-        if self.registry is not None:
-            self.registry.add(self.pid, self.role, release=self.release)
+                self.access.run(lambda rec: on_record(rec, self), lambda: None), name=f"access-{self.pid}")
+        await faults.point(f"forked_{self.role}")  # the crash window the hold closes: forked, not yet recorded
+        try:
+            if self.registry is not None:
+                self.registry.add(self.pid, self.role, release=self.release)
+        except OSError as e:
+            # Unrecorded, it must not run: the held shell exits on the closed pipe without exec'ing.
+            hold.abort()
+            self.tail.append(f"proto4d: not started: its pid could not be recorded ({e.strerror or e})")
+        else:
+            with contextlib.suppress(OSError):  # the shell already died (killed from outside): _wait sees it
+                hold.release()
         self._reader = asyncio.create_task(self._read(), name=f"read-{self.pid}")
         self._waiter = asyncio.create_task(self._wait(), name=f"wait-{self.pid}")
+
+    def _never_started(self, why: str) -> None:
+        self.tail.append(why)
+        self.returncode = 127
+        self.exited.set()
+        with contextlib.suppress(Exception):
+            self.on_line(why, self)
 
     @property
     def alive(self) -> bool:
@@ -257,6 +284,12 @@ class AppProcess:
         rc = self.returncode
         if rc is None:
             return "running"
+        if self.pid == 0:
+            return "never started"
+        if rc == HELD_EXIT:
+            return "never started (the daemon did not release it)"
+        if rc in (126, 127):
+            return f"exited with code {rc} (could not execute {self.argv[0]})"
         if rc < 0:
             try:
                 return f"killed by {signal.Signals(-rc).name}"

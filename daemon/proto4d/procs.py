@@ -1,6 +1,14 @@
 """Helper subprocesses (git, venv builds) that can be cancelled, and the registry of every
 process proto4d starts, so that a daemon killed with SIGKILL leaves nothing behind for long:
 the next start reads `state/app.pids` and ends what is still there.
+
+No start is ever unrecorded: every child is started *held* (`Hold`): a tiny `/bin/sh` waits
+on a pipe for the word "go" before it execs the real command, and the daemon writes "go" only
+once the pid is in `state/app.pids`. A daemon killed between the fork and the record closes
+the pipe by dying, and the held shell exits without ever running the command. As a second
+line, `find_stale` recognises our processes by what they are (an interpreter from `venvs/`, a
+working directory in `releases/` with our marker or our port), so a process that escaped the
+registry anyway is still ended on the next start.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ def lower_priority(pid: int) -> None:
 
 
 def kill_group(pid: int, sig: int) -> None:
+    if pid <= 1:  # killpg(0) would signal our own group: a process that never started has pid 0
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 
@@ -85,10 +95,25 @@ def run(argv: Sequence[str], *, cancel: Cancel | None = None, cwd: Path | None =
     Raises CommandFailed on a non-zero exit and Cancelled when the token fires (the whole
     process group is killed, so pip's own children go too).
     """
-    proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    if registry is not None:
-        registry.add(proc.pid, kind)
+    hold = Hold() if registry is not None else None
+    try:
+        proc = subprocess.Popen(hold.wrap(argv) if hold else list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=hold.read_fd if hold else subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError:
+        if hold is not None:
+            hold.abort()
+        raise
+    if hold is not None and registry is not None:
+        hold.spawned()
+        try:
+            registry.add(proc.pid, kind)
+        except BaseException:
+            hold.abort()  # unrecorded, it must not run: the held shell exits on the closed pipe
+            proc.wait()
+            raise
+        with contextlib.suppress(OSError):  # the shell already died (killed from outside): its exit code says so
+            hold.release()
     if cancel is not None:
         cancel.track(proc)
     lower_priority(proc.pid)
@@ -136,6 +161,52 @@ def _pump(stream, lines: list[str], on_line: Callable[[str], None] | None) -> No
     stream.close()
 
 
+# The held start: read one line from stdin (the hold pipe); anything but "go" (EOF: the daemon died
+# before recording the pid) exits without running the command. The command then gets /dev/null
+# as its stdin, as an unheld child would.
+_HOLD_SCRIPT = 'IFS= read -r go; [ "$go" = go ] || exit 111; exec "$@" </dev/null'
+HELD_EXIT = 111  # the held shell's exit when it was never released
+
+
+class Hold:
+    """Start a child held until its pid is recorded (see the module docstring).
+
+    Use: `argv = hold.wrap(argv)` with `stdin=hold.read_fd` for the spawn, then `spawned()`,
+    record the pid, `release()`; `abort()` on any failure in between. The write end stays
+    in the daemon alone (not inheritable), so only the daemon's death or `abort()` closes it.
+    """
+
+    SHELL = "/bin/sh"
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        return [self.SHELL, "-c", _HOLD_SCRIPT, "proto4d-held", *argv]
+
+    def spawned(self) -> None:
+        """The child has its copy of the read end: the parent's goes."""
+        self._close("read_fd")
+
+    def release(self) -> None:
+        try:
+            os.write(self.write_fd, b"go\n")
+        finally:
+            self._close("read_fd")
+            self._close("write_fd")
+
+    def abort(self) -> None:
+        self._close("read_fd")
+        self._close("write_fd")
+
+    def _close(self, name: str) -> None:
+        fd = getattr(self, name)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            setattr(self, name, -1)
+
+
 class PidRegistry:
     """`state/app.pids`: every process group proto4d started and has not yet seen end.
 
@@ -163,6 +234,10 @@ class PidRegistry:
 
     def _save(self) -> None:
         fsutil.atomic_write_json(self.path, sorted(self._entries.values(), key=lambda e: e["pid"]), durable=False)
+
+    def pids(self) -> set[int]:
+        with self._lock:
+            return set(self._entries)
 
     def reap_orphans(self, timeout: float = 10.0, log: Callable[..., None] | None = None) -> list[dict]:
         """End every process group left by a previous daemon; return what was found."""
@@ -222,3 +297,109 @@ def group_alive(pgid: int) -> bool:
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
     return False
+
+
+# -- our processes, recognised by what they are
+
+OWN_DIRS = ("releases", "venvs", "mirror")  # what proto4d creates and runs things from under `root`
+
+
+def _under(path: str | None, parents: Sequence[Path]) -> bool:
+    if not path:
+        return False
+    p = Path(path)
+    return any(p == d or d in p.parents for d in parents)
+
+
+def why_ours(proc: psutil.Process, root: Path, port: int | None) -> str:
+    """Why `proc` is one of ours ("" when it is not): its interpreter or executable lies in one of
+    our directories under `root`, or it works in `releases/` and carries our marker or our port.
+
+    A shell or editor of the operator that merely sits in `root` has none of these.
+    """
+    root = Path(os.path.realpath(root))
+    own = [root / d for d in OWN_DIRS]
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return ""
+    if cmd[:2] == [Hold.SHELL, "-c"] and cmd[3:4] == ["proto4d-held"]:
+        return ""  # a start being recorded right now, or one whose daemon died: it exits by itself
+    if cmd and os.path.isabs(cmd[0]) and _under(os.path.abspath(cmd[0]), own):
+        return f"runs {cmd[0]}"
+    with contextlib.suppress(psutil.Error, OSError):
+        if _under(proc.exe(), own):
+            return f"executable {proc.exe()}"
+    try:
+        cwd = proc.cwd()
+    except psutil.Error:
+        return ""
+    if not _under(os.path.realpath(cwd), [root / "releases"]):
+        return ""
+    with contextlib.suppress(psutil.Error):
+        if "PROTO4D_RELEASE" in proc.environ():
+            return f"works in {cwd} with PROTO4D_RELEASE set"
+    if port:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in proc.net_connections(kind="tcp")):
+                return f"works in {cwd} and listens on port {port}"
+    return ""
+
+
+def find_stale(root: Path, port: int | None, live: set[int]) -> list[dict]:
+    """Our processes that nobody holds: recognised by `why_ours`, not in `live` (the registry's
+    pids) nor in one of their process groups, not this daemon nor its group."""
+    me = os.getpid()
+    my_group = os.getpgid(0)
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        pid = p.pid
+        if pid == me or pid in live:
+            continue
+        try:
+            pgid = os.getpgid(pid)
+            if pgid == my_group or pgid in live or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+        why = why_ours(p, root, port)
+        if why:
+            out.append({"pid": pid, "pgid": pgid, "why": why, "cmdline": _cmdline(p)})
+    return out
+
+
+def end_stale(root: Path, port: int | None, live: set[int], timeout: float,
+              log: Callable[..., None] | None = None) -> list[dict]:
+    """End every stale process of ours (group by group: SIGTERM, `timeout`, SIGKILL); return them."""
+    stale = find_stale(root, port, live)
+    groups: dict[int, list[dict]] = {}
+    for e in stale:
+        if log:
+            log("stale.found", pid=e["pid"], why=e["why"], cmdline=e["cmdline"])
+        groups.setdefault(e["pgid"], []).append(e)
+    threads = []
+    for pgid, members in groups.items():
+        if any(m["pid"] == pgid for m in members):  # a group we started (its leader is ours)
+            t = threading.Thread(target=terminate_group, args=(pgid, timeout), daemon=True)
+        else:
+            t = threading.Thread(target=_terminate_pids, args=([m["pid"] for m in members], timeout), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(timeout + 10)
+    return stale
+
+
+def _terminate_pids(pids: list[int], timeout: float) -> None:
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            p.terminate()
+            procs.append(p)
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)

@@ -3,6 +3,12 @@
 States follow supervisord's: stopped, starting, running, backoff, fatal, stopping. During
 an update's switch and watch the runner is *held*: an exit is reported to the update (which
 rolls back) instead of being restarted here.
+
+No failure leaves the app down with nobody trying: a start that fails for any reason (the
+port cannot be bound, the command cannot be executed, the app dies or stays unhealthy) goes
+through the same backoff, and `fatal` (too many fast failures) still tries again every
+`FATAL_RETRY_S`. A port that cannot be bound first ends stale processes of ours (one a killed
+daemon left holding the socket); a holder that is not ours is named in the message.
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ from pathlib import Path
 
 import psutil
 
-from proto4d import appenv, drain, faults, log, states
+from proto4d import appenv, drain, envwatch, faults, log, procs, releases, states
 from proto4d.accesschannel import AccessChannel
 from proto4d.child import AppProcess, Backoff, LineHandler, RecordHandler
 from proto4d.config import Config
 from proto4d.health import HealthReport, Prober
-from proto4d.listener import free_port, open_listener, private_listener
+from proto4d.listener import ListenError, free_port, open_listener, private_listener
 from proto4d.paths import Paths
 from proto4d.procs import PidRegistry, lower_priority
 from proto4d.releases import Release, python_for
 from proto4d.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING
+
+FATAL_RETRY_S = 60.0  # after giving up on fast failures: try again this often (SIGHUP tries at once)
 
 
 class SwitchFailed(Exception):
@@ -65,6 +73,8 @@ class Runner:
         self.last_exit = ""
         self.message = ""
         self.drain_kind = ""
+        # digests of the .env files and app.env the serving process started with (envwatch)
+        self.env_started: dict[str, dict[str, str]] | None = None
         self.hold = False
         self.crashed = asyncio.Event()
         self.backoff = Backoff()
@@ -133,9 +143,20 @@ class Runner:
         self.proc = proc
         self.release = release
         self.drain_kind = plan.description
+        self.env_started = self.env_now()
         task = asyncio.create_task(self._watch(proc), name=f"watch-{proc.pid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def env_now(self) -> dict[str, dict[str, str]]:
+        cfg = self.cfg
+        return envwatch.read_fingerprints(self.deps.paths.shared, cfg.app.shared, cfg.app.env_dict)
+
+    def env_changes(self) -> list[str]:
+        """Keys of the shared .env (or app.env) changed since the serving process started; never values."""
+        if self.env_started is None or self.proc is None:
+            return []
+        return [c.describe() for c in envwatch.changes(self.env_started, self.env_now())]
 
     @property
     def production_port(self) -> int:
@@ -176,7 +197,12 @@ class Runner:
         self.release = release  # even if it never starts: a restart or a revive tries it again
         self._machine.change(STARTING)
         self.healthy = None
-        sock = self.production_listener()
+        try:
+            sock = await self.listen_production()
+        except ListenError as e:
+            self.log.error("listen.failed", release=release.name, error=str(e))
+            self._retry_later(release.name, 0.0, str(e))
+            return False
         proc, plan = self.build(release, "app", sock)
         self.log.info("app.starting", release=release.name, commit=release.commit[:7], argv=" ".join(proc.argv),
                       cwd=str(proc.cwd), drain=plan.description)
@@ -219,35 +245,61 @@ class Runner:
         self._failed(proc, f"{desc}: {proc.last_lines()}")
 
     def _failed(self, proc: AppProcess, why: str) -> None:
+        self._retry_later(proc.release, proc.ran_for, why)
+
+    def _retry_later(self, release: str, ran_for: float, why: str) -> None:
+        """Every failed start or crash ends here: a restart is always scheduled (slowly once fatal)."""
         if self.deps.stopping() or self.hold:
             return
         self.last_exit = why
-        action, delay = self.backoff.on_exit(proc.ran_for)
+        self.healthy = False
+        action, delay = self.backoff.on_exit(ran_for)
         if action == "fatal":
+            delay = max(FATAL_RETRY_S, self.backoff.maximum_s)
             self._machine.change(FATAL)
-            self.healthy = False
             self.message = (f"gave up after {self.backoff.failures} fast failures in a row "
-                            f"(each under {self.backoff.stable_s:g} s); last: {why}")
-            self.log.critical("app.fatal", release=proc.release, failures=self.backoff.failures, last=why[:500])
+                            f"(each under {self.backoff.stable_s:g} s), trying again every {delay:g} s "
+                            f"(SIGHUP: at once); last: {why}")
+            self.log.critical("app.fatal", release=release, failures=self.backoff.failures, last=why[:500],
+                              retry_s=delay)
             self.deps.on_fatal()
-            return
-        self._machine.change(BACKOFF)
-        self.restarts += 1
-        self.message = f"restarting in {delay:g} s after: {why[:300]}"
-        self.log.warning("app.backoff", release=proc.release, delay_s=delay, failures=self.backoff.failures)
+        else:
+            self._machine.change(BACKOFF)
+            self.restarts += 1
+            self.message = f"restarting in {delay:g} s after: {why[:300]}"
+            self.log.warning("app.backoff", release=release, delay_s=delay, failures=self.backoff.failures)
+        if self._restart is not None and not self._restart.done() and self._restart is not asyncio.current_task():
+            self._restart.cancel()
         self._restart = asyncio.create_task(self._restart_after(delay), name="restart")
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self.state != BACKOFF or self.deps.stopping() or self.hold or self.release is None:
+        rel = self.release
+        if self.state not in (BACKOFF, FATAL) or self.deps.stopping() or self.hold or rel is None:
             return
-        await self.start(self.release)
+        if await self.start(rel) and rel.outcome in ("prepared", "serving") \
+                and self.deps.paths.current_release() == rel.name:
+            # As at the first start: a release no update verified is verified by passing every check.
+            releases.set_outcome(self.deps.paths, rel.name, "verified")
 
-    def give_up(self, why: str) -> None:
-        """The app cannot be started at all (e.g. the port is taken): fatal until a SIGHUP or an update."""
-        self._machine.change(FATAL)
-        self.healthy = False
-        self.message = why
+    async def listen_production(self) -> socket.socket | None:
+        """The production socket. When it cannot be bound, end stale processes of ours (a daemon killed
+        between a fork and its record left one holding the socket) and try once more; a ListenError
+        otherwise names the holder."""
+        try:
+            return self.production_listener()
+        except ListenError as first:
+            stale = await self.end_stale()
+            if not stale:
+                raise
+            self.log.warning("listen.retry", error=str(first), ended=[e["pid"] for e in stale])
+            return self.production_listener()
+
+    async def end_stale(self) -> list[dict]:
+        """End processes of ours that nobody holds (procs.find_stale); return them."""
+        cfg = self.cfg
+        return await asyncio.to_thread(procs.end_stale, self.deps.paths.root, cfg.listen.port,
+                                       self.deps.registry.pids(), cfg.update.drain_timeout_s, self.log.warning)
 
     def hold_for_switch(self) -> None:
         """An update switches: from now on an exit is the update's to act on (it rolls back), not restarted."""
@@ -280,6 +332,8 @@ class Runner:
         """Leave `fatal` (on SIGHUP or an operator action) and try again from a clean backoff."""
         if self.state != FATAL or self.release is None:
             return False
+        if self._restart is not None and not self._restart.done():
+            self._restart.cancel()
         self.backoff.reset()
         self.log.info("app.revive", release=self.release.name)
         return await self.start(self.release)
@@ -289,7 +343,10 @@ class Runner:
     async def handoff(self, release: Release) -> AppProcess:
         """Start `release` on the same listening socket; once it is ready, retire the old process."""
         cfg = self.cfg
-        sock = self.production_listener()
+        try:
+            sock = await self.listen_production()
+        except ListenError as e:
+            raise SwitchFailed(f"the new process of {release.name} cannot have the socket: {e}") from None
         proc, plan = self.build(release, "app", sock)
         self.log.info("switch.start_new", release=release.name, argv=" ".join(proc.argv), drain=plan.description)
         await proc.start()

@@ -22,13 +22,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proto4d import __version__, faults, fsutil, log, prune, releases, states
+from proto4d import __version__, configwait, faults, fsutil, log, prune, releases, states
 from proto4d import config as configmod
 from proto4d.activity import History, Sampler, iso
 from proto4d.child import RotatingLog
 from proto4d.health import Prober
 from proto4d.inbox import Request, RequestRejected, claim, new_id, parse, prune_consumed, set_aside, vet
-from proto4d.listener import ListenError
 from proto4d.notices import Webhook
 from proto4d.notifier import Notifier
 from proto4d.paths import Paths
@@ -148,6 +147,11 @@ class Daemon:
                                           self.log.warning)
         if orphans:
             self.log.warning("orphans.ended", count=len(orphans), pids=[o["pid"] for o in orphans])
+        # A process of ours that escaped the registry (it should not: starts are held until recorded) is
+        # recognised by what it is, and ended too: it would hold the port and leave us idle.
+        stale = await self.runner.end_stale()
+        if stale:
+            self.log.warning("stale.ended", count=len(stale), pids=[o["pid"] for o in stale])
         partial = await asyncio.to_thread(releases.cleanup_partial, self.paths)
         if partial:
             self.log.warning("partial.removed", paths=partial)
@@ -156,7 +160,7 @@ class Daemon:
         await self._start_current()
         self._running()
         self.write_status()
-        if self.runner.state in (states.RUNNING, states.FATAL) or self.runner.release is None:
+        if self.runner.state in (states.RUNNING, states.FATAL, states.BACKOFF) or self.runner.release is None:
             self.notifier.ready()
         if resume is not None:
             self.updates.submit(resume)
@@ -173,13 +177,10 @@ class Daemon:
                 self.log.error("release.unreadable", release=name)
             else:
                 await self._rebuild_venv(rel)
-                try:
-                    if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
-                        # The first release has no update to verify it: passing every check at start does.
-                        releases.set_outcome(self.paths, rel.name, "verified")
-                except ListenError as e:
-                    self.log.critical("listen.failed", error=str(e))
-                    self.runner.give_up(str(e))
+                # A failure here (port, exec, crash) is retried by the runner's backoff, never left idle.
+                if await self.runner.start(rel) and rel.outcome in ("prepared", "serving"):
+                    # The first release has no update to verify it: passing every check at start does.
+                    releases.set_outcome(self.paths, rel.name, "verified")
 
     async def _first_release(self) -> None:
         """No `current` yet: fetch the branch head and prepare it exactly as an update would."""
@@ -518,7 +519,7 @@ class Daemon:
                     # where users and 5xx come from: only the shim's channel is out of the app's reach
                     "access_records": "the drain shim's channel" if proc is not None and proc.access_channel
                     else "parsed from the app's output",
-                    "port": runner.production_port},
+                    "port": runner.production_port, "env_changed": self._env_changes()},
             "activity": self.sampler.last or {"verdict": "red", "reasons": ["not sampled yet"], "users": 0,
                                               "requests_window": 0, "connections": 0, "last_request": None,
                                               "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
@@ -535,6 +536,12 @@ class Daemon:
             return None
         return {"ok": report.ok, "at": iso(at), "latency_ms": round(max((r.ms for r in report.results), default=0), 1),
                 "summary": report.summary()}
+
+    def _env_changes(self) -> list[str]:
+        try:
+            return self.runner.env_changes()
+        except OSError:
+            return []
 
     def _data_status(self) -> dict[str, Any] | None:
         # Walking shared/ for databases is not free: once a minute is enough for sizes and ages.
@@ -602,10 +609,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if refusal:
         print(f"proto4d run: {refusal}", file=sys.stderr)
         return 1
-    cfg = configmod.load(args.config)  # ConfigError -> exit 78 in cli.main
     # Nothing the daemon (or the app it starts) creates is writable by others, whatever umask it was
     # started with (a stricter one, such as 077, is kept).
     os.umask(os.umask(0o022) | 0o022)
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError as e:
+        # Not exit 78: launchd would respawn us into the same error forever. Stay up, say it, take the fix.
+        waited = configwait.wait(args.config, e)
+        if waited is None:
+            return 0
+        cfg = waited
     paths = Paths(cfg.root)
     paths.make_dirs()
     # Under launchd stderr is a file nothing rotates: the plist sets PROTO4D_LOG_STDERR=0 so that

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proto4d import config as configmod
-from proto4d import fsutil, policy, releases
+from proto4d import configwait, fsutil, policy, releases
 from proto4d.paths import Paths
 from proto4d.textsafe import safe_text
 
@@ -115,6 +115,16 @@ def render_status(status: dict[str, Any], problem: str) -> str:
         lines.append(f"drain    {app['drain']}")
     if app.get("access_records"):
         lines.append(f"access   records {app['access_records']}")
+    for change in app.get("env_changed") or []:
+        lines.append(f"config   changed since the app started: {change} (`proto4d restart` applies it, no gap)")
+    data = status.get("data") or {}
+    for db in data.get("databases") or []:
+        lines.append(f"data     {db.get('path')}  {_mb(db.get('bytes'))} (WAL {_mb(db.get('wal_bytes'))})  "
+                     f"schema {db.get('revision') or '-'}")
+    last_snap = data.get("last_snapshot")
+    if data.get("databases"):
+        lines.append("         last snapshot: " + (f"{last_snap['id']}, {int(last_snap['age_s'] // 60)} min ago"
+                                                     if last_snap else "none yet (one is taken before every switch)"))
     lines.append(f"activity {str(act.get('verdict', '?')).upper()}: {act.get('users', 0)} users, "
                  f"{act.get('requests_window', 0)} requests in window, {act.get('connections', 0)} connections, "
                  f"tunnel {_tunnel(act.get('tunnel'))}, cpu {act.get('cpu_percent', 0)}%, "
@@ -186,7 +196,13 @@ def _tunnel(v: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError:
+        waiting = configwait.waiting_daemon(args.config)
+        if waiting:
+            print(f"proto4d: {waiting}", file=sys.stderr)
+        raise
     paths = Paths(cfg.root)
     if args.watch is not None and args.watch <= 0:
         print("proto4d status: --watch needs a number of seconds > 0", file=sys.stderr)

@@ -1,0 +1,177 @@
+"""Starts held until recorded, and our processes recognised by what they are (real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness import wait_for
+from proto4d import procs
+from proto4d.procs import HELD_EXIT, Hold, PidRegistry
+
+
+def spawn_held(argv: list[str], **kw) -> tuple[subprocess.Popen[bytes], Hold]:
+    hold = Hold()
+    p = subprocess.Popen(hold.wrap(argv), stdin=hold.read_fd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True, **kw)
+    hold.spawned()
+    return p, hold
+
+
+def test_a_held_child_runs_its_command_only_once_released(tmp_path: Path):
+    marker = tmp_path / "ran"
+    p, hold = spawn_held([sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x'); print('ran')"])
+    time.sleep(0.3)  # not a synchronisation: proof that nothing runs while held
+    assert not marker.exists() and p.poll() is None
+    hold.release()
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0 and out.strip() == b"ran" and marker.exists()
+
+
+def test_an_aborted_hold_never_runs_the_command(tmp_path: Path):
+    marker = tmp_path / "ran"
+    p, hold = spawn_held([sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    hold.abort()
+    assert p.wait(30) == HELD_EXIT
+    assert not marker.exists()
+
+
+def test_a_spawner_killed_before_recording_leaves_nothing_running(tmp_path: Path):
+    """The crash window of a switch: the daemon forks, then dies before the pid is recorded."""
+    marker = tmp_path / "ran"
+    pidfile = tmp_path / "child.pid"
+    script = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        from proto4d.procs import Hold
+        hold = Hold()
+        code = "import time; open({str(marker)!r}, 'w'); time.sleep(60)"
+        p = subprocess.Popen(hold.wrap([sys.executable, "-c", code]), stdin=hold.read_fd, start_new_session=True)
+        hold.spawned()
+        open({str(pidfile)!r}, "w").write(str(p.pid))
+        time.sleep(60)  # SIGKILLed here, before any record and release
+    """)
+    spawner = subprocess.Popen([sys.executable, "-c", script])
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, "the child's pid"))
+    assert psutil.pid_exists(pid)
+    spawner.kill()
+    spawner.wait(10)
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+             "the held child gone by itself")
+    assert not marker.exists()
+
+
+def test_run_records_the_helper_before_it_runs(tmp_path: Path):
+    reg = PidRegistry(tmp_path / "app.pids")
+    seen = tmp_path / "seen"
+    # The helper itself reads the registry: its own pid must already be there.
+    code = (f"import json, os; pids = [e['pid'] for e in json.load(open({str(reg.path)!r}))]; "
+            f"open({str(seen)!r}, 'w').write(str(os.getpid() in pids))")
+    procs.run([sys.executable, "-c", code], registry=reg)
+    assert seen.read_text() == "True"
+    assert reg.pids() == set()
+
+
+def test_a_failed_exec_is_reported_not_raised(tmp_path: Path):
+    reg = PidRegistry(tmp_path / "app.pids")
+    with pytest.raises(procs.CommandFailed) as e:
+        procs.run([str(tmp_path / "venvs" / "gone" / "bin" / "python"), "-V"], registry=reg)
+    assert e.value.code == 127 and "not found" in e.value.tail
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    for d in ("releases/r1", "venvs/abc/bin", "shared"):
+        (r / d).mkdir(parents=True)
+    os.symlink(sys.executable, r / "venvs/abc/bin/python")
+    return r
+
+
+def _sleeper(argv0: str, cwd: Path, env: dict[str, str] | None = None, listen: int | None = None):
+    code = "import time; time.sleep(60)"
+    if listen is not None:
+        code = (f"import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                f"s.bind(('127.0.0.1', {listen})); s.listen(); print('up', flush=True); time.sleep(60)")
+    p = subprocess.Popen([argv0, "-c", code], cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True,
+                         stdout=subprocess.PIPE)
+    if listen is not None:
+        assert p.stdout is not None and p.stdout.readline().strip() == b"up"
+    return p
+
+
+def test_processes_are_recognised_as_ours_by_what_they_are(root: Path, tmp_path: Path):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    portnum = port.getsockname()[1]
+    port.close()
+    venv_py = str(root / "venvs/abc/bin/python")
+    started = {
+        "venv interpreter": _sleeper(venv_py, tmp_path),
+        "marker in releases": _sleeper(sys.executable, root / "releases/r1", env={"PROTO4D_RELEASE": "r1"}),
+        "our port from releases": _sleeper(sys.executable, root / "releases/r1", listen=portnum),
+    }
+    strangers = {
+        "a shell sitting in releases": _sleeper(sys.executable, root / "releases/r1"),
+        "marker elsewhere": _sleeper(sys.executable, tmp_path, env={"PROTO4D_RELEASE": "r1"}),
+    }
+    live = _sleeper(venv_py, root / "releases/r1")  # ours but held by the registry
+    try:
+        stale = procs.find_stale(root, portnum, live={live.pid})
+        found = {e["pid"] for e in stale}
+        for what, p in started.items():
+            assert p.pid in found, what
+        for what, p in strangers.items():
+            assert p.pid not in found, what
+        assert live.pid not in found and os.getpid() not in found
+        ended = procs.end_stale(root, portnum, {live.pid}, timeout=5)
+        assert {e["pid"] for e in ended} == found
+        for p in started.values():
+            assert p.wait(10) == -signal.SIGTERM
+        for p in [*strangers.values(), live]:
+            assert p.poll() is None
+    finally:
+        for p in [*started.values(), *strangers.values(), live]:
+            p.kill()
+            p.wait(10)
+
+
+def test_a_held_start_is_not_taken_for_a_stale_process(root: Path):
+    """A start not yet recorded (or left by a dead daemon) runs no command: it must not be ended as stale."""
+    p, hold = spawn_held([str(root / "venvs/abc/bin/python"), "-c", "pass"], cwd=root / "releases/r1",
+                         env={**os.environ, "PROTO4D_RELEASE": "r1"})
+    try:
+        assert p.pid not in {e["pid"] for e in procs.find_stale(root, None, live=set())}
+    finally:
+        hold.abort()
+        p.wait(10)
+
+
+def test_an_app_process_that_cannot_start_is_dead_with_its_reason_not_an_exception(tmp_path: Path):
+    import asyncio
+
+    from proto4d.child import AppProcess
+
+    async def go(cwd: Path, argv0: str) -> AppProcess:
+        reg = PidRegistry(tmp_path / "app.pids")
+        p = AppProcess(release="r1", role="app", argv=[argv0, "-c", "pass"], cwd=cwd, env=dict(os.environ),
+                       pass_fds=(), on_line=lambda line, proc: None, registry=reg, ready_pattern="x")
+        await p.start()
+        await p.wait(30)
+        assert reg.pids() == set()
+        return p
+
+    gone_dir = asyncio.run(go(tmp_path / "removed-release", sys.executable))
+    assert not gone_dir.alive and gone_dir.exit_description() == "never started"
+    assert "removed-release" in gone_dir.last_lines()
+    no_python = asyncio.run(go(tmp_path, str(tmp_path / "venvs/x/bin/python")))
+    assert no_python.returncode == 127 and "could not execute" in no_python.exit_description()
+    assert "not found" in no_python.last_lines()
