@@ -198,6 +198,11 @@ def test_every_acknowledged_row_survives_migrations_a_broken_one_a_writing_canar
     assert len(backups) >= 2 and all(b["databases"][0]["path"] == "data/app.db" for b in backups)
     status = d.status()["data"]
     assert status["databases"][0]["revision"] == "0002" and status["last_snapshot"] is not None
+    rels = {r["name"]: r for r in json.loads(d.cli("releases", "--json").stdout)}
+    assert rels[v1]["schema"] == {"data/app.db": "0001"}
+    assert rels[v2]["schema"] == {"data/app.db": "0002"} and rels[v2]["rollback_compatible"] is True
+    text = d.cli("status").stdout
+    assert "data     data/app.db" in text and "schema 0002" in text and "last snapshot:" in text
 
 
 def test_an_incompatible_migration_is_refused_unless_allowed_and_its_rollback_counts_what_it_loses(dbd) -> None:

@@ -79,6 +79,15 @@ class DataSteps:
     def databases(self) -> list[str]:
         return snapshots.find_databases(self.shared_root, self.declared)
 
+    def revisions(self) -> dict[str, str]:
+        """alembic's revision of each live database, for release.json (`proto4d releases` shows it)."""
+        out = {}
+        for rel in self.databases():
+            rev = migrate.schema_revision(self.shared_root / rel)
+            if rev:
+                out[rel] = rev
+        return out
+
     def _run_migration(self, release: Release, tree: Path) -> migrate.Migration:
         python = self.python_for(release)
         return migrate.run(self.migrate_argv, python=python, release=tree, workdir=tree / self.workdir,

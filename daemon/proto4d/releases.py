@@ -602,6 +602,15 @@ def set_outcome(paths: Paths, name: str, outcome: str, **extra: object) -> None:
     fsutil.atomic_write_json(rel.path / "release.json", rel.info)
 
 
+def note_info(paths: Paths, name: str, **fields: object) -> None:
+    """Add facts to a release's release.json (its schema revision, whether a rollback to it is code-only)."""
+    rel = read_release(paths, name)
+    if rel is None:
+        return
+    rel.info.update(fields)
+    fsutil.atomic_write_json(rel.path / "release.json", rel.info)
+
+
 def new_release_name(paths: Paths, sha: str, now: float | None = None) -> str:
     stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(now if now is not None else time.time()))
     base = f"{RELEASE_PREFIX}_{stamp}_{sha[:7]}"

@@ -225,6 +225,7 @@ class Daemon:
         try:
             await asyncio.to_thread(data.take_snapshot, rel, release_name="")
             await asyncio.to_thread(data.migrate_live, rel)
+            releases.note_info(self.paths, rel.name, schema=data.revisions())
         except datasteps.DataStepFailed as e:
             self.release_error = f"first release {rel.name}: {e}"
             self.log.error("first_release.failed", error=self.release_error)

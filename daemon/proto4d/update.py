@@ -803,6 +803,8 @@ class UpdateRun:
             raise Aborted(str(e)) from None
         await faults.point("migrated")
         self.timings.update({k: v for k, v in self.data.timings.items() if k in ("snapshot", "migrate_live")})
+        releases.note_info(self.deps.paths, self.new.name, schema=self.data.revisions(),
+                           rollback_compatible=self.data.compatible)
 
     def _link_previous(self) -> None:
         """Remember which release this one replaced: `rollback` with no name goes there."""

@@ -282,18 +282,23 @@ def cmd_releases(args: argparse.Namespace) -> int:
     rels = releases.list_releases(paths)
     rows = [{"name": r.name, "commit": r.commit, "subject": r.info.get("subject", ""),
              "created_at": r.created_at, "age_s": round(time.time() - r.created_at), "outcome": r.outcome,
-             "venv": r.venv, "current": r.name == current, "previous": r.info.get("previous")} for r in rels]
+             "venv": r.venv, "current": r.name == current, "previous": r.info.get("previous"),
+             "schema": r.info.get("schema") or {}, "rollback_compatible": r.info.get("rollback_compatible")}
+            for r in rels]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EX_OK
     if not rows:
         _out(f"no releases under {paths.releases}")
         return EX_OK
-    _out(f"{'':2}{'release':<40} {'commit':<9} {'age':>12}  {'outcome':<12} subject")
+    schemas = any(row["schema"] for row in rows)
+    _out(f"{'':2}{'release':<40} {'commit':<9} {'age':>12}  {'outcome':<12} " + ("schema   " if schemas else "")
+         + "subject")
     for row in rows:
         mark = "* " if row["current"] else "  "
+        schema = (",".join(row["schema"].values()) or "-")[:8] if schemas else ""
         _out(f"{mark}{row['name']:<40} {row['commit'][:7]:<9} {_dur(row['age_s']):>12}  {row['outcome']:<12} "
-              f"{row['subject'][:50]}")
+             + (f"{schema:<8} " if schemas else "") + row["subject"][:50])
     _out("(* = current)")
     return EX_OK
 
