@@ -535,6 +535,15 @@ class UpdateRun:
             self.target_commit = target.commit
             self.ulog.line(f"rollback target: {target.name} (commit {target.commit[:7]}, {target.outcome})")
             return
+        if r.action == "restart":
+            # The same release again, by the same handoff: a changed .env or app.env reaches the app.
+            if self.old is None:
+                raise Rejected("nothing is running to restart")
+            self.new = self.old
+            self.target_commit = self.old.commit
+            self.ulog.line(f"restart of {self.old.name} (commit {self.old.commit[:7]}): a new process, the same "
+                           "release, the same zero-gap handoff")
+            return
         await self._fetch()
         mirror = self.deps.mirror
         if r.ref:
@@ -638,7 +647,7 @@ class UpdateRun:
 
     async def _prepare(self) -> None:
         cfg, paths = self.cfg, self.deps.paths
-        if self.req.action == "rollback":
+        if self.req.action in ("rollback", "restart"):
             await self._prepare_rollback()
             return
         # What was resolved at request time may be stale after a wait: look again.
@@ -696,8 +705,8 @@ class UpdateRun:
             self.log.info("update.progress", text=text)
 
     def _discard_new(self) -> None:
-        """An aborted update's release never served: remove it (a rollback target is kept)."""
-        if self.new is None or self.req.action == "rollback":
+        """An aborted update's release never served: remove it (a rollback or restart target is kept)."""
+        if self.new is None or self.req.action != "update":
             return
         if self.deps.paths.current_release() == self.new.name:
             return
