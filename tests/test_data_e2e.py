@@ -16,7 +16,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import threading
 import time
@@ -218,14 +217,11 @@ def test_an_incompatible_migration_is_refused_unless_allowed_and_its_rollback_co
     assert r.returncode == 1 and "not rollback-compatible" in r.stdout, r.stdout
     assert revision(db) == "0001"
 
-    d.cfg["update"]["allow_incompatible"] = True
-    d.write_config()
-    d.signal(signal.SIGHUP)
-    wait_for(lambda: any(e.get("event") == "reload.applied" for e in d.log_events()), 10, "the reload")
     # The version crashes on its 12th POST: 11 rows are acknowledged after the switch, then a rollback.
     d.origin.commit("4", mode="body crash_on_post 12", files=files)
     wait_for(lambda: d.status()["activity"]["verdict"] == "green", 30, "a green verdict (nobody on)")
-    proc = d.cli("update", "--force", "--reason", "incompatible")
+    # The request says so (the kill-point test below uses the config default instead).
+    proc = d.cli("update", "--force", "--allow-incompatible", "--reason", "incompatible")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d.wait_status(lambda s: s["app"]["release"] != v1 and s["update"]["state"] == "watching", 120,
                   "the switch to the incompatible release")

@@ -45,3 +45,22 @@ def test_status_names_the_env_keys_changed_since_the_app_started(make_daemon) ->
     text = d.cli("status").stdout
     assert "changed since the app started: .env: added OPENAI_MODEL" in text and "proto4d restart" in text
     assert "a-new-secret-value" not in (d.root / "state" / "status.json").read_text() + text
+
+
+def test_restart_applies_a_changed_env_by_the_handoff_with_no_failed_request(make_daemon) -> None:
+    from proto4d.demo.loadgen import Load
+
+    d = make_daemon().start()
+    before = d.status()["app"]
+    (d.root / "shared" / ".env").write_text("TUTOR_SECRET=rotated\n")
+    d.wait_status(lambda s: s["app"]["env_changed"], 15, "the .env change in status")
+    with Load("127.0.0.1", d.port, users=4) as load:
+        assert load.wait_requests(30, 20)
+        r = d.cli("restart", "--wait", "--reason", "rotated the secret")
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "DONE" in r.stdout and "handoff" in r.stdout
+    assert load.failures() == [], load.failures()[:5]
+    s = d.wait_status(lambda s: s["app"]["pid"] != before["pid"] and s["update"]["state"] == "idle", 30,
+                      "the new process serving")
+    assert s["app"]["release"] == before["release"] and s["app"]["env_changed"] == []
+    assert [p.name for p in (d.root / "releases").iterdir()] == [before["release"]]

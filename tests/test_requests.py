@@ -25,7 +25,7 @@ class Good:
 
 
 DEFAULTS = {"id": FALLBACK, "action": "update", "ref": None, "force": False, "reason": "", "release": None,
-            "requested_by": "", "source": "file"}
+            "requested_by": "", "source": "file", "allow_incompatible": False}
 
 GOOD = [
     Good("empty", b"", {}),
@@ -57,6 +57,8 @@ GOOD = [
     Good("byte-order-mark", b"\xef\xbb\xbfref: main\n", {"ref": "main"}),
     Good("document-marker", b"---\nref: main\n", {"ref": "main"}),
     Good("crlf-line-ends", b"ref: main\r\nforce: true\r\n", {"ref": "main", "force": True}),
+    Good("restart", b"action: restart\nreason: new .env\n", {"action": "restart", "reason": "new .env"}),
+    Good("allow-incompatible", b"allow_incompatible: true\n", {"allow_incompatible": True}),
     Good("exactly-the-size-limit", b"ref: main\n" + b"#" * (MAX_REQUEST_BYTES - 11) + b"\n", {"ref": "main"}),
     Good("what-the-cli-writes", yaml.safe_dump({"action": "update", "ref": "0777123", "force": True,
                                                 "reason": "r", "id": "20261126-030000-0a1b2c",
@@ -102,7 +104,11 @@ BAD = [
     Bad("ref-trailing-slash", b"ref: feature/\n", "ref: expected"),
     Bad("ref-shell-metachars", b"ref: main;reboot\n", "ref: expected"),
     Bad("ref-too-long", b"ref: " + b"a" * 201 + b"\n", "ref: expected"),
-    Bad("action-unknown", b"action: deploy\n", "action: expected update or rollback, got 'deploy'"),
+    Bad("action-unknown", b"action: deploy\n", "action: expected update, rollback or restart, got 'deploy'"),
+    Bad("restart-with-ref", b"action: restart\nref: main\n", "a restart runs the serving release again"),
+    Bad("allow-incompatible-text", b'allow_incompatible: "yes"\n', "allow_incompatible: expected true or false"),
+    Bad("allow-incompatible-on-a-rollback", b"action: rollback\nallow_incompatible: true\n",
+        "only an update request carries a migration"),
     Bad("id-path-traversal", b"id: ../../etc/passwd\n", "id: expected letters"),
     Bad("id-number", b"id: 42\n", "id: expected"),
     Bad("id-too-long", b"id: " + b"a" * 65 + b"\n", "id: expected"),
@@ -162,5 +168,6 @@ def test_round_trip_through_the_journal() -> None:
 def test_every_known_key_is_accepted_by_the_parser() -> None:
     doc = {"id": "a", "action": "rollback", "force": True, "reason": "r", "release": "proto4_x",
            "requested_by": "me", "requested_at": 1.5}
-    assert set(doc) | {"ref"} == KNOWN_KEYS
+    assert set(doc) | {"ref", "allow_incompatible"} == KNOWN_KEYS
     parse(yaml.safe_dump(doc).encode(), fallback_id=FALLBACK)
+    parse(yaml.safe_dump({"ref": "main", "allow_incompatible": True}).encode(), fallback_id=FALLBACK)

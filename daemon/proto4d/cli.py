@@ -89,11 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="a branch, tag or commit to deploy (default: the configured branch's head); "
                                  "naming a ref also allows one whose history does not descend from what runs")
     p.add_argument("--force", action="store_true", help="do not wait for a quiet moment (checks still run)")
+    p.add_argument("--allow-incompatible", action="store_true",
+                   help="deploy a migration the previous release cannot run on (only while nobody is on; a rollback "
+                        "then restores the pre-switch snapshot and saves, counted, what was written since)")
     p.add_argument("--reason", help="why, for the logs and the notice")
     p.add_argument("--wait", action="store_true",
                    help="follow the update to its end; exit 0 only when the new release serves and is verified")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="with --wait: give up following after SECONDS (the update goes on; exit 1)")
+
+    p = sub.add_parser("restart", help="the serving release again, by the zero-gap handoff (e.g. after a .env "
+                                       "change)",
+                       description="Start the serving release again in a new process and hand the socket over, as "
+                                   "an update does (canary, handoff, verification, watch; no waiting for a quiet "
+                                   "moment, since no request is dropped). What it is for: a changed shared .env or "
+                                   "app.env reaches the app only through a new process; `proto4d status` says when "
+                                   "that is the case and which keys changed.")
+    _add_config(p)
+    p.add_argument("--reason", help="why, for the logs")
+    p.add_argument("--wait", action="store_true", help="follow the restart to its end")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
 
     p = sub.add_parser("rollback", help="switch back to the previous (or a named) release",
                        description="Switch to the previous retained release (or RELEASE) with its own venv, "
@@ -248,6 +263,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "releases": _lazy("proto4d.views", "cmd_releases"),
     "update": _lazy("proto4d.client", "cmd_update"),
     "rollback": _lazy("proto4d.client", "cmd_rollback"),
+    "restart": _lazy("proto4d.client", "cmd_restart"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
     "backups": _lazy("proto4d.backups", "cmd_backups"),
     "pending": _lazy("proto4d.pending", "cmd_pending"),

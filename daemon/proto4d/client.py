@@ -35,6 +35,15 @@ def cmd_update(args: argparse.Namespace) -> int:
         doc["force"] = True
     if args.reason:
         doc["reason"] = args.reason
+    if getattr(args, "allow_incompatible", False):
+        doc["allow_incompatible"] = True
+    return _submit(args, doc)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    doc: dict[str, Any] = {"action": "restart", "force": True}
+    if args.reason:
+        doc["reason"] = args.reason
     return _submit(args, doc)
 
 

@@ -27,7 +27,8 @@ from proto4d.paths import Paths
 from proto4d.states import FINAL
 
 MAX_REQUEST_BYTES = 16 * 1024
-KNOWN_KEYS = {"id", "action", "ref", "force", "reason", "release", "requested_by", "requested_at"}
+KNOWN_KEYS = {"id", "action", "ref", "force", "reason", "release", "requested_by", "requested_at",
+              "allow_incompatible"}
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}$")
 RELEASE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -40,7 +41,7 @@ class RequestRejected(Exception):
 @dataclass
 class Request:
     id: str
-    action: str = "update"  # update | rollback
+    action: str = "update"  # update | rollback | restart (the serving release again, e.g. for a new .env)
     ref: str | None = None
     force: bool = False
     reason: str = ""
@@ -48,21 +49,26 @@ class Request:
     requested_by: str = ""
     requested_at: float = field(default_factory=time.time)
     source: str = "file"
+    # deploy a migration the previous release cannot run on (green only; its rollback restores a snapshot)
+    allow_incompatible: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "action": self.action, "ref": self.ref, "force": self.force, "reason": self.reason,
                 "release": self.release, "requested_by": self.requested_by, "requested_at": self.requested_at,
-                "source": self.source}
+                "source": self.source, "allow_incompatible": self.allow_incompatible}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Request:
         return cls(id=str(d["id"]), action=d.get("action", "update"), ref=d.get("ref"), force=bool(d.get("force")),
                    reason=d.get("reason") or "", release=d.get("release"), requested_by=d.get("requested_by") or "",
-                   requested_at=float(d.get("requested_at") or time.time()), source=d.get("source") or "file")
+                   requested_at=float(d.get("requested_at") or time.time()), source=d.get("source") or "file",
+                   allow_incompatible=bool(d.get("allow_incompatible")))
 
     def describe(self) -> str:
         if self.action == "rollback":
             return f"rollback to {self.release or 'the previous release'}"
+        if self.action == "restart":
+            return "restart of the serving release"
         return f"update to {self.ref or 'the branch head'}" + (" (forced)" if self.force else "")
 
 
@@ -103,8 +109,8 @@ def parse(data: bytes, *, fallback_id: str, source: str = "file") -> Request:
             raise RequestRejected("id: expected letters, digits, '-', '_' or '.' (at most 64)")
         req.id = doc["id"]
     action = doc.get("action", "update")
-    if action not in ("update", "rollback"):
-        raise RequestRejected(f"action: expected update or rollback, got {action!r}")
+    if action not in ("update", "rollback", "restart"):
+        raise RequestRejected(f"action: expected update, rollback or restart, got {action!r}")
     req.action = action
     ref = doc.get("ref")
     if ref is not None:
@@ -134,6 +140,14 @@ def parse(data: bytes, *, fallback_id: str, source: str = "file") -> Request:
         req.release = release
     if action == "rollback" and req.ref:
         raise RequestRejected("ref: a rollback request names a release, not a ref")
+    if action == "restart" and req.ref:
+        raise RequestRejected("ref: a restart runs the serving release again; it names no ref")
+    allow = doc.get("allow_incompatible", False)
+    if not isinstance(allow, bool):
+        raise RequestRejected(f"allow_incompatible: expected true or false, got {allow!r}")
+    if allow and action != "update":
+        raise RequestRejected("allow_incompatible: only an update request carries a migration")
+    req.allow_incompatible = allow
     by = doc.get("requested_by", "")
     if isinstance(by, str):
         req.requested_by = by[:200]

@@ -751,16 +751,17 @@ class UpdateRun:
     def _allow_incompatible(self) -> None:
         """An incompatible migration goes on only when allowed, and only while nobody is on."""
         assert self.new is not None
-        if not self.cfg.update.allow_incompatible:
+        if not (self.cfg.update.allow_incompatible or self.req.allow_incompatible):
             raise Aborted(f"the migration of {self.new.name} is not rollback-compatible: "
                           f"{self.old.name if self.old else 'the previous release'} fails its checks on the migrated "
                           "copy, so a rollback would have to restore the pre-switch snapshot and lose what was "
-                          "written since. Set update.allow_incompatible: true to deploy it in a green window")
+                          "written since. Ask with `proto4d update --allow-incompatible` (or set "
+                          "update.allow_incompatible) to deploy it while nobody is on")
         verdict = self.deps.sampler.last_verdict or policy.Verdict("red", ("no activity sample yet",))
         if verdict.color != "green":
             raise Aborted(f"the migration of {self.new.name} is not rollback-compatible and the verdict is "
                           f"{verdict.color} ({'; '.join(verdict.reasons)}): it runs only when nobody is on")
-        self.ulog.line("  NOT rollback-compatible, allowed by update.allow_incompatible, verdict green: "
+        self.ulog.line("  NOT rollback-compatible, allowed by the request or update.allow_incompatible, verdict green: "
                        "a rollback restores the pre-switch snapshot and saves the rows written since")
 
     # -- switching, verifying, watching
