@@ -13,7 +13,6 @@ real blocking work there does: a paused daemon still answers SIGTERM.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ def point_sync(name: str, cancel: Cancel | None = None) -> None:
 
 async def point(name: str) -> None:
     if _armed(name):
+        import asyncio  # here, not at import: the CLI's `status` imports this module's names
         marker = _mark(name)
         while marker.exists():
             await asyncio.sleep(0.05)

@@ -17,10 +17,11 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import structlog
+if TYPE_CHECKING:
+    import structlog
 
 from proto4d import fsutil
 
@@ -146,12 +147,14 @@ def _console_renderer(_logger: Any, _name: str, event: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-_SHARED = [
-    structlog.contextvars.merge_contextvars,
-    structlog.stdlib.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=False),
-    _scrub_processor,
-]
+def _shared() -> list[Any]:
+    import structlog
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        _scrub_processor,
+    ]
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -165,7 +168,11 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
           max_bytes: int = 10 << 20, backups: int = 5) -> None:
     """Configure structlog and the stdlib root logger; safe to call again (e.g. after a reload)."""
+    # structlog (and the asyncio it pulls in) loads here, not at import: the CLI commands only
+    # scrub text with this module, and each `proto4d status` pays its import time.
+    import structlog
     global _configured_file
+    shared = _shared()
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -179,7 +186,7 @@ def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
                         structlog.processors.format_exc_info,
                         _scrub_processor,
                         structlog.processors.JSONRenderer(default=_scrubbed_str)],
-            foreign_pre_chain=_SHARED))
+            foreign_pre_chain=shared))
         root.addHandler(fh)
     if stderr:
         sh = logging.StreamHandler(sys.stderr)
@@ -188,10 +195,10 @@ def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
                         structlog.processors.format_exc_info,
                         _scrub_processor,
                         _console_renderer],
-            foreign_pre_chain=_SHARED))
+            foreign_pre_chain=shared))
         root.addHandler(sh)
     structlog.configure(
-        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
@@ -203,4 +210,5 @@ def setup(log_file: Path | None, stderr: bool = True, level: int = logging.INFO,
 
 
 def get(name: str = "proto4d") -> structlog.stdlib.BoundLogger:
+    import structlog
     return structlog.get_logger(name)
