@@ -21,6 +21,12 @@ if os.geteuid() == 0:
     os.environ.setdefault("PROTO4D_ALLOW_ROOT", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # xdist hands tests out in collection order: a 45-second test collected last would run alone at
+    # the end while the other workers sit idle. The long ones go first (stable order otherwise).
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture
 def origin(tmp_path: Path) -> Origin:
     o = Origin(tmp_path)

@@ -25,6 +25,18 @@ import yaml
 
 from proto4d.listener import free_port
 
+# The default suite keeps to its 4-minute budget by running one or two representative rows of the
+# long matrices (signals at every state, every uvicorn venv, every kill point); `./dev proofs` sets
+# PROTO4D_FULL=1 (and `./dev killpoints` PROTO4D_KILLPOINTS=all) for every row.
+FULL = os.environ.get("PROTO4D_FULL") == "1" or os.environ.get("PROTO4D_KILLPOINTS") == "all"
+
+
+def rows(every: list[Any], default: list[Any]) -> list[Any]:
+    """All of `every` in the full proofs, only `default` (a subset, checked) in the default suite."""
+    missing = [r for r in default if r not in every]
+    assert not missing, f"default rows not in the matrix: {missing}"
+    return every if FULL else default
+
 SAMPLE = Path(__file__).resolve().parents[1] / "daemon" / "proto4d" / "sample"
 GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid", "GIT_COMMITTER_NAME": "Test",
            "GIT_COMMITTER_EMAIL": "test@example.invalid", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}

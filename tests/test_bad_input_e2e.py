@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from harness import answer, answers, events, request_id, wait_for
+from harness import answer, answers, events, request_id, rows, wait_for
 from proto4d.demo.loadgen import Load, Mix
 from test_config import BAD as BAD_CONFIGS
 from test_config import check_message
@@ -268,6 +268,7 @@ def check_cases(d, cases: list[BadRequest]) -> None:
     assert failures == [], "\n".join(failures)
 
 
+@pytest.mark.long
 def test_malformed_request_files_are_rejected_and_empty_or_good_ones_accepted(make_daemon, origin):
     d = make_daemon().start()
     check_cases(d, CONTENT_CASES)
@@ -288,6 +289,7 @@ def test_malformed_request_files_are_rejected_and_empty_or_good_ones_accepted(ma
     assert d.status()["app"]["commit"] == sha
 
 
+@pytest.mark.long
 def test_untrusted_request_files_are_rejected_and_never_read(make_daemon):
     if os.geteuid() != 0:
         pytest.skip("needs root to give a file to another user (chown)")
@@ -484,7 +486,8 @@ def usr1_request(d, seen: int) -> str:
     return got[0]["id"]
 
 
-@pytest.mark.parametrize("state", list(SIGNAL_TABLE))
+@pytest.mark.long
+@pytest.mark.parametrize("state", rows(list(SIGNAL_TABLE), ["waiting", "watching"]))
 def test_hup_and_usr1_during_an_update(make_daemon, origin, state):
     d = signal_daemon(make_daemon).start(env=FAULTS_ENV)
     old = d.status()["app"]
@@ -534,7 +537,7 @@ def stop_with(d, sig: int) -> None:
     assert d.status()["daemon"]["state"] == "stopped"
 
 
-@pytest.mark.parametrize("state", list(SIGNAL_TABLE))
+@pytest.mark.parametrize("state", rows(list(SIGNAL_TABLE), ["noticed", "switching"]))
 def test_term_and_int_during_an_update(make_daemon, origin, state):
     d = signal_daemon(make_daemon).start(env=FAULTS_ENV)
     old = d.status()["app"]

@@ -148,6 +148,7 @@ def dbd(tmp_path: Path):
         d.cleanup()
 
 
+@pytest.mark.long
 def test_every_acknowledged_row_survives_migrations_a_broken_one_a_writing_canary_and_a_rollback(dbd) -> None:
     d = dbd().start()
     db = d.root / "shared" / "data" / "app.db"
@@ -204,6 +205,7 @@ def test_every_acknowledged_row_survives_migrations_a_broken_one_a_writing_canar
     assert "data     data/app.db" in text and "schema 0002" in text and "last snapshot:" in text
 
 
+@pytest.mark.long
 def test_an_incompatible_migration_is_refused_unless_allowed_and_its_rollback_counts_what_it_loses(dbd) -> None:
     d = dbd(update={"watch_s": 15}).start()
     db = d.root / "shared" / "data" / "app.db"
@@ -259,6 +261,7 @@ KILL_POINTS = {
 
 @pytest.mark.parametrize(("point", "incompatible"),
                          [k for k in KILL_POINTS if ALL_KILLS or k == ("migrated", True)])
+@pytest.mark.long
 def test_killed_inside_the_data_steps_settles_on_one_release_with_its_data(dbd, point, incompatible) -> None:
     d = dbd(update={"allow_incompatible": True}).start(env={"PROTO4D_FAULTS": "1"})
     db = d.root / "shared" / "data" / "app.db"

@@ -28,6 +28,7 @@ def _processes_mentioning(marker: str) -> list[str]:
     return out
 
 
+@pytest.mark.long
 def test_demo_tells_the_whole_story_and_leaves_nothing_behind(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PROTO4D_CONFIG", "PROTO4D_DEMO_KEEP", "NOTIFY_SOCKET")}
     env["TMPDIR"] = str(tmp_path)  # the demo's temp dir lands here, so a leftover cannot hide

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import rows
 from proto4d import drain
 from proto4d.drain import SHIM_DIR, DrainPlan, plan
 
@@ -614,7 +615,7 @@ compare_only = pytest.mark.skipif(not COMPARE, reason="stock uvicorn comparison:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("variant", ["shim", pytest.param("stock", marks=compare_only)])
-@pytest.mark.parametrize("venv", VENV_NAMES)
+@pytest.mark.parametrize("venv", rows(VENV_NAMES, ["uvicorn0.24-h11", "uvicorn0.54-httptools"]))
 def test_handoff_under_load(venv_python: Callable[[str], Path], app_dir: Path, listener: socket.socket,
                             venv: str, variant: str) -> None:
     """K handoffs on one inherited listening socket while clients keep sending; count failures."""

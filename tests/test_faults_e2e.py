@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import answer, events, git, request_id, wait_for
+from harness import answer, events, git, request_id, rows, wait_for
 from proto4d.demo.loadgen import Load, Mix
 
 pytestmark = pytest.mark.e2e
@@ -297,7 +297,7 @@ def set_fsize(pid: int, limit: int) -> None:
     proc.rlimit(psutil.RLIMIT_FSIZE, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
-@pytest.mark.parametrize("stage", ["export", "venv"])
+@pytest.mark.parametrize("stage", rows(["export", "venv"], ["venv"]))
 def test_file_size_limit_while_preparing_aborts_and_leaves_nothing(make_daemon, origin, tmp_path, stage):
     """RLIMIT_FSIZE on the daemon (inherited by git, uv and pip): a write past it fails with EFBIG (CPython
     ignores SIGXFSZ) or kills the helper (subprocesses get SIGXFSZ back by default). No privilege needed."""
@@ -366,7 +366,7 @@ def fill(root: Path, leave: int) -> Path:
             size += chunk
 
 
-@pytest.mark.parametrize("stage", ["export", "venv"])
+@pytest.mark.parametrize("stage", rows(["export", "venv"], ["export"]))
 def test_disk_full_while_preparing_aborts_and_leaves_nothing(small_disk, make_daemon, origin, tmp_path, stage):
     d = make_daemon().start()
     assert d.root == small_disk
@@ -387,6 +387,7 @@ def test_disk_full_while_preparing_aborts_and_leaves_nothing(small_disk, make_da
     assert d.get()["version"] == "2"
 
 
+@pytest.mark.long
 def test_a_full_disk_never_stops_the_service(small_disk, make_daemon, origin):
     """The whole disk full, so the daemon's own journal, status and logs cannot be written either, under
     heavy load: the app keeps serving and the daemon keeps reading its output (and so still sees its

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.e2e
 KILLS = int(os.environ.get("PROTO4D_KILLRANDOM", "3"))
 
 
+@pytest.mark.long
 def test_random_kills_always_come_back_to_one_verified_release(tmp_path):
     seed = int(os.environ.get("PROTO4D_KILLRANDOM_SEED") or random.randrange(1 << 30))
     lines: list[str] = []

@@ -195,6 +195,7 @@ def daemon_written_files(root: Path) -> list[Path]:
     return out
 
 
+@pytest.mark.long
 @pytest.mark.e2e
 def test_secrets_never_appear_in_logs_or_status(make_daemon, origin, hook, tmp_path):
     url = f"http://hookuser:{PASSWORD}@127.0.0.1:{hook.port}/hook/{TOKEN}?key={QUERY_SECRET}"

@@ -163,6 +163,7 @@ def test_yellow_posts_the_notice_then_updates(make_daemon, origin):
     assert steps.index("noticed") < steps.index("preparing")
 
 
+@pytest.mark.long
 def test_red_waits_and_status_says_for_what(make_daemon, origin):
     d = make_daemon(schedule={"timezone": "UTC", "preferred": []}).start()
     old_release = d.status()["app"]["release"]
@@ -184,6 +185,7 @@ def test_red_waits_and_status_says_for_what(make_daemon, origin):
     assert answer(d, rid)["state"] == "done"
 
 
+@pytest.mark.long
 def test_requests_while_an_update_runs_are_answered_and_queued(make_daemon, origin):
     d = make_daemon(update={"watch_s": 4}).start()
     origin.commit("2")
@@ -249,6 +251,7 @@ def test_update_log_tells_the_story(make_daemon, origin):
     assert [e["step"] for e in events][-5:] == ["preparing", "canary", "switching", "verifying", "watching"]
 
 
+@pytest.mark.long
 def test_retention_keeps_current_previous_and_the_newest(make_daemon, origin):
     d = make_daemon(update={"keep_min": 2, "keep_days": 0, "watch_s": 0.5}).start()
     names = [d.status()["app"]["release"]]
@@ -261,6 +264,7 @@ def test_retention_keeps_current_previous_and_the_newest(make_daemon, origin):
     assert os.readlink(d.root / "current").endswith(names[-1])
 
 
+@pytest.mark.long
 def test_the_weekly_schedule_files_a_request_by_itself(make_daemon, origin):
     import datetime as dt
 

@@ -48,6 +48,7 @@ def browser(tmp_path: Path):
     b.close()
 
 
+@pytest.mark.long
 def test_page_follows_a_real_update(make_daemon, origin: Origin, browser: Browser) -> None:
     d = make_daemon(safety={"quiet_for_s": 1}, update={"watch_s": 3})
     d.start(env=ROOT_ENV)
