@@ -162,7 +162,8 @@ def test_every_omitted_key_has_its_default(tmp_path: Path) -> None:
         repo=str(tmp_path / "origin"), branch="main", subdir="", workdir="", requirements="",
         command=("{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"), env=(), shared=(),
         ready_pattern=r"Uvicorn running on|Listening at:", access_log_regex="", drain="auto",
-        drain_grace_s=1.0, stable_s=60.0, max_fast_failures=5, log_max_bytes=10 << 20, log_backups=5)
+        drain_grace_s=1.0, stable_s=60.0, max_fast_failures=5, log_max_bytes=10 << 20, log_backups=5,
+        databases=(), migrate=())
     assert cfg.listen == config.ListenConfig("0.0.0.0", 8000, 2048)
     assert cfg.health == config.HealthConfig(checks=(Check("/health", (200,)),), external_url="",
                                              start_timeout_s=60.0, timeout_s=5.0, interval_s=10.0)
@@ -172,8 +173,10 @@ def test_every_omitted_key_has_its_default(tmp_path: Path) -> None:
     assert cfg.schedule == config.ScheduleConfig("UTC", (), (), (), None)
     assert cfg.update == config.UpdateConfig(notice_grace_s=300.0, drain_timeout_s=60.0, watch_s=120.0,
                                              keep_days=7.0, keep_min=3, max_5xx_ratio=0.2, min_free_mb=200,
-                                             installer="auto", canary=True)
+                                             installer="auto", canary=True, migrate_timeout_s=300.0,
+                                             allow_incompatible=False, min_5xx_count=5, min_5xx_clients=2)
     assert cfg.notify == config.NotifyConfig(notice_file="notice.json", webhook_url="", webhook_timeout_s=3.0)
+    assert cfg.web == config.WebConfig(host="127.0.0.1", port=8099, token="")
 
     # Empty or null sections are the same as omitted ones.
     sections = "listen:\nhealth: {}\nactivity:\nsafety: {}\nschedule:\nupdate: {}\nnotify:\n"

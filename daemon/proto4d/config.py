@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -91,9 +92,55 @@ RELOAD_RULES = {
 }
 
 
-# A config key declares its rule in its dataclass field: `port: int = field(metadata=_NEXT_START)`.
-_NOW, _NEXT_UPDATE, _NEXT_START, _RESTART, _WEB_RESTART = (
-    {"reload": r} for r in (NOW, NEXT_UPDATE, NEXT_START, RESTART, WEB_RESTART))
+# --------------------------------------------------------------------------- the schema
+
+# Every key is declared once, in its section's dataclass field: when a change sent by SIGHUP takes
+# effect, its default (as written in YAML), how it is read (a _Builder check by name), and one line
+# for the operator. The parser, `check-config`, the reload decision and README's key table
+# (tests/test_readme_config.py) are all made from these declarations.
+REQUIRED = object()  # a key with no default
+
+
+@dataclass(frozen=True)
+class Read:
+    """How a key's YAML value becomes its typed value: `_Builder.<check>(*args)`, called with
+    (key, value, section, values read so far in the section)."""
+
+    check: str
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, b: _Builder, key: str, value: Any, sec: Mapping[str, Any], done: dict[str, Any]) -> Any:
+        fn = getattr(b, self.check)
+        if self.check in _FACTORIES:  # a check made from its arguments (a range, a choice, ...)
+            fn = fn(*self.args, **dict(self.kwargs))
+        return fn(key, value, sec, done)
+
+
+_FACTORIES = frozenset({"number", "text", "relpath", "url", "one_of", "regex", "ip_address"})
+
+
+def read(check: str, *args: Any, **kwargs: Any) -> Read:
+    return Read(check, args, tuple(kwargs.items()))
+
+
+@dataclass(frozen=True)
+class Spec:
+    reload: str
+    default: Any
+    read: Read
+    doc: str
+    at: tuple[str, ...] = ()  # where the key sits in its section when not at the top (web.listen.host)
+    missing: str = ""  # for a REQUIRED key: what it should be
+
+
+def setting(reload: str, default: Any, reader: Read, doc: str, *, at: tuple[str, ...] = (),
+            missing: str = "") -> Any:
+    return field(metadata={"reload": reload, "spec": Spec(reload, default, reader, doc, at, missing)})
+
+
+_NUM_S = {"unit": "seconds"}
+_DEFAULT_COMMAND = ["{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"]
 
 
 # --------------------------------------------------------------------------- values
@@ -131,26 +178,40 @@ class Check:
 
 @dataclass(frozen=True)
 class AppConfig:
-    repo: str = field(metadata=_NEXT_UPDATE)
-    branch: str = field(metadata=_NEXT_UPDATE)
-    subdir: str = field(metadata=_NEXT_UPDATE)
-    workdir: str = field(metadata=_NEXT_START)
-    requirements: str = field(metadata=_NEXT_UPDATE)
-    command: tuple[str, ...] = field(metadata=_NEXT_START)
-    env: tuple[tuple[str, str], ...] = field(metadata=_NEXT_START)
-    shared: tuple[str, ...] = field(metadata=_NEXT_UPDATE)
-    ready_pattern: str = field(metadata=_NEXT_START)
-    access_log_regex: str = field(metadata=_NOW)
-    drain: str = field(metadata=_NEXT_START)
-    drain_grace_s: float = field(metadata=_NEXT_START)
-    stable_s: float = field(metadata=_NOW)
-    max_fast_failures: int = field(metadata=_NOW)
-    log_max_bytes: int = field(metadata=_NOW)
-    log_backups: int = field(metadata=_NOW)
-    # SQLite files to snapshot and to copy for the canary (default: found under shared/ by header)
-    databases: tuple[str, ...] = field(default=(), metadata=_NEXT_UPDATE)
-    # run in the new release's venv and workdir, first on the canary's copy, then live at the switch
-    migrate: tuple[str, ...] = field(default=(), metadata=_NEXT_UPDATE)
+    repo: str = setting(NEXT_UPDATE, REQUIRED, read("repo"), "the app's git repository: a URL or a local path",
+                        missing="a git URL or a local path to the app's repository")
+    branch: str = setting(NEXT_UPDATE, "main", read("branch"), "the branch an update follows")
+    subdir: str = setting(NEXT_UPDATE, "", read("relpath"), "the app's folder inside the repository (\"\" = all)")
+    workdir: str = setting(NEXT_START, "", read("relpath"), "where the command runs, relative to `subdir`")
+    requirements: str = setting(NEXT_UPDATE, "", read("relpath", what="a requirements file path"),
+                                "requirements file relative to `subdir` (\"\" = none)")
+    command: tuple[str, ...] = setting(NEXT_START, _DEFAULT_COMMAND, read("command"),
+                                       "argv of the app; placeholders {python} {fd} {port} {host} {release}")
+    env: tuple[tuple[str, str], ...] = setting(NEXT_START, {}, read("env"), "extra environment for the app")
+    shared: tuple[str, ...] = setting(NEXT_UPDATE, [], read("shared"),
+                                      "paths kept across releases (secrets, SQLite, uploads), linked into each")
+    ready_pattern: str = setting(NEXT_START, r"Uvicorn running on|Listening at:", read("regex", allow_empty=False),
+                                 "the log line that says a new process accepts on the shared socket")
+    access_log_regex: str = setting(NOW, "", read("access_regex"),
+                                    "named groups `client`, `method`, `path`, `status` for other servers "
+                                    "(uvicorn and gunicorn formats built in)")
+    drain: str = setting(NEXT_START, "auto", read("one_of", "auto", "shim", "sigterm"),
+                         "`auto`/`shim`: drain uvicorn through the proto4d shim; `sigterm`: stock shutdown")
+    drain_grace_s: float = setting(NEXT_START, 1, read("number", 0, 30, **_NUM_S),
+                                   "how long an idle keep-alive connection stays open after SIGTERM")
+    stable_s: float = setting(NOW, 60, read("number", 1, 3600, **_NUM_S),
+                              "a run shorter than this is a fast failure")
+    max_fast_failures: int = setting(NOW, 5, read("number", 1, 100, integer=True),
+                                     "that many fast failures in a row is `fatal`")
+    log_max_bytes: int = setting(NOW, 10 << 20, read("number", 4096, 1 << 34, integer=True, unit="bytes"),
+                                 "`logs/app.log` rotates at this size")
+    log_backups: int = setting(NOW, 5, read("number", 0, 100, integer=True), "rotated app logs kept")
+    databases: tuple[str, ...] = setting(NEXT_UPDATE, [], read("databases"),
+                                         "SQLite files (under `shared`) to snapshot and copy for the canary "
+                                         "([] = found under shared/ by header)")
+    migrate: tuple[str, ...] = setting(NEXT_UPDATE, [], read("migrate"),
+                                       "argv run in the release's venv and workdir: on the canary's copy, "
+                                       "then live at the switch")
 
     @property
     def uses_fd(self) -> bool:
@@ -167,9 +228,11 @@ class AppConfig:
 
 @dataclass(frozen=True)
 class ListenConfig:
-    host: str = field(metadata=_NEXT_START)
-    port: int = field(metadata=_NEXT_START)
-    backlog: int = field(metadata=_RESTART)
+    host: str = setting(NEXT_START, "0.0.0.0", read("ip_address", "0.0.0.0 or 127.0.0.1"),
+                        "the address of the listening socket the daemon owns")
+    port: int = setting(NEXT_START, 8000, read("number", 1, 65535, integer=True), "its port")
+    backlog: int = setting(RESTART, 2048, read("number", 1, 65535, integer=True),
+                           "the accept queue (it keeps connections waiting while no process accepts)")
 
     @property
     def probe_host(self) -> str:
@@ -183,36 +246,45 @@ class ListenConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    checks: tuple[Check, ...] = field(metadata=_NOW)
-    external_url: str = field(metadata=_NOW)
-    start_timeout_s: float = field(metadata=_NOW)
-    timeout_s: float = field(metadata=_NOW)
-    interval_s: float = field(metadata=_NOW)
+    checks: tuple[Check, ...] = setting(NOW, [{"path": "/health", "status": [200]}], read("checks"),
+                                        "GET each path; the answer's status must be in the list")
+    external_url: str = setting(NOW, "", read("url"), "checked through the tunnel; a failure is a warning only")
+    start_timeout_s: float = setting(NOW, 60, read("number", 0, 3600, strict_min=True, **_NUM_S),
+                                     "a new process must pass the checks within this")
+    timeout_s: float = setting(NOW, 5, read("number", 0, 300, strict_min=True, **_NUM_S), "per check")
+    interval_s: float = setting(NOW, 10, read("number", 0, 3600, strict_min=True, **_NUM_S),
+                                "how often the watch checks")
 
 
 @dataclass(frozen=True)
 class ActivityConfig:
-    interval_s: float = field(metadata=_NOW)
-    window_s: float = field(metadata=_NOW)
-    ignore_paths: tuple[str, ...] = field(metadata=_NOW)
-    tunnel_process: str = field(metadata=_NOW)
-    history_max_bytes: int = field(metadata=_NOW)
+    interval_s: float = setting(NOW, 5, read("number", 0.1, 3600, **_NUM_S), "how often activity is sampled")
+    window_s: float = setting(NOW, 300, read("window_length"), "users are those seen within this")
+    ignore_paths: tuple[str, ...] = setting(NOW, ["/health"], read("url_paths"),
+                                            "requests to these paths are nobody's activity")
+    tunnel_process: str = setting(NOW, "cloudflared", read("stripped_text"),
+                                  "the tunnel's process name, for its connection count (\"\" = none)")
+    history_max_bytes: int = setting(NOW, 5 << 20, read("number", 4096, 1 << 32, integer=True, unit="bytes"),
+                                     "bound of `state/activity.jsonl`")
 
 
 @dataclass(frozen=True)
 class SafetyConfig:
-    yellow_max_users: int = field(metadata=_NOW)
-    quiet_for_s: float = field(metadata=_NOW)
-    red_rpm: float = field(metadata=_NOW)
+    yellow_max_users: int = setting(NOW, 2, read("number", 0, 10000, integer=True),
+                                    "0 users is green, up to this many yellow, more red")
+    quiet_for_s: float = setting(NOW, 120, read("number", 0, 86400, **_NUM_S),
+                                 "green must hold this long before an update starts")
+    red_rpm: float = setting(NOW, 600, read("number", 0, 1e9, unit="requests per minute"),
+                             "this many requests per minute is red whatever the user count (0 = off)")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    timezone: str = field(metadata=_NOW)
-    preferred: tuple[Window, ...] = field(metadata=_NOW)
-    acceptable: tuple[Window, ...] = field(metadata=_NOW)
-    avoid: tuple[Window, ...] = field(metadata=_NOW)
-    weekly: Weekly | None = field(metadata=_NOW)
+    timezone: str = setting(NOW, "UTC", read("timezone"), "the zone of the windows below")
+    preferred: tuple[Window, ...] = setting(NOW, [], read("window_list"), "\"HH:MM-HH:MM\" windows: green updates")
+    acceptable: tuple[Window, ...] = setting(NOW, [], read("window_list"), "windows where green also goes")
+    avoid: tuple[Window, ...] = setting(NOW, [], read("window_list"), "windows where nothing starts")
+    weekly: Weekly | None = setting(NOW, "", read("weekly"), "\"tue 03:00\": file an update request by itself")
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
@@ -221,43 +293,56 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    notice_grace_s: float = field(metadata=_NOW)
-    drain_timeout_s: float = field(metadata=_NOW)
-    watch_s: float = field(metadata=_NOW)
-    keep_days: float = field(metadata=_NOW)
-    keep_min: int = field(metadata=_NOW)
-    max_5xx_ratio: float = field(metadata=_NOW)
-    min_free_mb: int = field(metadata=_NOW)
-    installer: str = field(metadata=_NOW)
-    canary: bool = field(metadata=_NOW)
-    migrate_timeout_s: float = field(default=300, metadata=_NOW)
-    # a migration the previous release cannot run on goes on only when asked (or this is true)
-    allow_incompatible: bool = field(default=False, metadata=_NOW)
-    # 5xx answers, and distinct clients that got one, before the ratio can roll back
-    min_5xx_count: int = field(default=5, metadata=_NOW)
-    min_5xx_clients: int = field(default=2, metadata=_NOW)
+    notice_grace_s: float = setting(NOW, 300, read("number", 0, 86400, **_NUM_S),
+                                    "yellow: post the notice, wait this long, look again")
+    drain_timeout_s: float = setting(NOW, 60, read("number", 0, 3600, strict_min=True, **_NUM_S),
+                                     "the old process's in-flight requests get this long")
+    watch_s: float = setting(NOW, 120, read("number", 0, 86400, **_NUM_S),
+                             "after the switch: a crash or failed check here rolls back")
+    keep_days: float = setting(NOW, 7, read("number", 0, 3650, unit="days"), "releases younger than this stay")
+    keep_min: int = setting(NOW, 3, read("number", 1, 1000, integer=True), "and at least this many")
+    max_5xx_ratio: float = setting(NOW, 0.2, read("number", 0, 1),
+                                   "share of 5xx answers during the watch that rolls back")
+    min_free_mb: int = setting(NOW, 200, read("number", 0, 1 << 30, integer=True, unit="MB"),
+                               "preflight: free space under `root`")
+    installer: str = setting(NOW, "auto", read("installer"), "`uv` when present, else `venv` + `pip`")
+    canary: bool = setting(NOW, True, read("boolean"),
+                           "run the new release on a private port and check it before touching production")
+    migrate_timeout_s: float = setting(NOW, 300, read("number", 1, 86400, **_NUM_S), "a migration's limit")
+    allow_incompatible: bool = setting(NOW, False, read("boolean"),
+                                       "deploy a migration the previous release cannot run on (green only)")
+    min_5xx_count: int = setting(NOW, 5, read("number", 1, 1 << 20, integer=True),
+                                 "the ratio rolls back only with at least this many 5xx answers")
+    min_5xx_clients: int = setting(NOW, 2, read("number", 1, 1 << 20, integer=True),
+                                   "to at least this many distinct clients")
 
 
 @dataclass(frozen=True)
 class NotifyConfig:
-    notice_file: str = field(metadata=_NOW)
-    webhook_url: str = field(metadata=_NOW)
-    webhook_timeout_s: float = field(metadata=_NOW)
+    notice_file: str = setting(NOW, "notice.json", read("relpath", False, "a file path", inside="root"),
+                               "what the app or the hub shows users (relative to `root`)")
+    webhook_url: str = setting(NOW, "", read("url"), "optional JSON POST on every update event")
+    webhook_timeout_s: float = setting(NOW, 3, read("number", 0, 60, strict_min=True, **_NUM_S),
+                                       "the webhook never blocks or fails an update")
 
 
 @dataclass(frozen=True)
 class WebConfig:
     """`proto4d web`: where the status page and /metrics listen; a token for any non-loopback address."""
-    host: str = field(default="127.0.0.1", metadata=_WEB_RESTART)
-    port: int = field(default=8099, metadata=_WEB_RESTART)
-    token: str = field(default="", metadata=_WEB_RESTART)
+    host: str = setting(WEB_RESTART, "127.0.0.1", read("ip_address", "127.0.0.1"),
+                        "where `proto4d web` serves the status page and /metrics", at=("listen", "host"))
+    port: int = setting(WEB_RESTART, 8099, read("number", 1, 65535, integer=True), "its port",
+                        at=("listen", "port"))
+    token: str = setting(WEB_RESTART, "", read("web_token"),
+                         "required (16+ characters) for a non-loopback `web.listen.host`")
 
 
 @dataclass(frozen=True)
 class Config:
     source: str
-    root: Path = field(metadata=_RESTART)
-    python: str = field(metadata=_NEXT_UPDATE)
+    root: Path = setting(RESTART, REQUIRED, read("root"), "all state lives under here",
+                         missing="a directory where proto4d keeps its state")
+    python: str = setting(NEXT_UPDATE, "python3", read("python"), "interpreter that builds release venvs")
     app: AppConfig
     listen: ListenConfig
     health: HealthConfig
@@ -266,7 +351,7 @@ class Config:
     schedule: ScheduleConfig
     update: UpdateConfig
     notify: NotifyConfig
-    web: WebConfig = WebConfig()
+    web: WebConfig
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -480,8 +565,8 @@ class _Builder:
         return check(f"{prefix}{key}", value, sec) if check else value
 
     def number(self, minimum: float | None = None, maximum: float | None = None, integer: bool = False,
-               strict_min: bool = False, unit: str = "") -> Callable[[str, Any, Mapping], Any]:
-        def check(key: str, value: Any, sec: Mapping) -> Any:
+               strict_min: bool = False, unit: str = "") -> Callable[..., Any]:
+        def check(key: str, value: Any, sec: Mapping, done: dict | None = None) -> Any:
             kind = "a whole number" if integer else "a number"
             if unit:
                 kind += f" of {unit}"
@@ -503,8 +588,8 @@ class _Builder:
             return int(value) if integer else float(value)
         return check
 
-    def text(self, allow_empty: bool = True, what: str = "text") -> Callable[[str, Any, Mapping], str]:
-        def check(key: str, value: Any, sec: Mapping) -> str:
+    def text(self, allow_empty: bool = True, what: str = "text") -> Callable[..., str]:
+        def check(key: str, value: Any, sec: Mapping, done: dict | None = None) -> str:
             if value is None and allow_empty:
                 return ""
             if not isinstance(value, str):
@@ -516,14 +601,14 @@ class _Builder:
             return value
         return check
 
-    def boolean(self, key: str, value: Any, sec: Mapping) -> bool:
+    def boolean(self, key: str, value: Any, sec: Mapping, done: dict | None = None) -> bool:
         if not isinstance(value, bool):
             self.fail(key, "true or false", value, sec)
         return value
 
     def relpath(self, allow_empty: bool = True, what: str = "a relative path",
-                inside: str = "the release") -> Callable[[str, Any, Mapping], str]:
-        def check(key: str, value: Any, sec: Mapping) -> str:
+                inside: str = "the release") -> Callable[..., str]:
+        def check(key: str, value: Any, sec: Mapping, done: dict | None = None) -> str:
             raw = self.text(allow_empty, what)(key, value, sec).strip()
             if raw.startswith(("/", "~")):
                 self.fail(key, f"{what} inside {inside} (not absolute)", raw, sec)
@@ -537,7 +622,7 @@ class _Builder:
             return value
         return check
 
-    def window_list(self, key: str, value: Any, sec: Mapping) -> tuple[Window, ...]:
+    def window_list(self, key: str, value: Any, sec: Mapping, done: dict | None = None) -> tuple[Window, ...]:
         if value is None:
             return ()
         if isinstance(value, str):
@@ -564,7 +649,7 @@ class _Builder:
             self.fail(key, expected + "; start and end are the same, so the window is empty", item, sec)
         return Window(start, end, f"{h1:02d}:{m1:02d}-{h2:02d}:{m2:02d}")
 
-    def weekly(self, key: str, value: Any, sec: Mapping) -> Weekly | None:
+    def weekly(self, key: str, value: Any, sec: Mapping, done: dict | None = None) -> Weekly | None:
         if value is None or value == "":
             return None
         expected = 'a weekday and a time like "tue 03:00"'
@@ -582,8 +667,8 @@ class _Builder:
             self.fail(key, expected + " with hours 00-23 and minutes 00-59", value, sec)
         return Weekly(WEEKDAYS.index(day), hour * 60 + minute, f"{day} {hour:02d}:{minute:02d}")
 
-    def url(self, allow_empty: bool = True) -> Callable[[str, Any, Mapping], str]:
-        def check(key: str, value: Any, sec: Mapping) -> str:
+    def url(self, allow_empty: bool = True) -> Callable[..., str]:
+        def check(key: str, value: Any, sec: Mapping, done: dict | None = None) -> str:
             value = self.text(allow_empty, "an http:// or https:// URL")(key, value, sec).strip()
             if not value:
                 return ""
@@ -592,33 +677,52 @@ class _Builder:
             return value
         return check
 
-    # -- sections
+    # -- sections: every key read by its declaration (Spec), in declaration order
 
     def build(self, doc: dict) -> Config:
         self.unknown(doc, _top_keys(), "")
-        if "root" not in doc:
-            self.fail("root", "missing; expected a directory where proto4d keeps its state "
-                      "(this key is required)")
-        root_text = self.text(False, "a directory path")("root", doc["root"], doc)
-        root = self.abspath(root_text)
-        if root == Path("/"):
-            self.fail("root", "a directory of its own, not the filesystem root", root_text, doc)
-        if root.exists() and not root.is_dir():
-            self.fail("root", "a directory (this path exists and is not one)", root_text, doc)
-        python = self.text(False, "a Python interpreter: a command on PATH or a path")(
-            "python", doc.get("python", "python3"), doc)
-        python = self.python(python, doc)
+        top = self.read_fields(Config, doc, "")
+        sections = {name: self.read_section(doc, name, cls, required=name == "app")
+                    for name, cls in _sections().items()}
+        return Config(self.file, **top, **sections, raw=doc)
 
-        app = self.app(doc)
-        listen = self.listen(doc)
-        health = self.health(doc)
-        activity = self.activity(doc)
-        safety = self.safety(doc)
-        schedule = self.schedule(doc)
-        update = self.update(doc)
-        notify = self.notify(doc)
-        return Config(self.file, root, python, app, listen, health, activity, safety, schedule, update,
-                      notify, self.web(doc), raw=doc)
+    def read_section(self, doc: Mapping[str, Any], name: str, cls: type, required: bool = False) -> Any:
+        known = {spec.at[0] if spec.at else f.name for f, spec in _specs(cls)}
+        sec = self.section(doc, name, known, required)
+        return cls(**self.read_fields(cls, sec, name + "."))
+
+    def read_fields(self, cls: type, sec: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        done: dict[str, Any] = {}
+        for f, spec in _specs(cls):
+            holder, name = sec, f.name
+            if spec.at:  # a key in a mapping of its own (web.listen.host): that mapping checked first
+                holder = self.inner(cls, sec, prefix, spec.at[0])
+                name = spec.at[-1]
+            key = prefix + ".".join(spec.at or (name,))
+            if spec.default is REQUIRED and name not in holder:
+                self.fail(key, f"missing; expected {spec.missing} (this key is required)")
+            done[f.name] = spec.read(self, key, holder.get(name, spec.default), holder, done)
+        return done
+
+    def inner(self, cls: type, sec: Mapping[str, Any], prefix: str, name: str) -> Mapping[str, Any]:
+        specs = [(f, spec) for f, spec in _specs(cls) if spec.at and spec.at[0] == name]
+        value = sec.get(name, {})
+        if not isinstance(value, dict):
+            shape = ", ".join(f"{spec.at[-1]}: {spec.default}" for _, spec in specs)
+            self.fail(prefix + name, f"a mapping {{{shape}}}", value, sec)
+        self.unknown(value, {spec.at[-1] for _, spec in specs}, f"{prefix}{name}.")
+        return value
+
+    # -- the checks that are more than a type and a range
+
+    def root(self, key: str, value: Any, sec: Mapping, done: dict) -> Path:
+        text = self.text(False, "a directory path")(key, value, sec)
+        root = self.abspath(text)
+        if root == Path("/"):
+            self.fail(key, "a directory of its own, not the filesystem root", text, sec)
+        if root.exists() and not root.is_dir():
+            self.fail(key, "a directory (this path exists and is not one)", text, sec)
+        return root
 
     def abspath(self, text: str) -> Path:
         p = Path(os.path.expanduser(text))
@@ -626,61 +730,144 @@ class _Builder:
             p = self.base_dir / p
         return Path(os.path.normpath(p))
 
-    def python(self, value: str, doc: Mapping) -> str:
+    def python(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        value = self.text(False, "a Python interpreter: a command on PATH or a path")(key, value, sec)
         if "/" in value:
             p = self.abspath(value)
             if not (p.is_file() and os.access(p, os.X_OK)):
-                self.fail("python", "an executable Python interpreter", value, doc)
+                self.fail(key, "an executable Python interpreter", value, sec)
             return str(p)
-        found = shutil.which(value)
-        if not found:
-            self.fail("python", "a Python interpreter found on PATH", value, doc)
+        if not shutil.which(value):
+            self.fail(key, "a Python interpreter found on PATH", value, sec)
         return value
 
-    def app(self, doc: dict) -> AppConfig:
-        sec = self.section(doc, "app", _keys(AppConfig), required=True)
-        p = "app."
-        if "repo" not in sec:
-            self.fail("app.repo", "missing; expected a git URL or a local path to the app's repository "
-                      "(this key is required)")
-        repo = self.text(False, "a git URL or a local path")("app.repo", sec["repo"], sec).strip()
-        if not _is_remote_url(repo):
-            repo = str(self.abspath(repo))
-        branch = self.text(False, "a branch name")("app.branch", sec.get("branch", "main"), sec).strip()
-        if not _valid_ref_name(branch):
-            self.fail("app.branch", "a git branch name", branch, sec)
-        subdir = self.get(sec, p, "subdir", "", self.relpath())
-        workdir = self.get(sec, p, "workdir", "", self.relpath())
-        requirements = self.get(sec, p, "requirements", "", self.relpath(what="a requirements file path"))
-        command = self.command(sec.get("command", _DEFAULT_COMMAND), sec)
-        env = self.env(sec.get("env", {}), sec)
-        shared = self.shared(sec.get("shared", []), sec)
-        ready = self.get(sec, p, "ready_pattern", r"Uvicorn running on|Listening at:", self.text(False))
-        self.regex("app.ready_pattern", ready, sec)
-        alr = self.get(sec, p, "access_log_regex", "", self.text())
-        if alr:
-            compiled = self.regex("app.access_log_regex", alr, sec)
-            missing = {"client", "method", "path", "status"} - set(compiled.groupindex)
-            if missing:
-                self.fail("app.access_log_regex", "a regex with the named groups client, method, path and "
-                          f"status (missing: {', '.join(sorted(missing))})", alr, sec)
-        drain = self.get(sec, p, "drain", "auto", self.text(False))
-        if drain not in ("auto", "shim", "sigterm"):
-            self.fail("app.drain", "one of auto, shim, sigterm", drain, sec)
-        return AppConfig(
-            repo=repo, branch=branch, subdir=subdir, workdir=workdir, requirements=requirements,
-            command=command, env=env, shared=shared, ready_pattern=ready, access_log_regex=alr, drain=drain,
-            drain_grace_s=self.get(sec, p, "drain_grace_s", 1.0, self.number(0, 30, unit="seconds")),
-            stable_s=self.get(sec, p, "stable_s", 60, self.number(1, 3600, unit="seconds")),
-            max_fast_failures=self.get(sec, p, "max_fast_failures", 5, self.number(1, 100, integer=True)),
-            log_max_bytes=self.get(sec, p, "log_max_bytes", 10 << 20,
-                                   self.number(4096, 1 << 34, integer=True, unit="bytes")),
-            log_backups=self.get(sec, p, "log_backups", 5, self.number(0, 100, integer=True)),
-            databases=self.databases(sec.get("databases", []), sec, shared),
-            migrate=self.migrate(sec.get("migrate", []), sec),
-        )
+    def repo(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        repo = self.text(False, "a git URL or a local path")(key, value, sec).strip()
+        return repo if _is_remote_url(repo) else str(self.abspath(repo))
 
-    def databases(self, value: Any, sec: Mapping, shared: tuple[str, ...]) -> tuple[str, ...]:
+    def branch(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        branch = self.text(False, "a branch name")(key, value, sec).strip()
+        if not _valid_ref_name(branch):
+            self.fail(key, "a git branch name", branch, sec)
+        return branch
+
+    def one_of(self, *choices: str) -> Callable[..., str]:
+        def check(key: str, value: Any, sec: Mapping, done: dict | None = None) -> str:
+            value = self.text(False)(key, value, sec)
+            if value not in choices:
+                self.fail(key, "one of " + ", ".join(choices), value, sec)
+            return value
+        return check
+
+    def installer(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        installer = self.one_of("auto", "uv", "pip")(key, value, sec)
+        if installer == "uv" and not find_uv():
+            self.fail(key, "an installer that exists here: uv was not found (pip install uv, or use auto)",
+                      installer, sec)
+        return installer
+
+    def regex(self, allow_empty: bool = True) -> Callable[..., str]:
+        def check(key: str, value: Any, sec: Mapping, done: dict | None = None) -> str:
+            value = self.text(allow_empty)(key, value, sec)
+            if value:
+                self.compiled(key, value, sec)
+            return value
+        return check
+
+    def access_regex(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        value = self.text()(key, value, sec)
+        if value:
+            missing = {"client", "method", "path", "status"} - set(self.compiled(key, value, sec).groupindex)
+            if missing:
+                self.fail(key, "a regex with the named groups client, method, path and "
+                          f"status (missing: {', '.join(sorted(missing))})", value, sec)
+        return value
+
+    def compiled(self, key: str, value: str, sec: Mapping) -> re.Pattern[str]:
+        try:
+            return re.compile(value)
+        except re.error as e:
+            self.fail(key, f"a valid regular expression ({e})", value, sec)
+        raise AssertionError  # unreachable
+
+    def stripped_text(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        return self.text()(key, value, sec).strip()
+
+    def ip_address(self, example: str) -> Callable[..., str]:
+        def check(key: str, value: Any, sec: Mapping, done: dict | None = None) -> str:
+            host = self.text(False, "an IP address")(key, value, sec)
+            if host == "localhost":
+                return "127.0.0.1"
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                self.fail(key, f"an IP address such as {example} (or localhost)", host, sec)
+            return host
+        return check
+
+    def web_token(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        token = self.text(True, "a string of at least 16 characters")(key, value, sec)
+        if token and (len(token) < 16 or any(c.isspace() for c in token)):
+            self.fail(key, "at least 16 characters without spaces (e.g. from `openssl rand -hex 16`)",
+                      "(hidden)", sec)
+        host = done["host"]
+        if not token and not ipaddress.ip_address(host).is_loopback:
+            self.fail(key, f"a token (at least 16 characters): required because web.listen.host {host} "
+                      "is not a loopback address (or keep 127.0.0.1 and reach it through an SSH forward)")
+        return token
+
+    def window_length(self, key: str, value: Any, sec: Mapping, done: dict) -> float:
+        window = self.number(1, 86400, unit="seconds")(key, value, sec)
+        if window < done["interval_s"]:
+            self.fail(key, f"a window at least as long as activity.interval_s ({done['interval_s']:g})",
+                      window, sec)
+        return window
+
+    def url_paths(self, key: str, value: Any, sec: Mapping, done: dict) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or any(not isinstance(x, str) or not x.startswith("/") for x in value):
+            self.fail(key, "a list of URL paths starting with /", value, sec)
+        return tuple(value)
+
+    def timezone(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        tz = self.text(False, "an IANA time zone")(key, value, sec)
+        try:
+            if tz != tz.strip() or ".." in tz or tz.startswith("/"):
+                raise ValueError
+            zoneinfo.ZoneInfo(tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            close = difflib.get_close_matches(tz, sorted(zoneinfo.available_timezones()), n=1)
+            hint = f"did you mean {close[0]}?" if close else ""
+            self.fail(key, "an IANA time zone like Asia/Seoul", tz, sec, hint=hint)
+        return tz
+
+    def checks(self, key: str, raw: Any, sec: Mapping, done: dict) -> tuple[Check, ...]:
+        if raw is None:
+            return (Check("/health", (200,)),)
+        if not isinstance(raw, list) or not raw:
+            self.fail(key, "a non-empty list of {path: /..., status: [200]}", raw, sec)
+        checks = []
+        for i, item in enumerate(raw):
+            at = f"{key}[{i}]"
+            if isinstance(item, str):
+                item = {"path": item}
+            if not isinstance(item, dict):
+                self.fail(at, "a mapping {path: /..., status: [200]}", item, sec)
+            self.unknown(item, {"path", "status"}, at + ".")
+            path = item.get("path")
+            if not isinstance(path, str) or not path.startswith("/") or any(c.isspace() for c in path):
+                self.fail(f"{at}.path", "a URL path starting with /", path, item)
+            status = item.get("status", [200])
+            if isinstance(status, int) and not isinstance(status, bool):
+                status = [status]
+            if not isinstance(status, list) or not status or any(
+                    isinstance(s, bool) or not isinstance(s, int) or not 100 <= s <= 599 for s in status):
+                self.fail(f"{at}.status", "a list of HTTP status codes (100-599)", item.get("status"), item)
+            checks.append(Check(path, tuple(status)))
+        return tuple(checks)
+
+    def databases(self, key: str, value: Any, sec: Mapping, done: dict) -> tuple[str, ...]:
         """Database paths relative to the app; each must lie under a shared path (that is where data lives)."""
         if value is None:
             return ()
@@ -690,13 +877,14 @@ class _Builder:
         out = []
         for i, item in enumerate(value):
             rel = self.relpath(False, "a path relative to the app")(f"app.databases[{i}]", item, sec)
+            shared = done["shared"]
             if not any(rel == s or rel.startswith(s.rstrip("/") + "/") for s in shared):
                 self.fail(f"app.databases[{i}]", "a path under one of app.shared (" + ", ".join(shared)
                           + "): a database outside shared/ would be lost with its release", item, sec)
             out.append(rel)
         return tuple(out)
 
-    def migrate(self, value: Any, sec: Mapping) -> tuple[str, ...]:
+    def migrate(self, key: str, value: Any, sec: Mapping, done: dict) -> tuple[str, ...]:
         if value in (None, [], ""):
             return ()
         expected = 'a list of arguments like ["{python}", "-m", "alembic", "upgrade", "head"]'
@@ -712,15 +900,7 @@ class _Builder:
                 self.fail(f"app.migrate[{i}]", "placeholders among {python}, {release}", arg, sec)
         return tuple(value)
 
-    def regex(self, key: str, value: str, sec: Mapping) -> re.Pattern[str]:
-        try:
-            return re.compile(value)
-        except re.error as e:
-            self.fail(key, f"a valid regular expression ({e})", value, sec)
-        raise AssertionError  # unreachable
-
-    def command(self, value: Any, sec: Mapping) -> tuple[str, ...]:
-        key = "app.command"
+    def command(self, key: str, value: Any, sec: Mapping, done: dict) -> tuple[str, ...]:
         expected = 'a list of arguments like ["{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"]'
         if isinstance(value, str):
             self.fail(key, expected + " (a list, never a shell string)", value, sec)
@@ -752,7 +932,7 @@ class _Builder:
             self.fail(key, "at most one {fd} placeholder", value, sec)
         return tuple(out)
 
-    def env(self, value: Any, sec: Mapping) -> tuple[tuple[str, str], ...]:
+    def env(self, key: str, value: Any, sec: Mapping, done: dict) -> tuple[tuple[str, str], ...]:
         if value is None:
             return ()
         if not isinstance(value, dict):
@@ -770,7 +950,7 @@ class _Builder:
             out.append((name, str(v)))
         return tuple(out)
 
-    def shared(self, value: Any, sec: Mapping) -> tuple[str, ...]:
+    def shared(self, key: str, value: Any, sec: Mapping, done: dict) -> tuple[str, ...]:
         if value is None:
             return ()
         if not isinstance(value, list):
@@ -788,172 +968,7 @@ class _Builder:
                               value, sec)
         return tuple(out)
 
-    def listen(self, doc: dict) -> ListenConfig:
-        sec = self.section(doc, "listen", _keys(ListenConfig))
-        host = self.get(sec, "listen.", "host", "0.0.0.0", self.text(False, "an IP address"))
-        if host != "localhost":
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                self.fail("listen.host", "an IP address such as 0.0.0.0 or 127.0.0.1 (or localhost)",
-                          host, sec)
-        else:
-            host = "127.0.0.1"
-        port = self.get(sec, "listen.", "port", 8000, self.number(1, 65535, integer=True))
-        backlog = self.get(sec, "listen.", "backlog", 2048, self.number(1, 65535, integer=True))
-        return ListenConfig(host, port, backlog)
 
-    def health(self, doc: dict) -> HealthConfig:
-        sec = self.section(doc, "health", _keys(HealthConfig))
-        raw = sec.get("checks", None)
-        checks: list[Check] = []
-        if raw is None:
-            checks = [Check("/health", (200,))]
-        else:
-            if not isinstance(raw, list) or not raw:
-                self.fail("health.checks", "a non-empty list of {path: /..., status: [200]}", raw, sec)
-            for i, item in enumerate(raw):
-                key = f"health.checks[{i}]"
-                if isinstance(item, str):
-                    item = {"path": item}
-                if not isinstance(item, dict):
-                    self.fail(key, "a mapping {path: /..., status: [200]}", item, sec)
-                self.unknown(item, {"path", "status"}, key + ".")
-                path = item.get("path")
-                if not isinstance(path, str) or not path.startswith("/") or any(c.isspace() for c in path):
-                    self.fail(f"{key}.path", "a URL path starting with /", path, item)
-                status = item.get("status", [200])
-                if isinstance(status, int) and not isinstance(status, bool):
-                    status = [status]
-                if not isinstance(status, list) or not status or any(
-                        isinstance(s, bool) or not isinstance(s, int) or not 100 <= s <= 599 for s in status):
-                    self.fail(f"{key}.status", "a list of HTTP status codes (100-599)", item.get("status"),
-                              item)
-                checks.append(Check(path, tuple(status)))
-        return HealthConfig(
-            checks=tuple(checks),
-            external_url=self.get(sec, "health.", "external_url", "", self.url()),
-            start_timeout_s=self.get(sec, "health.", "start_timeout_s", 60,
-                                     self.number(0, 3600, strict_min=True, unit="seconds")),
-            timeout_s=self.get(sec, "health.", "timeout_s", 5,
-                               self.number(0, 300, strict_min=True, unit="seconds")),
-            interval_s=self.get(sec, "health.", "interval_s", 10,
-                                self.number(0, 3600, strict_min=True, unit="seconds")),
-        )
-
-    def activity(self, doc: dict) -> ActivityConfig:
-        sec = self.section(doc, "activity", _keys(ActivityConfig))
-        p = "activity."
-        interval = self.get(sec, p, "interval_s", 5, self.number(0.1, 3600, unit="seconds"))
-        window = self.get(sec, p, "window_s", 300, self.number(1, 86400, unit="seconds"))
-        if window < interval:
-            self.fail("activity.window_s", f"a window at least as long as activity.interval_s ({interval:g})",
-                      window, sec)
-        ignore = sec.get("ignore_paths", ["/health"])
-        if ignore is None:
-            ignore = []
-        if not isinstance(ignore, list) or any(not isinstance(x, str) or not x.startswith("/")
-                                               for x in ignore):
-            self.fail("activity.ignore_paths", "a list of URL paths starting with /", ignore, sec)
-        return ActivityConfig(
-            interval_s=interval, window_s=window, ignore_paths=tuple(ignore),
-            tunnel_process=self.get(sec, p, "tunnel_process", "cloudflared", self.text()).strip(),
-            history_max_bytes=self.get(sec, p, "history_max_bytes", 5 << 20,
-                                       self.number(4096, 1 << 32, integer=True, unit="bytes")),
-        )
-
-    def safety(self, doc: dict) -> SafetyConfig:
-        sec = self.section(doc, "safety", _keys(SafetyConfig))
-        return SafetyConfig(
-            yellow_max_users=self.get(sec, "safety.", "yellow_max_users", 2,
-                                      self.number(0, 10000, integer=True)),
-            quiet_for_s=self.get(sec, "safety.", "quiet_for_s", 120, self.number(0, 86400, unit="seconds")),
-            red_rpm=self.get(sec, "safety.", "red_rpm", 600, self.number(0, 1e9, unit="requests per minute")),
-        )
-
-    def schedule(self, doc: dict) -> ScheduleConfig:
-        sec = self.section(doc, "schedule", _keys(ScheduleConfig))
-        tz = self.get(sec, "schedule.", "timezone", "UTC", self.text(False, "an IANA time zone"))
-        try:
-            if tz != tz.strip() or ".." in tz or tz.startswith("/"):
-                raise ValueError
-            zoneinfo.ZoneInfo(tz)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-            close = difflib.get_close_matches(tz, sorted(zoneinfo.available_timezones()), n=1)
-            hint = f"did you mean {close[0]}?" if close else ""
-            self.fail("schedule.timezone", "an IANA time zone like Asia/Seoul", tz, sec, hint=hint)
-        return ScheduleConfig(
-            timezone=tz,
-            preferred=self.window_list("schedule.preferred", sec.get("preferred"), sec),
-            acceptable=self.window_list("schedule.acceptable", sec.get("acceptable"), sec),
-            avoid=self.window_list("schedule.avoid", sec.get("avoid"), sec),
-            weekly=self.weekly("schedule.weekly", sec.get("weekly"), sec),
-        )
-
-    def update(self, doc: dict) -> UpdateConfig:
-        sec = self.section(doc, "update", _keys(UpdateConfig))
-        p = "update."
-        installer = self.get(sec, p, "installer", "auto", self.text(False))
-        if installer not in ("auto", "uv", "pip"):
-            self.fail("update.installer", "one of auto, uv, pip", installer, sec)
-        if installer == "uv" and not find_uv():
-            self.fail("update.installer", "an installer that exists here: uv was not found "
-                      "(pip install uv, or use auto)", installer, sec)
-        return UpdateConfig(
-            notice_grace_s=self.get(sec, p, "notice_grace_s", 300, self.number(0, 86400, unit="seconds")),
-            drain_timeout_s=self.get(sec, p, "drain_timeout_s", 60,
-                                     self.number(0, 3600, strict_min=True, unit="seconds")),
-            watch_s=self.get(sec, p, "watch_s", 120, self.number(0, 86400, unit="seconds")),
-            keep_days=self.get(sec, p, "keep_days", 7, self.number(0, 3650, unit="days")),
-            keep_min=self.get(sec, p, "keep_min", 3, self.number(1, 1000, integer=True)),
-            max_5xx_ratio=self.get(sec, p, "max_5xx_ratio", 0.2, self.number(0, 1)),
-            min_free_mb=self.get(sec, p, "min_free_mb", 200,
-                                 self.number(0, 1 << 30, integer=True, unit="MB")),
-            installer=installer,
-            canary=self.get(sec, p, "canary", True, self.boolean),
-            migrate_timeout_s=self.get(sec, p, "migrate_timeout_s", 300,
-                                       self.number(1, 86400, unit="seconds")),
-            allow_incompatible=self.get(sec, p, "allow_incompatible", False, self.boolean),
-            min_5xx_count=self.get(sec, p, "min_5xx_count", 5, self.number(1, 1 << 20, integer=True)),
-            min_5xx_clients=self.get(sec, p, "min_5xx_clients", 2, self.number(1, 1 << 20, integer=True)),
-        )
-
-    def notify(self, doc: dict) -> NotifyConfig:
-        sec = self.section(doc, "notify", _keys(NotifyConfig))
-        notice = self.get(sec, "notify.", "notice_file", "notice.json",
-                          self.relpath(False, "a file path", inside="root"))
-        return NotifyConfig(
-            notice_file=notice,
-            webhook_url=self.get(sec, "notify.", "webhook_url", "", self.url()),
-            webhook_timeout_s=self.get(sec, "notify.", "webhook_timeout_s", 3,
-                                       self.number(0, 60, strict_min=True, unit="seconds")),
-        )
-
-    def web(self, doc: dict) -> WebConfig:
-        sec = self.section(doc, "web", {"listen", "token"})
-        listen = sec.get("listen", {})
-        if not isinstance(listen, dict):
-            self.fail("web.listen", "a mapping {host: 127.0.0.1, port: 8099}", listen, sec)
-        self.unknown(listen, {"host", "port"}, "web.listen.")
-        host = self.get(listen, "web.listen.", "host", "127.0.0.1", self.text(False, "an IP address"))
-        if host == "localhost":
-            host = "127.0.0.1"
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            self.fail("web.listen.host", "an IP address such as 127.0.0.1 (or localhost)", host, listen)
-        port = self.get(listen, "web.listen.", "port", 8099, self.number(1, 65535, integer=True))
-        token = self.get(sec, "web.", "token", "", self.text(True, "a string of at least 16 characters"))
-        if token and (len(token) < 16 or any(c.isspace() for c in token)):
-            self.fail("web.token", "at least 16 characters without spaces (e.g. from `openssl rand -hex 16`)",
-                      "(hidden)", sec)
-        if not loopback and not token:
-            self.fail("web.token", f"a token (at least 16 characters): required because web.listen.host {host} "
-                      "is not a loopback address (or keep 127.0.0.1 and reach it through an SSH forward)")
-        return WebConfig(host, port, token)
-
-
-_DEFAULT_COMMAND = ["{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"]
 _FULL_DAYS = {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
 
 
@@ -1021,26 +1036,48 @@ def _sections() -> dict[str, type]:
 SECTIONS = tuple(_sections())
 
 
-def _keys(cls: type) -> set[str]:
-    """The keys a section accepts: its fields."""
-    return {f.name for f in fields(cls)}
+def _specs(cls: type) -> list[tuple[dataclasses.Field[Any], Spec]]:
+    """The declared keys of a section (or of the top level), in declaration order."""
+    return [(f, f.metadata["spec"]) for f in fields(cls) if "spec" in f.metadata]
 
 
 def _top_keys() -> set[str]:
-    return {f.name for f in fields(Config) if f.name not in ("source", "raw")}
+    return {f.name for f, _ in _specs(Config)} | set(SECTIONS)
+
+
+def declared() -> dict[str, Spec]:
+    """Every dotted key as YAML spells it (web.listen.host) and its declaration, in order."""
+    out = {f.name: spec for f, spec in _specs(Config)}
+    for name, cls in _sections().items():
+        for f, spec in _specs(cls):
+            out[f"{name}." + ".".join(spec.at or (f.name,))] = spec
+    return out
 
 
 def schema() -> dict[str, str]:
-    """Every dotted key and its reload rule, in declaration order (a key that declares none: RESTART)."""
-    out: dict[str, str] = {}
-    sections = _sections()
-    for f in fields(Config):
-        if f.name in sections:
-            for sub in fields(sections[f.name]):
-                out[f"{f.name}.{sub.name}"] = sub.metadata.get("reload", RESTART)
-        elif f.name in _top_keys():
-            out[f.name] = f.metadata.get("reload", RESTART)
+    """Every dotted key (as the dataclasses name it: web.host) and its reload rule, in declaration order."""
+    out = {f.name: spec.reload for f, spec in _specs(Config)}
+    for name, cls in _sections().items():
+        for f, spec in _specs(cls):
+            out[f"{name}.{f.name}"] = spec.reload
     return out
+
+
+def reference_table() -> str:
+    """README's table of every key (between its config-table markers), made from the declarations:
+    `./dev docs` writes it, tests/test_readme_config.py fails when README differs."""
+    short = {NOW: "at once", NEXT_UPDATE: "next update", NEXT_START: "next app start", RESTART: "daemon restart",
+             WEB_RESTART: "`proto4d web` restart"}
+    lines = ["| key | default | a change by SIGHUP applies | what it does |", "|---|---|---|---|"]
+    for key, spec in declared().items():
+        if spec.default is REQUIRED:
+            default = "(required)"
+        else:
+            d = spec.default
+            default = "`" + (d if isinstance(d, str) and d else json.dumps(d)) + "`"
+        cells = (f"`{key}`", default, short[spec.reload], spec.doc)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def reload_differences(old: Config, new: Config) -> dict[str, list[str]]:
