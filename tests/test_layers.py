@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("config", {"config"}),
     ("infrastructure", {"fsutil", "paths", "procs", "log", "listener", "health", "notices", "child", "activity",
                         "faults", "inbox", "notifier", "host", "snapshots", "migrate", "envwatch",
-                        "accesschannel"}),
+                        "accesschannel", "appuser"}),
     ("releases and the app process", {"releases", "runner", "prune", "canarydata", "datasteps"}),
     ("the update", {"update"}),
     ("the daemon", {"supervisor", "service", "configwait"}),

@@ -21,6 +21,7 @@ from pathlib import Path
 from proto4d import faults
 from proto4d.accesschannel import AccessChannel
 from proto4d.accesslog import AccessRecord
+from proto4d.appuser import AppUser
 from proto4d.fsutil import private_opener
 from proto4d.log import scrub
 from proto4d.procs import HELD_EXIT, Hold, PidRegistry, kill_group
@@ -111,7 +112,8 @@ class AppProcess:
     def __init__(self, *, release: str, role: str, argv: Sequence[str], cwd: Path, env: dict[str, str],
                  pass_fds: Sequence[int], on_line: LineHandler, registry: PidRegistry | None,
                  ready_pattern: str, access: AccessChannel | None = None,
-                 on_record: RecordHandler | None = None) -> None:
+                 on_record: RecordHandler | None = None, user: AppUser | None = None,
+                 blocked: str | None = None) -> None:
         self.release = release
         self.role = role
         self.argv = list(argv)
@@ -137,6 +139,8 @@ class AppProcess:
         self.access = access  # the drain shim's access-record pipe, when the app runs through the shim
         self.on_record = on_record
         self._access_reader: asyncio.Task[None] | None = None
+        self.user = user  # app.user: the process runs as that user from its first instruction (the held shell too)
+        self.blocked = blocked  # known before the start: why it cannot run (e.g. app.user cannot reach the python)
 
     @property
     def access_channel(self) -> bool:
@@ -152,13 +156,21 @@ class AppProcess:
         """
         self.started_at = time.time()
         self.started_mono = time.monotonic()
+        problem = self.blocked or (self.user.problem() if self.user is not None else None)
+        if problem:
+            if self.access is not None:
+                self.access.spawned()
+                with contextlib.suppress(OSError):
+                    os.close(self.access.read_fd)
+            self._never_started(f"not started: {problem}")
+            return
         hold = Hold()
         extra = (self.access.write_fd,) if self.access is not None else ()  # the shim's access-record pipe
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *hold.wrap(self.argv), cwd=self.cwd, env=self.env, stdin=hold.read_fd,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=(*self.pass_fds, *extra),
-                start_new_session=True, limit=1 << 20)
+                start_new_session=True, limit=1 << 20, **(self.user.popen() if self.user is not None else {}))
         except OSError as e:
             hold.abort()
             if self.access is not None:

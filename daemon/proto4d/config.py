@@ -212,6 +212,9 @@ class AppConfig:
     migrate: tuple[str, ...] = setting(NEXT_UPDATE, [], read("migrate"),
                                        "argv run in the release's venv and workdir: on the canary's copy, "
                                        "then live at the switch")
+    user: str = setting(NEXT_START, "", read("app_user"),
+                        "run the app, its canary and its migrations as this user (needs a daemon run as root; "
+                        "\"\" = the daemon's user)")
 
     @property
     def uses_fd(self) -> bool:
@@ -789,6 +792,18 @@ class _Builder:
         except re.error as e:
             self.fail(key, f"a valid regular expression ({e})", value, sec)
         raise AssertionError  # unreachable
+
+    def app_user(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        name = self.text(True, "a user name")(key, value, sec).strip()
+        if name:
+            import pwd  # here: only a config that names a user looks one up
+            try:
+                pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+            except (KeyError, OverflowError):
+                self.fail(key, "a user that exists on this machine", name, sec)
+        return name
 
     def stripped_text(self, key: str, value: Any, sec: Mapping, done: dict) -> str:
         return self.text()(key, value, sec).strip()

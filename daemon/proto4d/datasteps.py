@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proto4d import canarydata, fsutil, migrate, snapshots
+from proto4d import appuser, canarydata, fsutil, migrate, snapshots
 from proto4d.releases import Release
 
 Progress = Callable[[str], None]
@@ -66,6 +66,7 @@ class DataSteps:
     python_for: Callable[[Release], Path]
     progress: Progress
     registry: Any = None
+    app_user: str = ""  # app.user: migrations run as the app does
     # results, kept in the journal by the caller
     compatible: bool | None = None
     snapshot: str | None = None
@@ -90,9 +91,13 @@ class DataSteps:
 
     def _run_migration(self, release: Release, tree: Path) -> migrate.Migration:
         python = self.python_for(release)
+        user = appuser.resolve(self.app_user)
+        if user is not None:
+            user.prepare(root=self.shared_root.parent, shared=self.shared_root, state=self.state_dir,
+                         cwd=tree / self.workdir, venv=python.parent.parent)
         return migrate.run(self.migrate_argv, python=python, release=tree, workdir=tree / self.workdir,
                            env=migration_env(python, self.app_env), timeout=self.timeout_s,
-                           registry=self.registry)
+                           registry=self.registry, user=user)
 
     # -- 1. the canary, on copies
 

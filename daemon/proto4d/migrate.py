@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proto4d import procs
+from proto4d.appuser import AppUser
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,15 @@ def argv_for(template: Sequence[str], python: Path, release: Path) -> list[str]:
 
 def run(template: Sequence[str], *, python: Path, release: Path, workdir: Path, env: Mapping[str, str],
         timeout: float, cancel: procs.Cancel | None = None,
-        registry: procs.PidRegistry | None = None) -> Migration:
+        registry: procs.PidRegistry | None = None, user: AppUser | None = None) -> Migration:
     argv = argv_for(template, python, release)
     t = time.monotonic()
+    problem = (user.problem() or user.cannot_run(python)) if user is not None else None
+    if problem:
+        return Migration(False, 0.0, tuple(argv), problem)
     try:
-        procs.run(argv, cwd=workdir, env=dict(env), timeout=timeout, cancel=cancel, registry=registry, kind="migrate")
+        procs.run(argv, cwd=workdir, env={**env, **(user.env() if user else {})}, timeout=timeout, cancel=cancel,
+                  registry=registry, kind="migrate", user=user.popen() if user else None)
         return Migration(True, time.monotonic() - t, tuple(argv), "")
     except procs.CommandFailed as e:
         return Migration(False, time.monotonic() - t, tuple(argv), e.tail)

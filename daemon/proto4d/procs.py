@@ -19,8 +19,9 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -89,7 +90,8 @@ def kill_group(pid: int, sig: int) -> None:
 
 def run(argv: Sequence[str], *, cancel: Cancel | None = None, cwd: Path | None = None,
         env: dict[str, str] | None = None, on_line: Callable[[str], None] | None = None,
-        registry: PidRegistry | None = None, kind: str = "helper", timeout: float | None = None) -> str:
+        registry: PidRegistry | None = None, kind: str = "helper", timeout: float | None = None,
+        user: Mapping[str, Any] | None = None) -> str:
     """Run a command in its own process group, streaming its output lines; return the output.
 
     Raises CommandFailed on a non-zero exit and Cancelled when the token fires (the whole
@@ -99,7 +101,7 @@ def run(argv: Sequence[str], *, cancel: Cancel | None = None, cwd: Path | None =
     try:
         proc = subprocess.Popen(hold.wrap(argv) if hold else list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=hold.read_fd if hold else subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, **(user or {}))
     except OSError:
         if hold is not None:
             hold.abort()

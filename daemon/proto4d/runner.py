@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from proto4d import appenv, drain, envwatch, faults, log, procs, releases, states
+from proto4d import appenv, appuser, drain, envwatch, faults, log, procs, releases, states
 from proto4d.accesschannel import AccessChannel
 from proto4d.child import AppProcess, Backoff, LineHandler, RecordHandler
 from proto4d.config import Config
@@ -128,16 +128,34 @@ class Runner:
         argv = [arg.format(**values) for arg in cfg.app.command]
         env = appenv.app_environment(os.environ, venv=python.parent.parent, release=release.name,
                                      extra=cfg.app.env_dict)
+        user = self.app_user()
+        cwd = release.path / cfg.app.workdir
+        blocked = None
+        if user is not None:
+            env.update(user.env())
+            self.hand_over(user, cwd, python.parent.parent)
+            blocked = user.cannot_run(python) if user.uid >= 0 and not user.problem() else None
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
         access = AccessChannel() if plan.kind == "shim" and role == "app" else None  # records the app cannot forge
         if access is not None:
             env.update(access.env)
-        proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=release.path / cfg.app.workdir,
+        proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=cwd,
                           env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.deps.on_line,
                           registry=self.deps.registry, ready_pattern=cfg.app.ready_pattern,
-                          access=access, on_record=self.deps.on_record)
+                          access=access, on_record=self.deps.on_record, user=user, blocked=blocked)
         return proc, plan
+
+    def app_user(self) -> appuser.AppUser | None:
+        """`app.user`, looked up at every start (the account may have changed since the config was read)."""
+        return appuser.resolve(self.cfg.app.user)
+
+    def hand_over(self, user: appuser.AppUser, cwd: Path, venv: Path) -> None:
+        paths = self.deps.paths
+        try:
+            user.prepare(root=paths.root, shared=paths.shared, state=paths.state, cwd=cwd, venv=venv)
+        except OSError as e:
+            self.log.warning("app_user.handover_failed", user=user.name, error=str(e))
 
     def _adopt(self, proc: AppProcess, release: Release, plan: drain.DrainPlan) -> None:
         self.proc = proc

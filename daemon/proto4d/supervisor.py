@@ -221,7 +221,8 @@ class Daemon:
             shared_root=self.paths.shared, shared=cfg.app.shared, declared=cfg.app.databases,
             migrate_argv=cfg.app.migrate, workdir=cfg.app.workdir, state_dir=self.paths.state,
             backups=self.paths.backups, timeout_s=cfg.update.migrate_timeout_s, app_env=cfg.app.env_dict,
-            python_for=lambda r: releases.python_for(self.paths, r), progress=progress, registry=self.registry)
+            python_for=lambda r: releases.python_for(self.paths, r), progress=progress, registry=self.registry,
+            app_user=cfg.app.user)
         try:
             await asyncio.to_thread(data.take_snapshot, rel, release_name="")
             await asyncio.to_thread(data.migrate_live, rel)

@@ -340,7 +340,8 @@ class UpdateRun:
             shared_root=paths.shared, shared=cfg.app.shared, declared=cfg.app.databases, migrate_argv=cfg.app.migrate,
             workdir=cfg.app.workdir, state_dir=paths.state, backups=paths.backups,
             timeout_s=cfg.update.migrate_timeout_s, app_env=cfg.app.env_dict,
-            python_for=lambda rel: releases.python_for(paths, rel), progress=self._progress, registry=deps.registry)
+            python_for=lambda rel: releases.python_for(paths, rel), progress=self._progress, registry=deps.registry,
+            app_user=cfg.app.user)
 
     # -- public
 
