@@ -135,15 +135,27 @@ def test_invalid_configs_sent_by_sighup_leave_the_daemon_on_its_old_config(make_
             check_message(error, row, d.config_path)  # names the file, the key, the line and what was expected
             assert refused[0]["kept"] == str(d.config_path)
             # Running, serving, fresh, and still on the old config.
-            s = d.wait_status(lambda s, t=t: dt.datetime.fromisoformat(s["written_at"]).timestamp() >= int(t), 5,
-                              "a status written after the refusal")
-            assert s["daemon"]["state"] == "running" and written_age(s) < 3, s["daemon"]
+            # (While the file is read, in a thread, the status goes on and says `reloading`.)
+            s = d.wait_status(lambda s, t=t: dt.datetime.fromisoformat(s["written_at"]).timestamp() >= int(t)
+                              and s["daemon"]["state"] == "running", 5, "a status written after the refusal")
+            assert written_age(s) < 3, s["daemon"]
             assert s["daemon"]["interval_s"] == 0.4
             assert (s["app"]["pid"], s["app"]["release"], s["app"]["healthy"]) == (pid, release, True)
             assert d.get("/health")["status"] == 200
         except AssertionError as e:
             failures.append(f"{row.id}: {e}")
     assert failures == [], "\n".join(failures)
+
+    # SIGHUPs in a row while a slow file is read: one reload at a time, and the daemon ends running.
+    slow = next(r for r in rows if r.id == "nested-too-deep")
+    put_config(slow, d.config_path, d, plain)
+    seen = len(events(d, "reload.refused"))
+    d.signal(signal.SIGHUP)
+    d.wait_status(lambda s: s["daemon"]["state"] == "reloading", 10, "the slow reload under way")
+    d.signal(signal.SIGHUP)  # a second one while the first still reads the file
+    wait_for(lambda: len(events(d, "reload.refused")) >= seen + 2, 60, "both refusals")
+    d.wait_status(lambda s: s["daemon"]["state"] == "running", 10, "running after both")
+    extra = 2
 
     # After all of them: the CLI sees a fresh status, and a good reload still works.
     put_config(type(rows[0])("good", good_text), d.config_path, d, plain)
@@ -155,7 +167,7 @@ def test_invalid_configs_sent_by_sighup_leave_the_daemon_on_its_old_config(make_
     d.signal(signal.SIGHUP)
     d.wait_status(lambda s: s["daemon"]["interval_s"] == 0.3, 10, "the good reload after the bad ones")
     assert len(events(d, "reload.applied")) == applied + 1
-    assert len(events(d, "reload.refused")) == len(rows)
+    assert len(events(d, "reload.refused")) == len(rows) + extra
     assert d.status()["app"]["pid"] == pid
     assert d.stop() == 0
 

@@ -51,6 +51,7 @@ class Daemon:
         self.log = log.get("proto4d")
         self._machine = states.Machine(states.DAEMON, states.STARTING, states.logged(self.log, "daemon.state"))
         self.stopping = False
+        self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
         self.notifier = Notifier()
         self.registry = PidRegistry(self.paths.app_pids)
@@ -456,6 +457,12 @@ class Daemon:
     # -- reload
 
     async def reload(self) -> None:
+        # SIGHUPs in a row: one reload at a time (each reads the file as it is then), so none starts
+        # from the RELOADING state another left behind.
+        async with self._reload_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
         if self.stopping:
             return  # a SIGHUP during the shutdown: nothing left to reconfigure
         self.notifier.reloading()
@@ -463,12 +470,18 @@ class Daemon:
         self._machine.change(states.RELOADING)
         path = self.config_path
         try:
-            new = configmod.load(path)
+            # In a thread: a hostile file (thousands of nested brackets) takes seconds to refuse, and the
+            # loop goes on sampling, checking and writing status meanwhile.
+            new = await asyncio.to_thread(configmod.load, path)
+            if self.stopping:
+                return  # stopped while the file was read: the stop owns the state now
             if new.root != self.cfg.root:
                 raise configmod.ConfigError(new.source, "root", f"the same root while running ({self.cfg.root}); "
                                             "restart the daemon to move it", new.root)
         except configmod.ConfigError as e:
             self.log.error("reload.refused", error=str(e), kept=self.cfg.source)
+            if self.stopping:
+                return
             self._machine.change(previous_state)
             self.notifier.ready()
             return
