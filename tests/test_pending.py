@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from harness import Origin
-from proto4d import pending
+from proto4d import datasteps, pending, views
 
 
 def test_requirement_lines_added_and_removed() -> None:
@@ -75,6 +75,20 @@ def test_pending_shows_commits_requirements_env_keys_and_migrations(tmp_path: Pa
     # Its own repository: the daemon's mirror is never touched.
     assert (root / "state" / "pending.git").is_dir() and not (root / "state" / "repo.git").exists()
     assert str(origin.bare) not in (root / "state" / "pending.git" / "config").read_text()
+
+    # What it found stays for `status`, while the running commit is the one it compared.
+    first = json.loads((root / "state" / "status.json").read_text())["app"]["commit"]
+    report = json.loads((root / "state" / "pending.json").read_text())
+    assert (report["running"], report["commits"]) == (first, 2)
+    assert report["migrations"] == ["app/migrations/versions/0002_hint.py"]
+    st = datasteps.status(root / "shared", [], root / "backups", pending_report=root / "state" / "pending.json",
+                          running_commit=first)
+    assert st["pending"]["migrations"] == ["app/migrations/versions/0002_hint.py"] and st["pending"]["commits"] == 2
+    assert "pending" not in datasteps.status(root / "shared", [], root / "backups",
+                                             pending_report=root / "state" / "pending.json", running_commit="other")
+    shown = views.render_status({"daemon": {"state": "running"}, "app": {}, "activity": {}, "update": {},
+                                 "data": st}, None)
+    assert "pending  2 commits on the branch, 1 migration (0002_hint.py)" in shown, shown
 
 
 def test_an_unreachable_origin_is_said_plainly(tmp_path: Path) -> None:

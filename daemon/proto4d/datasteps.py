@@ -230,8 +230,11 @@ def prune(backups: Path, *, keep_days: float, keep_min: int, now: float | None =
     return doomed
 
 
-def status(shared: Path, declared: Sequence[str], backups: Path, now: float | None = None) -> dict[str, Any]:
-    """Databases (size, WAL size, schema revision) and the last snapshot's age, for `status`."""
+def status(shared: Path, declared: Sequence[str], backups: Path, now: float | None = None,
+           pending_report: Path | None = None, running_commit: str = "") -> dict[str, Any]:
+    """Databases (size, WAL size, schema revision), the last snapshot's age and the migrations the
+    branch would bring (from the last `proto4d pending`, while the running commit is the one it
+    compared), for `status`."""
     now = time.time() if now is None else now
     dbs = []
     for rel in snapshots.find_databases(shared, declared):
@@ -240,8 +243,14 @@ def status(shared: Path, declared: Sequence[str], backups: Path, now: float | No
         dbs.append({"path": rel, "bytes": _size(p), "wal_bytes": _size(wal), "revision": migrate.schema_revision(p)})
     snaps = snapshots.listing(backups)
     last = snaps[0] if snaps else None
-    return {"databases": dbs, "snapshots": len(snaps),
-            "last_snapshot": {"id": last.id, "age_s": round(now - last.created_at, 1)} if last else None}
+    out: dict[str, Any] = {"databases": dbs, "snapshots": len(snaps),
+                           "last_snapshot": {"id": last.id, "age_s": round(now - last.created_at, 1)} if last else None}
+    report = fsutil.read_json(pending_report) if pending_report is not None else None
+    if isinstance(report, dict) and running_commit and report.get("running") == running_commit:
+        out["pending"] = {"migrations": [str(m) for m in report.get("migrations") or []][:50],
+                          "commits": int(report.get("commits") or 0), "head": str(report.get("head", ""))[:40],
+                          "age_s": round(now - float(report.get("checked_at") or now), 1)}
+    return out
 
 
 def _size(p: Path) -> int:

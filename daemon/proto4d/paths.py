@@ -75,6 +75,11 @@ class Paths:
         return self.state / "requests"
 
     @property
+    def pending_report(self) -> Path:
+        """What the last `proto4d pending` found (commits, migrations): `status` shows it while it holds."""
+        return self.state / "pending.json"
+
+    @property
     def answers(self) -> Path:
         """One small JSON file per request id: its final answer (what `update --wait` waits for)."""
         return self.state / "answers"

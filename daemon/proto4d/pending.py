@@ -14,11 +14,13 @@ file or put on a command line other users can read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,6 +232,10 @@ def cmd_pending(args: argparse.Namespace) -> int:
     except PendingError as e:
         print(safe_text(f"proto4d pending: cannot tell what an update would bring: {e}"))
         return EX_FAILED
+    with contextlib.suppress(OSError):  # status shows it while the running commit is the one compared
+        fsutil.atomic_write_json(paths.pending_report, {
+            "checked_at": time.time(), "running": p.running, "head": p.head, "branch": p.branch,
+            "commits": len(p.commits), "migrations": p.migrations}, durable=False)
     # Commit subjects and authors come from the repository: shown through textsafe.
     print(json.dumps(asdict(p) | {"up_to_date": p.up_to_date}, indent=2) if args.json
           else safe_text(render(p), multiline=True))

@@ -566,8 +566,10 @@ class Daemon:
         if self._data_cache is None or now - self._data_cache[0] > 60 or self._data_cache[1] != key:
             from proto4d import datasteps
             try:
-                self._data_cache = (now, key, datasteps.status(self.paths.shared, self.cfg.app.databases,
-                                                               self.paths.backups))
+                rel = self.runner.release
+                self._data_cache = (now, key, datasteps.status(
+                    self.paths.shared, self.cfg.app.databases, self.paths.backups,
+                    pending_report=self.paths.pending_report, running_commit=rel.commit if rel else ""))
             except OSError:
                 return None
         return self._data_cache[2]

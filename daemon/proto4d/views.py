@@ -125,6 +125,13 @@ def render_status(status: dict[str, Any], problem: str) -> str:
     if data.get("databases"):
         lines.append("         last snapshot: " + (f"{last_snap['id']}, {int(last_snap['age_s'] // 60)} min ago"
                                                      if last_snap else "none yet (one is taken before every switch)"))
+    pend = data.get("pending")
+    if pend:
+        migs = pend.get("migrations") or []
+        what = (f"{len(migs)} migration{'s' if len(migs) != 1 else ''} ({', '.join(Path(m).name for m in migs)})"
+                if migs else "no migration")
+        lines.append(f"pending  {pend.get('commits', 0)} commits on the branch, {what}; "
+                     f"`proto4d pending` {int(pend.get('age_s', 0) // 60)} min ago")
     lines.append(f"activity {str(act.get('verdict', '?')).upper()}: {act.get('users', 0)} users, "
                  f"{act.get('requests_window', 0)} requests in window, {act.get('connections', 0)} connections, "
                  f"tunnel {_tunnel(act.get('tunnel'))}, cpu {act.get('cpu_percent', 0)}%, "
