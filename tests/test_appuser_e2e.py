@@ -130,3 +130,35 @@ def test_an_interpreter_the_app_user_cannot_reach_is_named_in_the_failed_start(m
     exited = wait_for(lambda: events(d, "app.exited"), 60, "the failed start")
     assert "cannot reach" in exited[0]["last_output"] and "the `python` key" in exited[0]["last_output"], exited[0]
     assert not d.app_pids()
+
+
+@pytest.mark.long
+def test_a_database_app_migrates_and_writes_as_its_user_across_an_update(tmp_path):
+    """SQLite in WAL mode as `nobody`: the first release's migration, rows written under load, a
+    migration on the canary's copy and live at the switch, the daemon's snapshot (as root) in between."""
+    from harness import Daemon
+    from test_data_e2e import Writers, db_origin, ids_in, migration, revision
+
+    origin = db_origin(tmp_path)
+    d = Daemon(tmp_path, origin, python=python_for_nobody(),
+               app={"user": "nobody", "migrate": ["{python}", "-m", "alembic", "upgrade", "head"],
+                    "shared": [".env", "data"]},
+               health={"checks": [{"path": "/health", "status": [200]}], "start_timeout_s": 40})
+    reachable(d.base)
+    try:
+        d.start()
+        db = d.root / "shared" / "data" / "app.db"
+        assert revision(db) == "0001" and os.stat(db).st_uid == NOBODY.pw_uid
+        with Writers(d.port) as w:
+            w.wait(10)
+            origin.commit("2", files=migration("0002_hint.py"))
+            r = d.update("--force", "--wait")
+            w.wait(10)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert revision(db) == "0002" and w.failed == []
+        assert set(w.acked) <= ids_in(db)
+        for p in db.parent.iterdir():  # the database and its WAL files stay the app's, whoever touched them
+            assert os.stat(p).st_uid == NOBODY.pw_uid, p
+        assert psutil.Process(d.status()["app"]["pid"]).uids().effective == NOBODY.pw_uid
+    finally:
+        d.cleanup()
