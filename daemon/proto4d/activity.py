@@ -105,13 +105,19 @@ class Sampler:
         for pid in roots:
             try:
                 root = self._cached(pid)
-                members = [root, *root.children(recursive=True)]
+                below = descendants(pid)
+                members = [root, *(root.children(recursive=True) if below is None else ())]
             except psutil.Error:
                 continue
             for p in members:
                 if p.pid not in seen:
                     seen.add(p.pid)
                     procs.append(self._cached(p.pid, p))
+            for child in below or ():
+                if child not in seen:
+                    with contextlib.suppress(psutil.Error):
+                        procs.append(self._cached(child))
+                        seen.add(child)
         for pid in list(self._procs):
             if pid not in seen:
                 del self._procs[pid]
@@ -200,6 +206,43 @@ class Sampler:
             "sampled_at": iso(now),
         }
         return self.last
+
+
+_KERNEL_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def descendants(pid: int) -> list[int] | None:
+    """The pids below `pid`, from the kernel's own lists (Linux: /proc/<pid>/task/<tid>/children);
+    None where there are none (other systems, a kernel without CONFIG_PROC_CHILDREN).
+
+    psutil's children() builds a parent map from every /proc/<pid>/stat on the machine at each call,
+    so an idle sample cost grew with everything else running; this grows with the app's tree only.
+    A child is listed under the thread that forked it, so every thread's list is read.
+    """
+    if not _KERNEL_CHILDREN:
+        return None
+    out: list[int] = []
+    seen = {pid}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    listed = f.read().split()
+            except OSError:
+                continue
+            for raw in listed:
+                child = int(raw)
+                if child not in seen:
+                    seen.add(child)
+                    out.append(child)
+                    todo.append(child)
+    return out
 
 
 def find_process(name: str) -> psutil.Process | None:
