@@ -23,6 +23,8 @@ from proto4d.procs import Cancel, Cancelled, PidRegistry
 DAEMON_PATH = textwrap.dedent("""
     import json, sys
     from pathlib import Path
+    from proto4d import lean
+    lean.daemon_imports()  # as `proto4d run` does
     import proto4d.supervisor, proto4d.update
     from proto4d import releases
     from proto4d.procs import PidRegistry
@@ -36,7 +38,8 @@ DAEMON_PATH = textwrap.dedent("""
     dest.mkdir()
     mirror.export(head, "app", dest, registry=PidRegistry(base / "app.pids"))
     mirror.pin("r1", head)
-    print(json.dumps({"modules": sorted(m for m in ("git", "gitdb", "tarfile") if m in sys.modules),
+    print(json.dumps({"modules": sorted(m for m in ("git", "gitdb", "tarfile", "ssl", "_ssl", "_hashlib")
+                                        if sys.modules.get(m) is not None),
                       "files": sorted(p.name for p in dest.iterdir()), "subject": mirror.subject(head),
                       "commits": commits}))
 """)
@@ -50,7 +53,8 @@ def sub_origin(tmp_path: Path) -> Origin:
     return o
 
 
-def test_fetch_resolve_and_export_leave_no_gitpython_or_tarfile_in_the_daemon(tmp_path: Path, sub_origin: Origin):
+def test_fetch_resolve_and_export_leave_no_gitpython_tarfile_or_openssl_in_the_daemon(tmp_path: Path,
+                                                                                    sub_origin: Origin):
     base = tmp_path / "work"
     base.mkdir()
     r = subprocess.run([sys.executable, "-c", DAEMON_PATH, str(base), str(sub_origin.bare)], capture_output=True,
