@@ -229,7 +229,8 @@ def samples(args: argparse.Namespace, base: Path, origin: Any) -> list[dict[str,
             if n > len(socks):
                 socks += open_connections(d.port, n - len(socks), len(socks))
             time.sleep(1.0)
-            sampler = Sampler(cfg.activity, cfg.safety, cfg.listen.port, cfg.app.access_log_regex, set)
+            sampler = Sampler(cfg.activity, cfg.safety, cfg.listen.port, cfg.app.access_log_regex, set,
+                              host=cfg.listen.host)
             log_path = d.root / "logs" / "app.log"
             time.sleep(0.5)  # the daemon flushes app.log every 0.2 s
             fed = 0

@@ -4,6 +4,8 @@ of every process at every sample was a large share of the idle daemon's CPU). Re
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -58,3 +60,36 @@ def test_the_sample_counts_the_whole_tree(tree: psutil.Process):
     assert last["processes"] == 4
     assert last["rss_bytes"] >= sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]) // 2
     assert s.sample([12345678], app_up=False)["processes"] == 0  # a pid that does not exist: no tree, no error
+
+
+def _loopback_v6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_connections_are_counted_from_the_listening_socket_s_own_table(host: str):
+    """Only the table of the socket's family is read (connection_kind): its connections must all be there."""
+    if host == "::1" and not _loopback_v6():
+        pytest.skip("no IPv6 loopback here")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as server:
+        server.bind((host, 0))
+        server.listen()
+        port = server.getsockname()[1]
+        clients = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+        accepted = [server.accept()[0] for _ in clients]
+        try:
+            cfg = ActivityConfig(interval_s=5, window_s=300, ignore_paths=(), tunnel_process="",
+                                 history_max_bytes=1 << 20)
+            s = Sampler(cfg, SafetyConfig(yellow_max_users=2, quiet_for_s=120, red_rpm=600), port, "", set,
+                        host=host)
+            assert s.conn_kind == ("tcp6" if family == socket.AF_INET6 else "tcp4")
+            assert s.sample([os.getpid()], app_up=True)["connections"] == 3
+        finally:
+            for c in clients + accepted:
+                c.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
@@ -39,10 +40,11 @@ def iso(ts: float | None) -> str | None:
 
 class Sampler:
     def __init__(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str,
-                 probe_ports: Any, clock: Callable[[], float] = time.monotonic) -> None:
+                 probe_ports: Any, clock: Callable[[], float] = time.monotonic, host: str = "") -> None:
         self.cfg = cfg
         self.safety = safety
         self.port = port
+        self.conn_kind = connection_kind(host)
         self.custom = re.compile(custom_regex) if custom_regex else None
         self.probe_ports = probe_ports  # callable -> set of local ports the daemon's probes used
         self.window = accesslog.RequestWindow(cfg.window_s, cfg.ignore_paths)
@@ -55,7 +57,9 @@ class Sampler:
         self.last: dict[str, Any] = {}
         self.last_verdict: policy.Verdict | None = None
 
-    def reconfigure(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str) -> None:
+    def reconfigure(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str,
+                    host: str = "") -> None:
+        self.conn_kind = connection_kind(host)
         if cfg.tunnel_process != self.cfg.tunnel_process:
             self._tunnel, self._tunnel_scanned = None, None  # another name: look for it at the next sample
         self.cfg, self.safety, self.port = cfg, safety, port
@@ -140,7 +144,7 @@ class Sampler:
                 with p.oneshot():
                     cpu += p.cpu_percent(None)
                     rss += p.memory_info().rss
-                for c in p.net_connections(kind="tcp"):
+                for c in p.net_connections(kind=self.conn_kind):
                     if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port and c.raddr:
                         conns.add((c.laddr, c.raddr))
             except psutil.Error:
@@ -206,6 +210,22 @@ class Sampler:
             "sampled_at": iso(now),
         }
         return self.last
+
+
+def connection_kind(host: str) -> str:
+    """psutil's `kind` for the connections accepted on the app's socket, bound to `host`.
+
+    An IPv4 socket's connections are all in /proc/net/tcp, an IPv6 one's (v4-mapped included) in
+    tcp6; on Linux each of those reads walks the kernel's whole TCP hash (milliseconds, however few
+    sockets this machine has), so reading one table, not both, halves what a sample costs. A name
+    is bound as IPv4 (listener.py); no host known: both.
+    """
+    if not host:
+        return "tcp"
+    try:
+        return "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp4"
+    except ValueError:
+        return "tcp4"
 
 
 _KERNEL_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
