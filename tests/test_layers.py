@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                    "appenv"}),
     ("config", {"config"}),
     ("infrastructure", {"fsutil", "paths", "procs", "log", "listener", "health", "notices", "child", "activity",
-                        "faults", "inbox", "notifier", "host", "snapshots", "migrate", "envwatch",
+                        "faults", "inbox", "notifier", "host", "snapshots", "migrate", "envwatch", "exporttree", "lean",
                         "accesschannel", "appuser"}),
     ("releases and the app process", {"releases", "runner", "prune", "canarydata", "datasteps"}),
     ("the update", {"update"}),

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,12 @@ def test_update_under_keepalive_load_drops_no_request(make_daemon, origin):
     assert rels[0]["outcome"] == "verified" and rels[1]["name"] == old_release
     story = (d.root / s["update"]["last"]["log"]).read_text()  # the update's own log tells it step by step
     assert f"to {sha[:7]}" in story and "canary done" in story and "outcome: DONE" in story, story
+    # The resident daemon after an update: no OpenSSL mapped (lean.py; GitPython and tarfile, pure Python, are
+    # proven out of it in test_mirror.py).
+    maps = Path(f"/proc/{d.proc.pid}/maps")
+    if maps.exists():
+        loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "/" in line}
+        assert not [p for p in loaded if "_ssl." in p or "_hashlib." in p or "libssl" in p], sorted(loaded)
 
 
 def test_version_that_cannot_start_is_aborted_and_the_old_keeps_serving(make_daemon, origin):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from proto4d import accesslog, fsutil, policy
 from proto4d.config import ActivityConfig, SafetyConfig
 
 SETTLE_S = 0.25
+# While no tunnel process is known, all processes are looked through at most this often: a tunnel
+# started meanwhile shows as up within this long (one that stops shows at the next sample).
+TUNNEL_RESCAN_S = 30.0
 
 
 def iso(ts: float | None) -> str | None:
@@ -35,20 +40,28 @@ def iso(ts: float | None) -> str | None:
 
 class Sampler:
     def __init__(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str,
-                 probe_ports: Any) -> None:
+                 probe_ports: Any, clock: Callable[[], float] = time.monotonic, host: str = "") -> None:
         self.cfg = cfg
         self.safety = safety
         self.port = port
+        self.conn_kind = connection_kind(host)
         self.custom = re.compile(custom_regex) if custom_regex else None
         self.probe_ports = probe_ports  # callable -> set of local ports the daemon's probes used
         self.window = accesslog.RequestWindow(cfg.window_s, cfg.ignore_paths)
         self._pending: collections.deque[tuple[float, accesslog.AccessRecord]] = collections.deque(maxlen=100_000)
         self._procs: dict[int, psutil.Process] = {}
         self._tunnel: psutil.Process | None = None
+        self._tunnel_scanned: float | None = None  # clock() of the last walk through every process
+        self.tunnel_checked_at: float | None = None  # wall time the tunnel was last looked at (status)
+        self._clock = clock
         self.last: dict[str, Any] = {}
         self.last_verdict: policy.Verdict | None = None
 
-    def reconfigure(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str) -> None:
+    def reconfigure(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str,
+                    host: str = "") -> None:
+        self.conn_kind = connection_kind(host)
+        if cfg.tunnel_process != self.cfg.tunnel_process:
+            self._tunnel, self._tunnel_scanned = None, None  # another name: look for it at the next sample
         self.cfg, self.safety, self.port = cfg, safety, port
         self.custom = re.compile(custom_regex) if custom_regex else None
         self.window.reconfigure(cfg.window_s, cfg.ignore_paths)
@@ -96,13 +109,19 @@ class Sampler:
         for pid in roots:
             try:
                 root = self._cached(pid)
-                members = [root, *root.children(recursive=True)]
+                below = descendants(pid)
+                members = [root, *(root.children(recursive=True) if below is None else ())]
             except psutil.Error:
                 continue
             for p in members:
                 if p.pid not in seen:
                     seen.add(p.pid)
                     procs.append(self._cached(p.pid, p))
+            for child in below or ():
+                if child not in seen:
+                    with contextlib.suppress(psutil.Error):
+                        procs.append(self._cached(child))
+                        seen.add(child)
         for pid in list(self._procs):
             if pid not in seen:
                 del self._procs[pid]
@@ -125,7 +144,7 @@ class Sampler:
                 with p.oneshot():
                     cpu += p.cpu_percent(None)
                     rss += p.memory_info().rss
-                for c in p.net_connections(kind="tcp"):
+                for c in p.net_connections(kind=self.conn_kind):
                     if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port and c.raddr:
                         conns.add((c.laddr, c.raddr))
             except psutil.Error:
@@ -133,20 +152,27 @@ class Sampler:
         return len(conns), cpu, rss
 
     def _tunnel_running(self) -> bool | None:
+        """Whether `activity.tunnel_process` runs: the process once found is watched by its pid alone
+        (a read of its own /proc entry per sample); only while none is known are all processes looked
+        through, at most every TUNNEL_RESCAN_S (every sample, that walk was most of the idle CPU). A
+        tunnel that stops is seen at the next sample; one that starts, within TUNNEL_RESCAN_S."""
         name = self.cfg.tunnel_process
         if not name:
             return None
+        now = self._clock()
         if self._tunnel is not None:
             with contextlib.suppress(psutil.Error):
                 if self._tunnel.is_running() and self._tunnel.status() != psutil.STATUS_ZOMBIE:
+                    self.tunnel_checked_at = time.time()
                     return True
+            # Gone: a service manager restarting it gives the new one another pid, so look at once.
             self._tunnel = None
-        # psutil restores names Linux truncates to 15 characters, so an exact match is enough.
-        for p in psutil.process_iter(["name"]):
-            if p.info["name"] == name:
-                self._tunnel = p
-                return True
-        return False
+        elif self._tunnel_scanned is not None and now - self._tunnel_scanned < TUNNEL_RESCAN_S:
+            return False
+        self._tunnel_scanned = now
+        self.tunnel_checked_at = time.time()
+        self._tunnel = find_process(name)
+        return self._tunnel is not None
 
     # -- the sample
 
@@ -173,6 +199,8 @@ class Sampler:
             "connections": connections,
             "last_request": iso(stats.last_request),
             "tunnel": tunnel,
+            "tunnel_checked_at": iso(self.tunnel_checked_at) if tunnel is not None else None,
+            "tunnel_rescan_s": TUNNEL_RESCAN_S,
             "cpu_percent": round(cpu, 1),
             "rss_bytes": rss,
             "processes": len(procs),
@@ -182,6 +210,97 @@ class Sampler:
             "sampled_at": iso(now),
         }
         return self.last
+
+
+def connection_kind(host: str) -> str:
+    """psutil's `kind` for the connections accepted on the app's socket, bound to `host`.
+
+    An IPv4 socket's connections are all in /proc/net/tcp, an IPv6 one's (v4-mapped included) in
+    tcp6; on Linux each of those reads walks the kernel's whole TCP hash (milliseconds, however few
+    sockets this machine has), so reading one table, not both, halves what a sample costs. A name
+    is bound as IPv4 (listener.py); no host known: both.
+    """
+    if not host:
+        return "tcp"
+    try:
+        return "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp4"
+    except ValueError:
+        return "tcp4"
+
+
+_KERNEL_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def descendants(pid: int) -> list[int] | None:
+    """The pids below `pid`, from the kernel's own lists (Linux: /proc/<pid>/task/<tid>/children);
+    None where there are none (other systems, a kernel without CONFIG_PROC_CHILDREN).
+
+    psutil's children() builds a parent map from every /proc/<pid>/stat on the machine at each call,
+    so an idle sample cost grew with everything else running; this grows with the app's tree only.
+    A child is listed under the thread that forked it, so every thread's list is read.
+    """
+    if not _KERNEL_CHILDREN:
+        return None
+    out: list[int] = []
+    seen = {pid}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    listed = f.read().split()
+            except OSError:
+                continue
+            for raw in listed:
+                child = int(raw)
+                if child not in seen:
+                    seen.add(child)
+                    out.append(child)
+                    todo.append(child)
+    return out
+
+
+def find_process(name: str) -> psutil.Process | None:
+    """A live process named `name`, or None.
+
+    On Linux the names are read from /proc/<pid>/comm directly: psutil.process_iter builds a Process
+    and reads /proc/<pid>/stat for each of them, about ten times the cost. comm holds at most 15
+    characters, so a longer name is compared in full (psutil restores it) only for a prefix match.
+    """
+    if sys.platform.startswith("linux"):
+        want = name.encode()[:15]
+        try:
+            pids = [e for e in os.listdir("/proc") if e.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                comm = os.read(fd, 64).rstrip(b"\n")
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if comm == want:
+                with contextlib.suppress(psutil.Error):
+                    p = psutil.Process(int(pid))
+                    if p.name() == name and p.status() != psutil.STATUS_ZOMBIE:
+                        return p
+        return None
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] == name:
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    return p
+    return None
 
 
 ROLLUP_S = 300            # one line of activity_5m.jsonl per 5 minutes

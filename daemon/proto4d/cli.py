@@ -255,9 +255,16 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _daemon(args: argparse.Namespace) -> int:
+    from proto4d import lean
+
+    lean.daemon_imports()  # before anything imports asyncio or hashlib: OpenSSL stays out until TLS is used
+    return _lazy("proto4d.supervisor", "cmd_run")(args)
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
-    "run": _lazy("proto4d.supervisor", "cmd_run"),
+    "run": _daemon,
     "status": _lazy("proto4d.views", "cmd_status"),
     "activity": _lazy("proto4d.views", "cmd_activity"),
     "releases": _lazy("proto4d.views", "cmd_releases"),

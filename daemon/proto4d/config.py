@@ -266,7 +266,8 @@ class ActivityConfig:
     ignore_paths: tuple[str, ...] = setting(NOW, ["/health"], read("url_paths"),
                                             "requests to these paths are nobody's activity")
     tunnel_process: str = setting(NOW, "cloudflared", read("stripped_text"),
-                                  "the tunnel's process name, for its connection count (\"\" = none)")
+                                  "the tunnel's process name, for its connection count (\"\" = none); one that starts "
+                                  "is seen within 30 s")
     history_max_bytes: int = setting(NOW, 5 << 20, read("number", 4096, 1 << 32, integer=True, unit="bytes"),
                                      "bound of `state/activity.jsonl`")
 

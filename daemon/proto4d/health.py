@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proto4d import __version__
+from proto4d import __version__, lean
 from proto4d.config import Check
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ class Prober:
                     await asyncio.wait_for(writer.wait_closed(), 1)
 
     async def external(self, url: str, timeout: float) -> CheckResult:
+        lean.ssl_for_asyncio()  # the daemon imported asyncio without ssl (lean.py)
         import httpx
         async with httpx.AsyncClient(trust_env=False, timeout=timeout, headers={"User-Agent": USER_AGENT}) as client:
             t = time.monotonic()

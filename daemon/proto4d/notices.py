@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proto4d import __version__, fsutil, log
+from proto4d import __version__, fsutil, lean, log
 
 
 def write_notice(path: Path, *, update_id: str, message: str, when: float, impact: str) -> None:
@@ -66,6 +66,7 @@ class Webhook:
     async def _post(self, event: str, body: dict[str, Any]) -> None:
         try:
             # Loaded by the first event, not at start: an idle daemon without a webhook never pays for it.
+            lean.ssl_for_asyncio()
             import httpx
             async with asyncio.timeout(self.timeout):
                 async with httpx.AsyncClient(trust_env=False, timeout=self.timeout, follow_redirects=False) as client:

@@ -10,6 +10,7 @@ need the same one. Everything here is blocking; the daemon calls it from a worke
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -17,14 +18,13 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
 
-from proto4d import faults, fsutil, log
+from proto4d import exporttree, faults, fsutil, log
 from proto4d.config import Config, find_uv
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, CommandFailed, PidRegistry
@@ -43,15 +43,12 @@ class ReleaseError(Exception):
 # --------------------------------------------------------------------------- git
 
 
-if TYPE_CHECKING:
-    import git
+class GitFailed(Exception):
+    """A local git command exited non-zero (or could not run); `stderr` says why."""
 
-
-def _gitpython() -> ModuleType:
-    # GitPython costs about 3 MB of resident memory; a daemon that starts on an existing release
-    # and has not updated since never loads it.
-    import git
-    return git
+    def __init__(self, args: Sequence[str], stderr: str) -> None:
+        self.stderr = stderr
+        super().__init__(f"git {' '.join(args)}: {stderr.strip()[-500:]}")
 
 
 class Mirror:
@@ -62,13 +59,20 @@ class Mirror:
     in case would collide as loose refs and fail every fetch. A request naming another branch
     fetches that one on demand. Each release's commit is pinned under refs/proto4d/ so a
     force-push upstream never loses what runs.
+
+    Every git operation is the `git` program, run from an argv list: a library in the daemon
+    (GitPython was one) would stay resident for good after the first update, and the export's
+    tarfile too, which is why the export runs in a process of its own (exporttree.py).
     """
+
+    # A local query (rev-parse, log, update-ref) takes milliseconds; a hung one must not stall an update.
+    LOCAL_TIMEOUT_S = 120
 
     def __init__(self, path: Path, url: str, branch: str = "") -> None:
         self.path = path
         self.url = url
         self.branch = branch
-        self._repo: git.Repo | None = None
+        self._ready = False
 
     @property
     def url(self) -> str:
@@ -86,17 +90,40 @@ class Mirror:
             self._git_env.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{url}.insteadOf",
                                   "GIT_CONFIG_VALUE_0": self.safe_url})
 
-    @property
-    def repo(self) -> git.Repo:
-        if self._repo is None:
-            if not (self.path / "HEAD").exists():
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                fsutil.remove_tree(tmp)
-                _gitpython().Repo.init(tmp, bare=True)
-                os.replace(tmp, self.path)
-            self._repo = _gitpython().Repo(self.path)
-            self._clear_stale_locks()
-        return self._repo
+    def _git(self, *args: str, timeout: float | None = None) -> str:
+        """A local git command on the mirror: its stdout (stripped); GitFailed when it fails.
+
+        Local commands never reach the origin, so they get no credentials in their environment.
+        """
+        self._ensure()
+        return self._run_local(["--git-dir", str(self.path), *args], timeout)
+
+    def _run_local(self, args: Sequence[str], timeout: float | None = None) -> str:
+        try:
+            r = subprocess.run(["git", *args], capture_output=True, text=True, errors="replace",
+                               stdin=subprocess.DEVNULL, timeout=timeout or self.LOCAL_TIMEOUT_S,
+                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        except subprocess.TimeoutExpired:
+            raise GitFailed(args, f"timed out after {timeout or self.LOCAL_TIMEOUT_S:g} s") from None
+        except OSError as e:  # no git on PATH
+            raise GitFailed(args, str(e.strerror or e)) from None
+        if r.returncode != 0:
+            raise GitFailed(args, r.stderr)
+        return r.stdout.strip()
+
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        if not (self.path / "HEAD").exists():
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            fsutil.remove_tree(tmp)
+            try:
+                self._run_local(["init", "--quiet", "--bare", str(tmp)])
+            except GitFailed as e:
+                raise ReleaseError(f"cannot create the git mirror {self.path}: {_git_error_text(e.stderr)}") from None
+            os.replace(tmp, self.path)
+        self._clear_stale_locks()
+        self._ready = True
 
     def _clear_stale_locks(self) -> None:
         # A daemon killed mid-fetch leaves *.lock files that would fail every later fetch; only
@@ -113,12 +140,11 @@ class Mirror:
 
     def fetch(self, cancel: Cancel | None = None, timeout: float = 600, branch: str | None = None) -> None:
         faults.point_sync("fetch", cancel)
-        repo = self.repo
-        with repo.config_writer() as cw:
-            cw.set_value('remote "origin"', "url", self.safe_url)
-        # git runs in its own process group with our own deadline: GitPython's kill_after_timeout
-        # looks for the children with GNU `ps --ppid` in the versions that pyproject allows, which
-        # BSD ps (macOS) does not have.
+        try:
+            self._git("config", "remote.origin.url", self.safe_url)
+        except GitFailed as e:
+            raise ReleaseError(f"cannot configure the git mirror {self.path}: {_git_error_text(e.stderr)}") from None
+        # git runs in its own process group with our own deadline, killed with its group on cancel.
         try:
             run_cmd(["git", "--git-dir", str(self.path), "fetch", "--prune", "--force", "--no-write-fetch-head",
                      "origin", *self.refspecs(branch)], cancel=cancel, timeout=timeout,
@@ -151,105 +177,101 @@ class Mirror:
 
     def _has_ref(self, name: str) -> bool:
         try:
-            self.repo.git.rev_parse("--verify", "--quiet", name)
+            self._git("rev-parse", "--verify", "--quiet", name)
             return True
-        except _gitpython().GitCommandError:
+        except GitFailed:
             return False
 
     def _fetch_other_branch(self, branch: str) -> None:
+        self._ensure()
         try:
             run_cmd(["git", "--git-dir", str(self.path), "fetch", "--force", "--no-write-fetch-head", "origin",
                      f"+refs/heads/{branch}:refs/remotes/origin/{branch}"], timeout=300,
                     env={**os.environ, **self._git_env}, kind="git")
         except CommandFailed as e:
             if "couldn't find remote ref" in e.tail.lower():  # gone upstream: forget what we knew of it
-                with contextlib.suppress(_gitpython().GitCommandError):
-                    self.repo.git.update_ref("-d", f"refs/remotes/origin/{branch}")
+                with contextlib.suppress(GitFailed):
+                    self._git("update-ref", "-d", f"refs/remotes/origin/{branch}")
         except OSError:
             pass
 
     def _resolve_local(self, ref: str) -> str | None:
         for cand in (f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref):
             try:
-                return self.repo.git.rev_parse("--verify", "--quiet", "--end-of-options",
-                                               f"{cand}^{{commit}}").strip()
-            except _gitpython().GitCommandError:
+                return self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{cand}^{{commit}}")
+            except GitFailed:
                 continue
         return None
 
     def branch_head(self, branch: str) -> str | None:
         try:
-            return self.repo.git.rev_parse("--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}").strip()
-        except _gitpython().GitCommandError:
+            return self._git("rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}")
+        except GitFailed:
             return None
 
     def has_commit(self, sha: str) -> bool:
         try:
-            self.repo.git.cat_file("-e", f"{sha}^{{commit}}")
+            self._git("cat-file", "-e", f"{sha}^{{commit}}")
             return True
-        except _gitpython().GitCommandError:
+        except GitFailed:
             return False
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         try:
-            self.repo.git.merge_base("--is-ancestor", ancestor, descendant)
+            self._git("merge-base", "--is-ancestor", ancestor, descendant)
             return True
-        except _gitpython().GitCommandError:
+        except GitFailed:
             return False
 
     def log_between(self, old: str | None, new: str, limit: int = 50) -> list[str]:
         spec = f"{old}..{new}" if old and self.has_commit(old) else new
         try:
-            out = self.repo.git.log("--format=%h %s (%an, %ad)", "--date=short", f"-{limit}", spec)
-        except _gitpython().GitCommandError:
+            out = self._git("log", "--format=%h %s (%an, %ad)", "--date=short", f"-{limit}", spec)
+        except GitFailed:
             return []
         return [line for line in out.splitlines() if line.strip()]
 
     def subject(self, sha: str) -> str:
         try:
-            return self.repo.git.log("-1", "--format=%s", sha).strip()
-        except _gitpython().GitCommandError:
+            return self._git("log", "-1", "--format=%s", sha)
+        except GitFailed:
             return ""
 
     def pin(self, name: str, sha: str) -> None:
-        with contextlib.suppress(_gitpython().GitCommandError):
-            self.repo.git.update_ref(f"refs/proto4d/releases/{name}", sha)
+        with contextlib.suppress(GitFailed):
+            self._git("update-ref", f"refs/proto4d/releases/{name}", sha)
 
     def unpin(self, name: str) -> None:
-        with contextlib.suppress(_gitpython().GitCommandError):
-            self.repo.git.update_ref("-d", f"refs/proto4d/releases/{name}")
+        with contextlib.suppress(GitFailed):
+            self._git("update-ref", "-d", f"refs/proto4d/releases/{name}")
 
-    def export(self, sha: str, subdir: str, dest: Path, cancel: Cancel | None = None) -> None:
+    def export(self, sha: str, subdir: str, dest: Path, cancel: Cancel | None = None,
+               registry: PidRegistry | None = None, timeout: float = 600) -> None:
         """Write the tree of `subdir` at `sha` into the (new, empty) directory `dest`."""
         treeish = f"{sha}:{subdir}" if subdir else f"{sha}^{{tree}}"
         try:
-            kind = self.repo.git.cat_file("-t", treeish).strip()
-        except _gitpython().GitCommandError:
+            kind = self._git("cat-file", "-t", treeish)
+        except GitFailed:
             raise ReleaseError(f"app.subdir {subdir!r} does not exist at commit {sha[:7]}") from None
         if kind != "tree":
             raise ReleaseError(f"app.subdir {subdir!r} is a file at commit {sha[:7]}, not a directory")
-        import tarfile  # with bz2 and lzma, close to 1 MB the resident daemon needs only while exporting
-
-        proc = self.repo.git.archive("--format=tar", treeish, as_process=True)
+        helper = Path(exporttree.__file__)
         try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                for member in tar:
-                    if cancel is not None:
-                        cancel.check()
-                    tar.extract(member, dest, filter="data")
-        except tarfile.TarError as e:
-            raise ReleaseError(f"cannot unpack commit {sha[:7]}: {e}") from None
+            run_cmd([sys.executable, "-I", str(helper), str(self.path), treeish, str(dest)], cancel=cancel,
+                    registry=registry, kind="export", timeout=timeout,
+                    env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        except CommandFailed as e:
+            if cancel is not None:
+                cancel.check()  # killed because the daemon stops: not the release's fault
+            said = [ln[len(exporttree.PREFIX):] for ln in e.tail.splitlines() if ln.startswith(exporttree.PREFIX)]
+            if e.code == exporttree.EX_REPORTED and said:
+                raise ReleaseError(said[-1]) from None
+            raise ReleaseError(f"cannot export commit {sha[:7]}: {_git_error_text(e.tail)}") from None
         except OSError as e:
-            raise ReleaseError(f"cannot write the release tree into {dest}: {e.strerror or e}") from None
-        finally:
-            with contextlib.suppress(Exception):
-                proc.proc.kill() if proc.proc.poll() is None else None
-                proc.wait()
-
-
-def _git_error(e: git.GitCommandError) -> str:
-    """The line of git's stderr that says what went wrong (its first fatal/error line, not the advice after)."""
-    return _git_error_text(e.stderr or str(e))
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+                # Recording the helper in state/app.pids failed: that is the same disk under root the tree goes to.
+                raise ReleaseError(f"cannot write the release tree into {dest}: {e.strerror or e}") from None
+            raise ReleaseError(f"cannot run {sys.executable} to export commit {sha[:7]}: {e.strerror or e}") from None
 
 
 def _git_error_text(text: str) -> str:
@@ -659,7 +681,7 @@ def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: st
         t = time.monotonic()
         tmp.mkdir()
         progress(f"export {sha[:7]} ({mirror.subject(sha)}) -> releases/{name}")
-        mirror.export(sha, cfg.app.subdir, tmp, cancel)
+        mirror.export(sha, cfg.app.subdir, tmp, cancel, registry)
         faults.point_sync("export", cancel)
         timings["export"] = time.monotonic() - t
         if cancel is not None:

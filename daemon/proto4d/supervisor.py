@@ -57,7 +57,7 @@ class Daemon:
         self.registry = PidRegistry(self.paths.app_pids)
         self.prober = Prober()
         self.sampler = Sampler(cfg.activity, cfg.safety, cfg.listen.port, cfg.app.access_log_regex,
-                               self.prober.probe_ports)
+                               self.prober.probe_ports, host=cfg.listen.host)
         self.history = History(self.paths.activity, cfg.activity.history_max_bytes)
         self.mirror = releases.Mirror(self.paths.mirror, cfg.app.repo, cfg.app.branch)
         self.webhook = Webhook(cfg.notify.webhook_url, cfg.notify.webhook_timeout_s)
@@ -487,7 +487,8 @@ class Daemon:
             return
         changed = configmod.reload_differences(self.cfg, new)
         self.cfg = new
-        self.sampler.reconfigure(new.activity, new.safety, new.listen.port, new.app.access_log_regex)
+        self.sampler.reconfigure(new.activity, new.safety, new.listen.port, new.app.access_log_regex,
+                                 host=new.listen.host)
         self.history.max_bytes = new.activity.history_max_bytes
         self.mirror.url = new.app.repo
         self.mirror.branch = new.app.branch

@@ -268,7 +268,13 @@ def cmd_activity(args: argparse.Namespace) -> int:
     last = act.get("last_request")
     _out(f"  last request {last + ' (' + _age(last) + ')' if last else 'none in the window'}")
     _out(f"  connections  {act.get('connections', 0)} established on port {cfg.listen.port}")
-    _out(f"  tunnel       {_tunnel(act.get('tunnel'))} ({cfg.activity.tunnel_process or 'none configured'})")
+    tunnel_note = ""
+    if act.get("tunnel") is False and act.get("tunnel_checked_at"):
+        # Not found, the daemon looks again only every tunnel_rescan_s: a tunnel just started may not show yet.
+        tunnel_note = (f"; looked {_age(act['tunnel_checked_at'])}, a tunnel started since shows within "
+                       f"{act.get('tunnel_rescan_s', 30):g} s")
+    _out(f"  tunnel       {_tunnel(act.get('tunnel'))} ({cfg.activity.tunnel_process or 'none configured'}"
+         f"{tunnel_note})")
     _out(f"  app          cpu {act.get('cpu_percent', 0)}%, memory {_mb(act.get('rss_bytes'))} "
           f"in {act.get('processes', 0)} process(es)")
     _out(f"  time         {window.kind}" + (f" window {window.window}" if window.window else ""))
