@@ -38,6 +38,12 @@ def test_update_under_keepalive_load_drops_no_request(make_daemon, origin):
     assert rels[0]["outcome"] == "verified" and rels[1]["name"] == old_release
     story = (d.root / s["update"]["last"]["log"]).read_text()  # the update's own log tells it step by step
     assert f"to {sha[:7]}" in story and "canary done" in story and "outcome: DONE" in story, story
+    # One start: the process that serves is the canary that passed the checks, promoted in place.
+    assert "promoted in place" in story and "two starts" not in story, story
+    promoted = [e for e in d.log_events() if e.get("event") == "switch.promoted"]
+    assert promoted and promoted[-1]["pid"] == s["app"]["pid"], promoted
+    app_log = (d.root / "logs" / "app.log").read_text()
+    assert f"canary[{s['app']['pid']}]" in app_log and "proto4d-drain: promoted" in app_log
 
 
 def test_version_that_cannot_start_is_aborted_and_the_old_keeps_serving(make_daemon, origin):

@@ -30,6 +30,7 @@ DEFAULT_CONFIG_NAME = "proto4d.yaml"
 PLACEHOLDERS = frozenset({"python", "fd", "port", "host", "release"})
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_CONFIG_BYTES = 1 << 20
+PROMOTE_MODES = ("auto", "never")  # update.promote
 
 
 class ConfigError(Exception):
@@ -236,6 +237,9 @@ class UpdateConfig:
     # 5xx answers, and distinct clients that got one, before the ratio can roll back
     min_5xx_count: int = field(default=5, metadata=_NOW)
     min_5xx_clients: int = field(default=2, metadata=_NOW)
+    # promotion in place: auto = the verified canary takes the shared socket when the data rule allows
+    # (update.py: _two_starts_because); never = every release starts twice (canary, then production)
+    promote: str = field(default="auto", metadata=_NOW)
 
 
 @dataclass(frozen=True)
@@ -899,7 +903,11 @@ class _Builder:
         if installer == "uv" and not find_uv():
             self.fail("update.installer", "an installer that exists here: uv was not found "
                       "(pip install uv, or use auto)", installer, sec)
+        promote = self.get(sec, p, "promote", "auto", self.text(False))
+        if promote not in PROMOTE_MODES:
+            self.fail("update.promote", "one of " + ", ".join(PROMOTE_MODES), promote, sec)
         return UpdateConfig(
+            promote=promote,
             notice_grace_s=self.get(sec, p, "notice_grace_s", 300, self.number(0, 86400, unit="seconds")),
             drain_timeout_s=self.get(sec, p, "drain_timeout_s", 60,
                                      self.number(0, 3600, strict_min=True, unit="seconds")),
