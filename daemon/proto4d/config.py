@@ -30,7 +30,7 @@ DEFAULT_CONFIG_NAME = "proto4d.yaml"
 PLACEHOLDERS = frozenset({"python", "fd", "port", "host", "release"})
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_CONFIG_BYTES = 1 << 20
-PROMOTE_MODES = ("auto", "never")  # update.promote
+PROMOTE_MODES = ("auto", "live", "never")  # update.promote
 
 
 class ConfigError(Exception):
@@ -238,7 +238,8 @@ class UpdateConfig:
     min_5xx_count: int = field(default=5, metadata=_NOW)
     min_5xx_clients: int = field(default=2, metadata=_NOW)
     # promotion in place: auto = the verified canary takes the shared socket when the data rule allows
-    # (update.py: _two_starts_because); never = every release starts twice (canary, then production)
+    # (update.py: _two_starts_because); live = also with databases, when no migration is pending (the
+    # canary then runs on production's data, after a snapshot); never = every release starts twice
     promote: str = field(default="auto", metadata=_NOW)
 
 

@@ -731,7 +731,7 @@ class UpdateRun:
         # A migration is proven on a copy even when no canary process can run.
         return self._canary_runs() or (self.data.migrates and self.req.action == "update")
 
-    def _two_starts_because(self) -> str:
+    async def _two_starts_because(self) -> str:
         """Why this release starts twice, canary then production ("" = once: its canary is promoted in place).
 
         The data rule. A promoted process keeps its working directory, its imports and the files and
@@ -742,24 +742,39 @@ class UpdateRun:
         SQLite database, declared in `app.databases` or found under shared/ (a version that writes or
         breaks the database at start-up and then fails must leave production's untouched). With a
         database the canary runs on copies and the release starts again on the shared socket, as before.
+
+        `update.promote: live` is the operator's choice to trade that for one start with a database: the
+        canary runs on production's data, after a snapshot, when no migration is pending (no `app.migrate`,
+        or it leaves every database's schema revision unchanged on a copy; a restart runs the same code). A
+        migration pending, or a rollback with `app.migrate` set (older code on a newer schema is checked on
+        a copy first), still starts twice.
         """
         cfg = self.cfg
-        if cfg.update.promote == "never":
+        mode = cfg.update.promote
+        if mode == "never":
             return "update.promote is never"
         blocker = self.runner.promotion_blocker()
         if blocker:
             return blocker
-        if self.data.migrates:
-            return ("app.migrate is set: the migration is proven on a copy of the data and the canary runs on that "
-                    "copy (students' data is never the canary's)")
-        dbs = self.data.databases()
-        if dbs:
-            return f"the canary runs on copies of {', '.join(dbs)} (students' data is never the canary's)"
+        if mode != "live":
+            if self.data.migrates:
+                return ("app.migrate is set: the migration is proven on a copy of the data and the canary runs on "
+                        "that copy (students' data is never the canary's)")
+            dbs = self.data.databases()
+            if dbs:
+                return f"the canary runs on copies of {', '.join(dbs)} (students' data is never the canary's)"
+            return ""
+        if self.data.migrates and self.req.action == "rollback":
+            return "a rollback with app.migrate set: the older release is checked on a copy of the data first"
+        if self.data.migrates and self.req.action == "update":
+            pending = await self.data.migration_pending(self.new)
+            if pending:
+                return f"update.promote is live, but a migration is pending ({pending}): the canary runs on the copy"
         return ""
 
     async def _canary(self) -> None:
         assert self.new is not None
-        why = self._two_starts_because() if self._canary_runs() else ""
+        why = await self._two_starts_because() if self._canary_runs() else ""
         if self._canary_runs() and not why:
             await self._canary_in_place()
             return
@@ -790,12 +805,21 @@ class UpdateRun:
     async def _canary_in_place(self) -> None:
         """The release itself on a private port, holding the shared socket unserved: kept once verified."""
         assert self.new is not None
-        self.ulog.line("  canary: the release itself (no database to copy, no migration) on a private port, holding "
-                       "the shared socket; once verified it is promoted in place (one start)")
+        self.ulog.line("  canary: the release itself, on production's shared paths, on a private port, holding the "
+                       "shared socket; once verified it is promoted in place (one start)")
+        on_live = ""
+        if self.data.databases():  # update.promote: live: a snapshot before the canary touches production's data
+            await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=self.old.name if self.old else "")
+            if self.data.snapshot:
+                self.journal.note(snapshot=self.data.snapshot)
+                on_live = (f"; it ran on production's data (update.promote: live): snapshot {self.data.snapshot} was "
+                           "taken just before it (proto4d backups)")
+                self.ulog.line(f"  update.promote is live: the canary runs on production's data, snapshot "
+                               f"{self.data.snapshot} taken first")
         report, died = await self.runner.canary(self.new, promote=True)
         self.ulog.line(f"  canary checks: {report.summary()}")
         if not report.ok:
-            raise Aborted(f"the canary of {self.new.name} failed: " + (died or report.failures()))
+            raise Aborted(f"the canary of {self.new.name} failed: " + (died or report.failures()) + on_live)
         if self.runner.candidate is None:
             self.ulog.line("  the canary could not hold the shared socket: two starts")
         self.journal.note(rollback_compatible=self.data.compatible)
@@ -863,11 +887,14 @@ class UpdateRun:
         """Snapshot every database, then migrate the live one; a failure restores it and aborts."""
         assert self.new is not None
         old = self.old.name if self.old else ""
-        await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=old)
+        if self.data.snapshot is None:  # update.promote: live took it before the canary already
+            await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=old)
         await faults.point("snapshot_taken")
-        if not self.data.migrates or self.req.action != "update":
+        if not self.data.migrates or self.req.action != "update" or self.data.no_migration_pending:
             if self.data.snapshot:
                 self.journal.note(snapshot=self.data.snapshot)
+            if self.data.no_migration_pending:  # proven a no-op on a copy: the live schema is the new release's
+                releases.note_info(self.deps.paths, self.new.name, schema=self.data.revisions())
             return
         # Durable before the live database changes: a restart mid-migration knows what to restore.
         self.journal.note(snapshot=self.data.snapshot, migrating_live=True,
