@@ -249,6 +249,7 @@ def test_an_incompatible_migration_is_refused_unless_allowed_and_its_rollback_co
     assert kept <= ids_in(db)
 
 
+@pytest.mark.long
 def test_promote_live_runs_the_canary_on_production_data_only_when_no_migration_is_pending(dbd) -> None:
     """update.promote: live. No migration pending: one start, the canary (on production's database, after a
     snapshot) is promoted in place, every acknowledged row kept. A migration pending: two starts, the canary
