@@ -63,6 +63,7 @@ class Candidate:
     release: Release
     control: socket.socket  # the daemon's end of the control socket pair
     env_started: dict[str, dict[str, str]]
+    shared: socket.socket | None = None  # the production socket it holds (a reload may replace the daemon's)
 
     async def ask_promote(self, timeout: float) -> str:
         """Send `promote`; return the shim's answer line (`promoted`, `refused ...`, `unavailable ...`) or
@@ -459,6 +460,16 @@ class Runner:
         if not cand.proc.alive:
             cand.close()
             raise PromotionFailed(f"the canary {cand.proc.exit_description()}: {cand.proc.last_lines()}")
+        try:
+            current = self.production_listener()
+        except ListenError as e:
+            current = None
+            self.log.warning("promote.no_socket", release=release.name, error=str(e))
+        if current is None or current is not cand.shared:
+            cand.close()
+            await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
+            raise PromotionFailed("the listening address changed since the canary started (a reload): the release "
+                                  "starts on the new one")
         t = time.monotonic()
         answer = await cand.ask_promote(min(10.0, self.cfg.health.start_timeout_s))
         cand.close()
@@ -582,7 +593,7 @@ class Runner:
             report = await self.wait_healthy(alive=lambda: proc.alive, host="127.0.0.1", port=port)
             died = "" if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
             if promotable and pair is not None and report.ok and proc.alive:
-                self.candidate = Candidate(proc, plan, release, mine, env_started)
+                self.candidate = Candidate(proc, plan, release, mine, env_started, pair[0])
                 keep = True
             return report, died
         finally:
