@@ -1,6 +1,9 @@
 """Switch under load: failed requests and latency while the app is updated, four ways, in one run.
 
-  (a) drain       proto4d as shipped: socket handoff, the old process drains through the drain shim
+  (a) drain       proto4d as shipped: the verified canary is promoted in place onto the shared socket
+                  (one start per release), the old process drains through the drain shim
+  (a2) two-start  the same with update.promote: never: the release starts again on the shared socket
+                  after its canary (the handoff of every release before issue 12)
   (b) handoff     the same handoff with stock uvicorn shutdown (app.drain: sigterm)
   (c) stop-start  proto4d with a command without {fd}: the app binds the port, old stopped before new starts
   (d) old-way     what the operator's script did, without proto4d: stop uvicorn, git pull,
@@ -40,7 +43,8 @@ import common
 from common import LoadSet, Target, fmt, lat_stats, log, md_table
 
 VARIANTS: dict[str, tuple[str, str]] = {
-    "drain": ("a", "handoff + drain shim (as shipped)"),
+    "drain": ("a", "promotion in place + drain shim (as shipped)"),
+    "two-start": ("a2", "handoff + drain shim, two starts (update.promote: never)"),
     "handoff": ("b", "plain handoff (app.drain: sigterm)"),
     "stop-start": ("c", "stop-then-start (no {fd})"),
     "old-way": ("d", "old way: stop, pip install --upgrade, start"),
@@ -96,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def daemon_overrides(variant: str, watch_s: float) -> dict[str, Any]:
     over: dict[str, Any] = {"update": {"watch_s": watch_s}}
-    if variant == "handoff":
+    if variant == "two-start":
+        over["update"]["promote"] = "never"
+    elif variant == "handoff":
         over["app"] = {"drain": "sigterm"}
     elif variant == "stop-start":
         over["app"] = {"command": STOP_START_COMMAND}
@@ -524,14 +530,15 @@ def phase_table(runs: list[dict[str, Any]]) -> str:
 def targets(runs: list[dict[str, Any]]) -> list[Target]:
     out = []
     for r in runs:
-        if r["variant"] != "drain":
+        if r["variant"] not in ("drain", "two-start"):
             continue
+        key = VARIANTS[r["variant"]][0]
         where = f"{r['mix']}, uvicorn {r['uvicorn']}"
         per100 = r["failed"] / max(1, r["updates"]) * 100
-        out.append(Target(f"(a) failed requests per 100 updates, {where}", round(per100, 2), 0, "",
+        out.append(Target(f"({key}) failed requests per 100 updates, {where}", round(per100, 2), 0, "",
                           f"{r['failed']} failed in {r['updates']} updates (GET {r['failed_get']}, "
                           f"POST {r['failed_post']})"))
-        out.append(Target(f"(a) max latency switch / rest, {where}", r["ratio_max"], 1.1, "x",
+        out.append(Target(f"({key}) max latency switch / rest, {where}", r["ratio_max"], 1.1, "x",
                           f"max {fmt(r['switch']['max'])} ms during switches vs {fmt(r['rest']['max'])} ms at rest; "
                           f"window-max ratio {fmt(r['ratio_window_max'], 2)}"))
     return out
@@ -597,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
           "a max over more requests is larger by itself).")
     print("\nWhere the switch latency comes from, (a) and (b): fast requests by the update phase they completed in "
           "(p99 / max ms, n):\n")
-    print(phase_table([r for r in runs if r["variant"] in ("drain", "handoff")]))
+    print(phase_table([r for r in runs if r["variant"] in ("drain", "two-start", "handoff")]))
     common.print_targets(tgts, path)
     return 0
 

@@ -97,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trigger", choices=["cli", "file"], default="cli",
                    help="cli: the request file, then SIGUSR2, as `proto4d update` does (default); "
                         "file: the file alone, as `touch update.request` (picked up within the 1 s poll)")
+    p.add_argument("--promote", choices=["auto", "never", "both"], default="auto",
+                   help="update.promote for the daemon: auto = the verified canary is promoted in place (one start, "
+                        "as shipped); never = every release starts twice; both = never, then auto, in one run "
+                        "(default auto)")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 20 --repeat 3 --app-starts 10")
     common.add_run_args(p, "each part")
     args = p.parse_args(argv)
@@ -163,10 +167,10 @@ def requirements_for(block: str, base_req: str, i: int) -> str | None:
     return f"{base_req}{extra}# bench build {i} {time.time():.0f}\n"
 
 
-def run_updates(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto") -> dict[str, Any]:
     origin = common.make_origin(base / "origin", args.uvicorn)
     base_req = common.UVICORN_REQUIREMENTS[args.uvicorn]
-    d = common.new_daemon(base / "daemon", origin, update={"watch_s": 0})
+    d = common.new_daemon(base / "daemon", origin, update={"watch_s": 0, "promote": promote})
     blocks: dict[str, dict[str, Any]] = {}
     n = 0
     try:
@@ -241,7 +245,7 @@ def update_table(part1: dict[str, Any]) -> str:
                 row.append(fmt(med([r.get(col) for r in sel]), 2))
             t2v = [r["trigger_to_verified"] for r in sel]
             row += [fmt(med(t2v), 2), fmt(max(t2v) if t2v else None, 2), fmt(med(b["app_start_spawn_s"]), 2),
-                    fmt(med(b["app_start_log_s"].get("app", [])), 3)]
+                    fmt(med(b["app_start_log_s"].get("app") or b["app_start_log_s"].get("canary", [])), 3)]
             rows.append(row)
     return md_table(["block", "done", *STEP_COLUMNS, "trigger->verified", "max", "app start (spawn->ready)",
                      "app start (first line->ready)"], rows)
@@ -341,14 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine()
     base, cleanup = common.workdir(args.keep, "update")
     started = time.time()
-    part1: dict[str, Any] = {}
+    part1s: dict[str, dict[str, Any]] = {}  # update.promote -> part 1's blocks
     part2: list[dict[str, Any]] = []
     meter = common.BusyMeter()
     try:
         if not args.skip_updates:
             if args.quiet_wait:
                 common.wait_quiet(args.quiet_wait)
-            part1 = run_updates(args, base / "updates")
+            for mode in (["never", "auto"] if args.promote == "both" else [args.promote]):
+                log(f"updates with update.promote: {mode}")
+                part1s[mode] = run_updates(args, base / f"updates-{mode}", mode)
         if not args.skip_venv:
             if args.quiet_wait:
                 common.wait_quiet(args.quiet_wait)
@@ -357,13 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
 
     tgts: list[Target] = []
-    for block, b in part1.get("blocks", {}).items():
-        start = med(b["app_start_spawn_s"])
-        if block == "changed" or start is None or not b["rows"]:
-            continue
-        t2v = med([r["trigger_to_verified"] for r in b["rows"]])
-        tgts.append(Target(f"trigger -> verified, requirements unchanged: {block}", t2v, round(start + 2, 3), " s",
-                           f"limit = this app's start {start:.2f} s (spawn -> ready) + 2 s"))
+    for mode, part1 in part1s.items():
+        for block, b in part1.get("blocks", {}).items():
+            start = med(b["app_start_spawn_s"])
+            if block == "changed" or start is None or not b["rows"]:
+                continue
+            t2v = med([r["trigger_to_verified"] for r in b["rows"]])
+            tgts.append(Target(f"trigger -> verified, requirements unchanged: {block} (update.promote {mode})", t2v,
+                               round(start + 0.5, 3), " s",
+                               f"limit = this app's start {start:.2f} s (spawn -> ready) + 0.5 s (issue 12)"))
     for r in part2:
         if r["requirements"].startswith("Proto4"):
             tgts.append(Target(f"Proto4-sized venv from a warm cache ({r['installer']})", r["warm_median_s"], 5.0,
@@ -373,25 +381,30 @@ def main(argv: list[str] | None = None) -> int:
     busy = meter.read()
     data = {"bench": "update", "machine_load": busy, "command": common.command_line(), "machine": machine,
             "started_at": started,
-            "seconds": round(time.time() - started, 1), "args": vars(args), "updates": part1, "venvs": part2,
+            "seconds": round(time.time() - started, 1), "args": vars(args), "updates": part1s, "venvs": part2,
             "targets": [t.to_dict() for t in tgts]}
     path = common.write_json("update", data)
     print("\n## Update time\n")
     print(f"Machine: {common.machine_line(machine)}")
     print(f"Command: `{common.command_line()}`")
     print(f"Load: {common.others_line(busy)}\n")
-    if part1:
+    for mode, part1 in part1s.items():
         print(f"Trigger -> verified by step, seconds (median of {args.updates} updates per block; update.watch_s 0, "
-              "so the watch is excluded; uvicorn " + common.UVICORN_LABEL[args.uvicorn] + "):\n")
+              "so the watch is excluded; uvicorn " + common.UVICORN_LABEL[args.uvicorn] + f"; update.promote {mode}: "
+              + ("one start, the canary promoted in place" if mode == "auto" else "two starts") + "):\n")
         print(update_table(part1))
+    if part1s:
         print("\npickup = trigger -> the daemon took the request (a dropped file waits for the 1 s poll; "
               "`proto4d update` wakes the daemon at once); fetch is done before preparing; export, venv, "
               "preflight make up preparing; canary = a full start of the new release on a "
-              "private port plus its checks; switching = the handoff (start on the shared socket, wait for its "
-              "ready line, SIGTERM the old one, wait until the old one stops listening).\n")
+              "private port plus its checks; switching = with promotion in place, `promote` to the verified canary "
+              "and its answer once it accepts on the shared socket, SIGTERM the old one, wait until the old one "
+              "stops listening; with two starts, the handoff (start again on the shared socket, wait for its ready "
+              "line, then the same).\n")
         print("app start: spawn -> \"Uvicorn running on\" of the block's release, started by the bench "
               f"(median of {args.app_starts}); first line -> ready: the daemon's own app processes in logs/app.log "
-              "(with the drain shim the first line is printed before uvicorn imports the app).\n")
+              "(with the drain shim the first line is printed before uvicorn imports the app; with promotion in place "
+              "every start is a canary's).\n")
     if part2:
         print("Venv build alone (proto4d.releases.ensure_venv; cold = empty cache, warm = same cache again):\n")
         print(venv_table(part2))

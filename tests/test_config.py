@@ -372,6 +372,8 @@ BAD: list[Bad] = [
     Bad("app-is-a-list", "root: @ROOT@\npython: @PY@\napp: [x]\n", key="app", line=3, needle="got a list"),
     Bad("string-for-bool", B + "update:\n  canary: 'yes'\n", key="update.canary", line=6,
         needle="true or false"),
+    Bad("promote-mode", B + "update:\n  promote: sometimes\n", key="update.promote", line=6,
+        needle="one of auto, live, never"),
     # ---- numbers out of range
     Bad("negative-interval", B + "activity:\n  interval_s: -5\n", key="activity.interval_s", line=6),
     Bad("zero-interval", B + "activity:\n  interval_s: 0\n", key="activity.interval_s", line=6),

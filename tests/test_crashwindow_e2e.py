@@ -28,16 +28,23 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_kill_between_fork_and_record_in_a_switch(make_daemon, origin):
-    """The found outage: the daemon dies right after forking the new release's process in a switch.
-    The held child never runs the app, so nothing holds the port and the restart serves at once."""
-    d = make_daemon().start(env=FAULTS_ENV)
+@pytest.mark.parametrize(("promote", "point", "outcome"), [
+    # one start: the new release's only process is its canary, which inherits the shared socket
+    ("auto", "forked_canary", "aborted"),
+    # two starts: the process forked in the switch (a database keeps the canary on copies)
+    ("never", "forked_app", "rolled_back"),
+])
+def test_kill_between_fork_and_record_in_a_switch(make_daemon, origin, promote, point, outcome):
+    """The found outage: the daemon dies right after forking the new release's process, which holds the
+    shared socket. The held child never runs the app, so nothing holds the port and the restart serves
+    at once."""
+    d = make_daemon(update={"promote": promote}).start(env=FAULTS_ENV)
     shared = tree_digest(d.root / "shared")
     old_pid = d.status()["app"]["pid"]
     origin.commit("2")
-    (d.root / "state" / "pause-at").write_text("forked_app")
+    (d.root / "state" / "pause-at").write_text(point)
     rid = request(d, "update")
-    marker = d.root / "state" / "paused-at-forked_app"
+    marker = d.root / "state" / f"paused-at-{point}"
     wait_for(marker.exists, 60, "the fork of the new process")
     held = [p for p in psutil.Process(d.proc.pid).children() if p.pid != old_pid]
     assert held, "the forked, not yet recorded child"
@@ -48,7 +55,7 @@ def test_kill_between_fork_and_record_in_a_switch(make_daemon, origin):
     marker.unlink()
     for p in held:  # the daemon's death released nobody: the held shell ends without running the app
         wait_for(lambda p=p: gone(p.pid), 10, f"held pid {p.pid} gone by itself")
-    settle_and_check(d, rid, "rolled_back", "1", shared)
+    settle_and_check(d, rid, outcome, "1", shared)
     assert not [e for e in d.log_events() if e.get("event") == "listen.failed"]
 
 

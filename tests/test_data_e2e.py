@@ -249,6 +249,37 @@ def test_an_incompatible_migration_is_refused_unless_allowed_and_its_rollback_co
     assert kept <= ids_in(db)
 
 
+@pytest.mark.long
+def test_promote_live_runs_the_canary_on_production_data_only_when_no_migration_is_pending(dbd) -> None:
+    """update.promote: live. No migration pending: one start, the canary (on production's database, after a
+    snapshot) is promoted in place, every acknowledged row kept. A migration pending: two starts, the canary
+    on the migrated copy."""
+    d = dbd(update={"promote": "live", "watch_s": 1}).start()
+    db = d.root / "shared" / "data" / "app.db"
+    with Writers(d.port) as w:
+        w.wait(10)
+        d.origin.commit("2")  # new code, the same schema
+        r = d.update("--force", "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        s = d.status()
+        story = (d.root / s["update"]["last"]["log"]).read_text()
+        assert "no migration pending" in story and "promoted in place" in story, story
+        assert "the canary runs on production's data, snapshot" in story and "two starts" not in story, story
+        assert "migration on the live database" not in story, story  # proven a no-op on the copy
+        promoted = [e for e in d.log_events() if e.get("event") == "switch.promoted"]
+        assert promoted and promoted[-1]["pid"] == s["app"]["pid"] == d.get("/")["pid"]
+        w.wait(10)
+        d.origin.commit("3", files=migration("0002_hint.py"))  # a migration pending
+        r = d.update("--force", "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        story = (d.root / d.status()["update"]["last"]["log"]).read_text()
+        assert "a migration is pending (the migration changes data/app.db 0001 -> 0002)" in story, story
+        assert "promoted in place" not in story and revision(db) == "0002"
+        w.wait(10)
+    assert w.failed == [], w.failed[:5]
+    assert set(w.acked) <= ids_in(db) and len(w.acked) >= 30
+
+
 # The default suite kills at the point that owes a restore; `./dev killpoints` runs all three.
 ALL_KILLS = os.environ.get("PROTO4D_KILLPOINTS") == "all"
 KILL_POINTS = {

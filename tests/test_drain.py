@@ -308,12 +308,13 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
 class AppProcess:
     """One uvicorn child in its own process group, its stderr read line by line."""
 
-    def __init__(self, argv: list[str] | tuple[str, ...], env: dict[str, str], cwd: Path, fd: int) -> None:
+    def __init__(self, argv: list[str] | tuple[str, ...], env: dict[str, str], cwd: Path, fd: int,
+                 extra_fds: tuple[int, ...] = ()) -> None:
         self.argv = list(argv)
         self.lines: list[str] = []
         self.eof = False
         self.cond = threading.Condition()
-        self.proc = subprocess.Popen(self.argv, cwd=cwd, env=_child_env(env), pass_fds=(fd,),
+        self.proc = subprocess.Popen(self.argv, cwd=cwd, env=_child_env(env), pass_fds=(fd, *extra_fds),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -652,6 +653,119 @@ def test_handoff_under_load(venv_python: Callable[[str], Path], app_dir: Path, l
     assert load.ok >= 40 * (HANDOFFS + 1)
     if variant == "shim":
         assert load.failures == []
+
+
+# --------------------------------------------------------------------------------------------
+# promotion in place: a canary on its private socket takes the shared one without restarting
+# --------------------------------------------------------------------------------------------
+
+def _private_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock
+
+
+def _answer(control: socket.socket, timeout: float) -> str:
+    control.settimeout(timeout)
+    buf = b""
+    while b"\n" not in buf:
+        chunk = control.recv(4096)
+        assert chunk, f"the control socket closed before an answer ({buf!r})"
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode()
+
+
+def _get(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("venv", rows(VENV_NAMES, ["uvicorn0.24-httptools", "uvicorn0.54-h11"]))
+def test_promotion_in_place_under_load(venv_python: Callable[[str], Path], app_dir: Path,
+                                       listener: socket.socket, venv: str) -> None:
+    """A canary serving only its private socket is told `promote`: the same process (one start) then
+    accepts on the shared socket, its private one refuses, and the old process drains under load with
+    no request failing."""
+    python = venv_python(venv)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    argv, env = _command(python, fd, "shim")
+    private = _private_listener()
+    mine, theirs = socket.socketpair()
+    with processes() as procs, private, mine:
+        old = AppProcess(argv, env, app_dir, fd)
+        procs.append(old)
+        old.wait_ready()
+        cargv, cenv = _command(python, private.fileno(), "shim")
+        cenv = {**cenv, drain.SHARED_ENV: str(fd), drain.CONTROL_ENV: str(theirs.fileno())}
+        with Load(port, keepalive=CLIENTS) as load:
+            load.wait_requests(40)
+            canary = AppProcess(cargv, cenv, app_dir, private.fileno(), extra_fds=(fd, theirs.fileno()))
+            procs.append(canary)
+            theirs.close()
+            canary.wait_ready()
+            assert _get(private.getsockname()[1]) == 200  # the canary's checks go to its private port
+            load.wait_requests(40)  # meanwhile only the old process serves the shared socket
+            mine.sendall(b"promote\n")
+            assert _answer(mine, 30) == "promoted"
+            canary.wait_line("proto4d-drain: promoted", 10)
+            old.sigterm()
+            assert old.wait_exit(30) in CLEAN_EXIT
+            load.wait_requests(80)  # the promoted process alone serves them
+            private_port = private.getsockname()[1]
+            private.close()  # the daemon's copy: the shim closed the process's own
+            with pytest.raises(OSError):
+                _get(private_port)
+        mine.sendall(b"promote\n")  # asked again: it says it is done, and changes nothing
+        assert _answer(mine, 10) == "promoted"
+        assert canary.proc.poll() is None
+        canary.sigterm()
+        assert canary.wait_exit(30) in CLEAN_EXIT
+        lines = canary.drain_lines()
+        assert ACTIVE_RE.match(lines[0]) and lines[1].startswith("proto4d-drain: promoted (shared socket fd"), lines
+    print(f"\n[promote] {venv}: {len(load.failures)} failed of {load.ok + len(load.failures)} requests")
+    assert load.failures == [], load.failures[:10]
+    assert load.ok >= 160
+
+
+@pytest.mark.e2e
+def test_promotion_refused_when_uvicorn_cannot_be_wrapped(venv_python: Callable[[str], Path], app_dir: Path,
+                                                          listener: socket.socket, tmp_path: Path) -> None:
+    """A uvicorn whose Server has no startup() to wrap: the shim says `unavailable` at once (the daemon then
+    starts the release again on the shared socket) and still serves its private socket."""
+    python = venv_python("uvicorn0.54-h11")
+    fd = listener.fileno()
+    private = _private_listener()
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    # sitecustomize runs before the shim: it replaces Server.startup with a plain function.
+    (patch / "sitecustomize.py").write_text(textwrap.dedent('''
+        import uvicorn.server
+        _real = uvicorn.server.Server.startup
+        def startup(self, sockets=None):
+            return _real(self, sockets)
+        uvicorn.server.Server.startup = startup
+    '''))
+    argv, env = _command(python, private.fileno(), "shim")
+    mine, theirs = socket.socketpair()
+    env = {**env, "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{patch}", drain.SHARED_ENV: str(fd),
+           drain.CONTROL_ENV: str(theirs.fileno())}
+    with processes() as procs, private, mine:
+        canary = AppProcess(argv, env, app_dir, private.fileno(), extra_fds=(fd, theirs.fileno()))
+        procs.append(canary)
+        theirs.close()
+        canary.wait_ready()
+        answer = _answer(mine, 10)
+        assert answer.startswith("unavailable ") and "not a coroutine function" in answer, answer
+        assert _get(private.getsockname()[1]) == 200
+        canary.sigterm()
+        assert canary.wait_exit(30) in CLEAN_EXIT
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,12 @@ def test_update_under_keepalive_load_drops_no_request(make_daemon, origin):
     if maps.exists():
         loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "/" in line}
         assert not [p for p in loaded if "_ssl." in p or "_hashlib." in p or "libssl" in p], sorted(loaded)
+    # One start: the process that serves is the canary that passed the checks, promoted in place.
+    assert "promoted in place" in story and "two starts" not in story, story
+    promoted = [e for e in d.log_events() if e.get("event") == "switch.promoted"]
+    assert promoted and promoted[-1]["pid"] == s["app"]["pid"], promoted
+    app_log = (d.root / "logs" / "app.log").read_text()
+    assert f"canary[{s['app']['pid']}]" in app_log and "proto4d-drain: promoted" in app_log
 
 
 def test_version_that_cannot_start_is_aborted_and_the_old_keeps_serving(make_daemon, origin):
@@ -284,3 +290,31 @@ def test_the_weekly_schedule_files_a_request_by_itself(make_daemon, origin):
                       f"the weekly update at {weekly}")
     assert s["update"]["last"]["reason"].startswith("weekly schedule")
     assert (d.root / "state" / "weekly.last").read_text().startswith(due.isoformat()[:16])
+
+
+def test_a_reload_that_moves_the_port_after_the_canary_falls_back_to_a_start_on_the_new_socket(make_daemon, origin):
+    """The verified canary holds the socket of its start; a reload that moves listen.port before the switch
+    makes the promotion refuse (the canary would keep serving the old port), and the release starts again
+    on the new socket: the two-start path, said in the update log."""
+    from harness import free_port
+    from test_killpoints_e2e import FAULTS_ENV
+    d = make_daemon().start(env=FAULTS_ENV)
+    origin.commit("2")
+    (d.root / "state" / "pause-at").write_text("canary_done")
+    r = d.update("--force")
+    rid = request_id(r.stdout)
+    marker = d.root / "state" / "paused-at-canary_done"
+    wait_for(marker.exists, 60, "the verified canary")
+    d.cfg["listen"]["port"] = free_port()
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: [e for e in d.log_events() if e.get("event") in ("reload.applied", "reload.pending")], 10,
+             "the reload")
+    (d.root / "state" / "pause-at").unlink()
+    marker.unlink()
+    wait_for(lambda: answer(d, rid)["final"], 60, "the update's answer")
+    assert answer(d, rid)["state"] == "done", answer(d, rid)
+    d.port = d.cfg["listen"]["port"]
+    assert d.get()["version"] == "2"
+    story = (d.root / d.status()["update"]["last"]["log"]).read_text()
+    assert "promotion in place failed (the listening address changed" in story, story

@@ -25,7 +25,7 @@ from proto4d.health import CheckResult, HealthReport
 from proto4d.inbox import Request, read_answer
 from proto4d.paths import Paths
 from proto4d.policy import Verdict
-from proto4d.runner import SwitchFailed
+from proto4d.runner import PromotionFailed, SwitchFailed
 from proto4d.update import Journal, UpdateDeps, UpdateManager, UpdateRun
 
 OLD_SHA = "a" * 40
@@ -69,6 +69,25 @@ class FakeRunner:
         self.health: dict[str, HealthReport] = {}  # release name -> what its checks say (default GOOD)
         self.on_check: Any = None  # called before each watch check
         self.wait_healthy_error: Exception | None = None  # a bug inside wait_healthy, for the internal-error paths
+        self.blocker = "the fake runner runs no drain shim"  # promotion_blocker(); "" = canaries may be promoted
+        self.candidate: releases.Release | None = None  # the verified canary kept for promotion
+        self.promote_error = ""  # promote() raises PromotionFailed with this
+
+    def promotion_blocker(self) -> str:
+        return self.blocker
+
+    async def promote(self, release: releases.Release) -> FakeProc:
+        self.calls.append(("promote", release.name))
+        cand, self.candidate = self.candidate, None
+        if self.promote_error or cand is None:
+            raise PromotionFailed(self.promote_error or "no candidate")
+        self.release, self.proc, self.state = release, FakeProc(release.name), states.RUNNING
+        return self.proc
+
+    async def discard_candidate(self) -> None:
+        if self.candidate is not None:
+            self.calls.append(("discard", self.candidate.name))
+        self.candidate = None
 
     def hold_for_switch(self) -> None:
         self.hold = True
@@ -94,8 +113,10 @@ class FakeRunner:
         self.release, self.proc = release, FakeProc(release.name)
         return self.proc, 0.5
 
-    async def canary(self, release: releases.Release) -> tuple[HealthReport, str]:
-        self.calls.append(("canary", release.name))
+    async def canary(self, release: releases.Release, *, promote: bool = False) -> tuple[HealthReport, str]:
+        self.calls.append(("canary_promotable" if promote else "canary", release.name))
+        if promote and self.canary_report.ok:
+            self.candidate = release
         return self.canary_report, ""
 
     async def wait_healthy(self, **kw: Any) -> HealthReport:
@@ -230,6 +251,20 @@ class World:
                                status_changed=lambda: None, prune=prune, stopping=lambda: False,
                                clock=self.clock, prepare_release=prepare)  # type: ignore[arg-type]
 
+    def set_config(self, **sections: dict[str, Any]) -> None:
+        for name, values in sections.items():
+            self.cfg = dataclasses.replace(self.cfg, **{name: dataclasses.replace(getattr(self.cfg, name), **values)})
+
+    def add_database(self) -> None:
+        """A SQLite database under shared/ (found by its header, as app.databases' default does)."""
+        import sqlite3
+        (self.paths.shared / "data").mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.paths.shared / "data" / "app.db")
+        con.execute("CREATE TABLE answers (id INTEGER PRIMARY KEY)")
+        con.commit()
+        con.close()
+        self.set_config(app={"shared": ("data",)})
+
     def run(self, **req: Any) -> UpdateRun:
         self.runner.crashed = asyncio.Event()  # each run has its own event loop here
         run = UpdateRun(self.deps, Request(id=req.pop("id", "u1"), **req))
@@ -250,6 +285,45 @@ def world(tmp_path: Path) -> World:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def test_a_canary_that_may_be_promoted_is_the_process_that_serves(world):
+    """No database, no migration, a shim: one start. The verified canary is promoted at the switch."""
+    world.runner.blocker = ""
+    run = world.run(force=True)
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "done", run.message
+    assert world.runner.calls[:3] == [("canary_promotable", new), "hold", ("promote", new)]
+    assert not any(isinstance(c, tuple) and c[0] == "handoff" for c in world.runner.calls)
+    assert world.current() == new
+    story = run.log_path.read_text()
+    assert "promoted in place" in story and "two starts" not in story
+
+
+def test_a_failed_promotion_starts_the_release_again_and_says_so(world):
+    world.runner.blocker = ""
+    world.runner.promote_error = "refused RuntimeError: no listener"
+    run = world.run(force=True)
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "done", run.message
+    assert world.runner.calls[:4] == [("canary_promotable", new), "hold", ("promote", new), ("handoff", new)]
+    assert "promotion in place failed (refused RuntimeError: no listener)" in run.log_path.read_text()
+
+
+@pytest.mark.parametrize(("setup", "words"), [
+    (lambda w: setattr(w.runner, "blocker", "the drain shim does not run this server (gunicorn)"), "gunicorn"),
+    (lambda w: w.set_config(update={"promote": "never"}), "update.promote is never"),
+    (lambda w: w.add_database(), "the canary runs on copies of data/app.db"),
+])
+def test_two_starts_when_the_rule_says_so_and_the_log_says_why(world, setup, words):
+    world.runner.blocker = ""
+    setup(world)
+    run = world.run(force=True)
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "done", run.message
+    assert world.runner.calls[:3] == [("canary", new), "hold", ("handoff", new)]
+    story = run.log_path.read_text()
+    assert "two starts (a canary, then production on the shared socket): " in story and words in story, story
 
 
 def test_a_forced_update_goes_through_every_step_and_is_verified(world):

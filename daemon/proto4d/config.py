@@ -31,6 +31,7 @@ DEFAULT_CONFIG_NAME = "proto4d.yaml"
 PLACEHOLDERS = frozenset({"python", "fd", "port", "host", "release"})
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_CONFIG_BYTES = 1 << 20
+PROMOTE_MODES = ("auto", "live", "never")  # update.promote
 
 
 class ConfigError(Exception):
@@ -319,6 +320,10 @@ class UpdateConfig:
                                  "the ratio rolls back only with at least this many 5xx answers")
     min_5xx_clients: int = setting(NOW, 2, read("number", 1, 1 << 20, integer=True),
                                    "to at least this many distinct clients")
+    promote: str = setting(NOW, "auto", read("one_of", *PROMOTE_MODES),
+                           "one start per release: `auto` promotes the verified canary in place when the app has no "
+                           "database or migration; `live` also with a database when no migration is pending "
+                           "(the canary then runs on production's data, after a snapshot); `never`: two starts")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class DataSteps:
     # results, kept in the journal by the caller
     compatible: bool | None = None
     snapshot: str | None = None
+    no_migration_pending: bool = False  # proven on a copy (update.promote: live): the live migration is skipped
     migrated_live: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -145,6 +146,31 @@ class DataSteps:
             elif migrating:
                 self.compatible = None  # nothing to compare with: a first release, or no canary possible
             return report, died
+        finally:
+            await asyncio.to_thread(data.remove)
+
+    async def migration_pending(self, new: Release) -> str:
+        """What the migration would change, proven on a copy of the data ("" = nothing: every database's
+        schema revision is the same after it ran, so the new release runs on the live schema as it is)."""
+        base = self.state_dir / "canary" / f"{new.name}.pending"
+        data = await asyncio.to_thread(canarydata.build, new.path, self.shared_root, self.shared, base)
+        try:
+            before = {rel: migrate.schema_revision(data.shared / rel) for rel in data.copied}
+            m = await asyncio.to_thread(self._run_migration, new, data.tree)
+            self.timings["migrate_copy"] = m.seconds
+            if not m.ok:
+                return "the migration fails on a copy of the data"
+            after = {rel: migrate.schema_revision(data.shared / rel) for rel in data.copied}
+            if not before:
+                return "there is no database to compare"
+            changed = [f"{rel} {before[rel] or 'none'} -> {after.get(rel) or 'none'}" for rel in before
+                       if before[rel] != after.get(rel) or not before[rel]]
+            if changed:
+                return "the migration changes " + ", ".join(changed)
+            self.progress(f"no migration pending: {m.describe()} on a copy left "
+                          + ", ".join(f"{rel} at {rev}" for rel, rev in before.items()))
+            self.no_migration_pending = True
+            return ""
         finally:
             await asyncio.to_thread(data.remove)
 

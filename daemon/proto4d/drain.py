@@ -24,6 +24,10 @@ from pathlib import Path
 SHIM_DIR: Path = Path(__file__).resolve().parent / "shim"
 SHIM_MODULE = "proto4d_drain"
 GRACE_ENV = "PROTO4D_DRAIN_GRACE_S"
+# Promotion in place (a canary that may take the shared socket): the shim's control socket and the
+# shared listening socket it holds, unserved, until told `promote` (see the shim's docstring).
+CONTROL_ENV = "PROTO4D_CONTROL_FD"
+SHARED_ENV = "PROTO4D_SHARED_FD"
 MODES = ("auto", "shim", "sigterm")
 
 # uvicorn's --http names -> the shim class the launcher maps each to.

@@ -4,6 +4,14 @@ States follow supervisord's: stopped, starting, running, backoff, fatal, stoppin
 an update's switch and watch the runner is *held*: an exit is reported to the update (which
 rolls back) instead of being restarted here.
 
+Promotion in place (one start per release): a canary run with `promote=True` also inherits the
+shared listening socket, unserved, and a control socket to the drain shim inside it. Once it has
+passed every check on its private port it is kept as the runner's `candidate`; `promote()` tells
+the shim `promote`, and only after the shim answers `promoted` (its event loop accepts on the
+shared socket) does the old process get SIGTERM and drain, as in the handoff. A candidate that
+cannot be promoted (the shim refuses, no answer, the process died) is stopped and the update
+starts the release again on the shared socket (`handoff`, the two-start path).
+
 No failure leaves the app down with nobody trying: a start that fails for any reason (the
 port cannot be bound, the command cannot be executed, the app dies or stays unhealthy) goes
 through the same backoff, and `fatal` (too many fast failures) still tries again every
@@ -42,6 +50,52 @@ class SwitchFailed(Exception):
     """The new process did not become ready; the old one still serves."""
 
 
+class PromotionFailed(Exception):
+    """The verified canary could not take the shared socket; the old one still serves (start it again)."""
+
+
+@dataclass
+class Candidate:
+    """A canary that passed its checks and may be promoted in place: it holds the shared socket unserved."""
+
+    proc: AppProcess
+    plan: drain.DrainPlan
+    release: Release
+    control: socket.socket  # the daemon's end of the control socket pair
+    env_started: dict[str, dict[str, str]]
+    shared: socket.socket | None = None  # the production socket it holds (a reload may replace the daemon's)
+
+    async def ask_promote(self, timeout: float) -> str:
+        """Send `promote`; return the shim's answer line (`promoted`, `refused ...`, `unavailable ...`) or
+        why there was none."""
+        loop = asyncio.get_running_loop()
+        self.control.setblocking(False)
+        try:
+            await loop.sock_sendall(self.control, b"promote\n")
+        except OSError as e:
+            return f"the control socket is closed ({e.strerror or e})"
+        buf = b""
+        deadline = loop.time() + timeout
+        while b"\n" not in buf:
+            left = deadline - loop.time()
+            if left <= 0:
+                return f"no answer to promote within {timeout:g} s"
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(self.control, 4096), left)
+            except TimeoutError:
+                return f"no answer to promote within {timeout:g} s"
+            except OSError as e:
+                return f"the control socket failed ({e.strerror or e})"
+            if not chunk:
+                return f"the control socket closed ({self.proc.exit_description()})"
+            buf += chunk
+        return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()[:400]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.control.close()
+
+
 @dataclass(frozen=True)
 class RunnerDeps:
     """What the runner needs from the daemon that owns it, and nothing more."""
@@ -76,6 +130,7 @@ class Runner:
         # digests of the .env files and app.env the serving process started with (envwatch)
         self.env_started: dict[str, dict[str, str]] | None = None
         self.hold = False
+        self.candidate: Candidate | None = None  # a verified canary waiting to be promoted in place
         self.crashed = asyncio.Event()
         self.backoff = Backoff()
         self._restart: asyncio.Task[None] | None = None
@@ -114,7 +169,10 @@ class Runner:
         return self.listener
 
     def build(self, release: Release, role: str, sock: socket.socket | None = None,
-              port: int | None = None, host: str | None = None) -> tuple[AppProcess, drain.DrainPlan]:
+              port: int | None = None, host: str | None = None,
+              promote: tuple[socket.socket, socket.socket] | None = None) -> tuple[AppProcess, drain.DrainPlan]:
+        """One app process of `release`. `promote` (the shared listening socket, the shim's end of the
+        control pair) makes a canary that can be promoted in place, when the drain shim runs it."""
         cfg = self.cfg
         for rel in cfg.app.shared:  # what the app may print from its .env is masked (read now: it may have changed)
             if Path(rel).name.startswith(".env"):
@@ -137,11 +195,19 @@ class Runner:
             blocked = user.cannot_run(python) if user.uid >= 0 and not user.problem() else None
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
-        access = AccessChannel() if plan.kind == "shim" and role == "app" else None  # records the app cannot forge
+        fds = [sock.fileno()] if sock is not None else []
+        if promote is not None and plan.kind == "shim":
+            shared, control = promote
+            env.update({drain.SHARED_ENV: str(shared.fileno()), drain.CONTROL_ENV: str(control.fileno())})
+            fds += [shared.fileno(), control.fileno()]
+        else:
+            promote = None
+        # records the app cannot forge (a canary that may be promoted has its channel from the start)
+        access = AccessChannel() if plan.kind == "shim" and (role == "app" or promote is not None) else None
         if access is not None:
             env.update(access.env)
         proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=cwd,
-                          env=env, pass_fds=(sock.fileno(),) if sock is not None else (), on_line=self.deps.on_line,
+                          env=env, pass_fds=tuple(fds), on_line=self.deps.on_line,
                           registry=self.deps.registry, ready_pattern=cfg.app.ready_pattern,
                           access=access, on_record=self.deps.on_record, user=user, blocked=blocked)
         return proc, plan
@@ -375,6 +441,11 @@ class Runner:
             await proc.stop(5)
             raise SwitchFailed(f"the new process of {release.name} did not become ready: {why}")
         await faults.point("new_started")
+        await self._take_over(proc, release, plan)
+        return proc
+
+    async def _take_over(self, proc: AppProcess, release: Release, plan: drain.DrainPlan) -> None:
+        """`proc` accepts on the shared socket: it serves from now on, the old process drains."""
         old = self.proc
         self._adopt(proc, release, plan)
         self._machine.change(RUNNING)
@@ -385,7 +456,60 @@ class Runner:
         if old is not None and old.alive:
             self.retire(old)
             await self.wait_stopped_accepting(old, 3.0)
+
+    def promotion_blocker(self) -> str:
+        """Why a canary of the configured command cannot be promoted in place ("" when it can)."""
+        cfg = self.cfg
+        if not cfg.app.uses_fd:
+            return "the command takes no {fd}, so there is no shared socket to hand over"
+        values = {"python": "python", "fd": "3", "port": "0", "host": "127.0.0.1", "release": "."}
+        plan = drain.plan([a.format(**values) for a in cfg.app.command], cfg.app.drain, {}, cfg.app.drain_grace_s)
+        if plan.kind != "shim":
+            return f"the drain shim does not run this server ({plan.description})"
+        return ""
+
+    async def promote(self, release: Release) -> AppProcess:
+        """The verified canary of `release` starts accepting on the shared socket; then the old one drains.
+
+        Raises PromotionFailed with the candidate stopped (nothing changed for the old process)."""
+        cand, self.candidate = self.candidate, None
+        if cand is None or cand.release.name != release.name:
+            raise PromotionFailed(f"no verified canary of {release.name} is waiting")
+        if not cand.proc.alive:
+            cand.close()
+            raise PromotionFailed(f"the canary {cand.proc.exit_description()}: {cand.proc.last_lines()}")
+        try:
+            current = self.production_listener()
+        except ListenError as e:
+            current = None
+            self.log.warning("promote.no_socket", release=release.name, error=str(e))
+        if current is None or current is not cand.shared:
+            cand.close()
+            await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
+            raise PromotionFailed("the listening address changed since the canary started (a reload): the release "
+                                  "starts on the new one")
+        t = time.monotonic()
+        answer = await cand.ask_promote(min(10.0, self.cfg.health.start_timeout_s))
+        cand.close()
+        if answer != "promoted" or not cand.proc.alive:
+            await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
+            raise PromotionFailed(answer if answer != "promoted" else
+                                  f"the canary {cand.proc.exit_description()} as it was promoted")
+        proc = cand.proc
+        proc.role = "app"  # its output and access records are production's from here
+        self.log.info("switch.promoted", release=release.name, pid=proc.pid, seconds=round(time.monotonic() - t, 3),
+                      drain=cand.plan.description)
+        await faults.point("new_started")
+        await self._take_over(proc, release, cand.plan)
+        self.env_started = cand.env_started  # what it read its .env from: at its start, as a canary
         return proc
+
+    async def discard_candidate(self) -> None:
+        """A verified canary that will not be promoted (the update ended otherwise): stop it."""
+        cand, self.candidate = self.candidate, None
+        if cand is not None:
+            cand.close()
+            await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
 
     async def stop_then_start(self, release: Release) -> tuple[AppProcess, float]:
         """For apps that bind the port themselves: the gap is as long as the new one's start-up."""
@@ -457,20 +581,48 @@ class Runner:
 
     # -- canary
 
-    async def canary(self, release: Release) -> tuple[HealthReport, str]:
-        """Run `release` on a private loopback port and check it; always stopped afterwards."""
+    async def canary(self, release: Release, *, promote: bool = False) -> tuple[HealthReport, str]:
+        """Run `release` on a private loopback port and check it; stopped afterwards, unless `promote`:
+        then it also holds the shared socket (unserved) and, once it has passed every check, is kept as
+        `self.candidate` for promote(). `release` must then be the release itself (its own tree and
+        production's shared paths): a promoted process keeps its working directory and open files."""
         cfg = self.cfg
+        await self.discard_candidate()
         sock = private_listener() if cfg.app.uses_fd else None
         port = int(sock.getsockname()[1]) if sock is not None else free_port()
-        proc, _plan = self.build(release, "canary", sock, port, host="127.0.0.1")
+        pair: tuple[socket.socket, socket.socket] | None = None
+        if promote and sock is not None:
+            try:
+                shared = await self.listen_production()
+            except ListenError as e:
+                self.log.warning("promote.no_socket", release=release.name, error=str(e))
+            else:
+                if shared is not None:
+                    mine, theirs = socket.socketpair()
+                    pair = (shared, theirs)
+        env_started = self.env_now()
+        proc, plan = self.build(release, "canary", sock, port, host="127.0.0.1", promote=pair)
+        promotable = pair is not None and plan.kind == "shim"
+        keep = False
         try:
             await proc.start()
-            lower_priority(proc.pid)
+            if not promotable:  # a process that may become production keeps production's priority
+                lower_priority(proc.pid)
             report = await self.wait_healthy(alive=lambda: proc.alive, host="127.0.0.1", port=port)
             died = "" if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
+            if promotable and pair is not None and report.ok and proc.alive:
+                self.candidate = Candidate(proc, plan, release, mine, env_started, pair[0])
+                keep = True
             return report, died
         finally:
-            await proc.stop(5)
+            if pair is not None:
+                with contextlib.suppress(OSError):
+                    pair[1].close()  # the child has its own copy
+                if not keep:
+                    with contextlib.suppress(OSError):
+                        mine.close()
+            if not keep:
+                await proc.stop(5)
             if sock is not None:
                 sock.close()
 
@@ -482,7 +634,11 @@ class Runner:
         if self._restart is not None:
             self._restart.cancel()
         timeout = self.cfg.update.drain_timeout_s
-        procs = [p for p in {self.proc, *self.draining} if p is not None]
+        if self.candidate is not None:
+            self.candidate.close()
+        procs = [p for p in {self.proc, *self.draining, self.candidate.proc if self.candidate else None}
+                 if p is not None]
+        self.candidate = None
         await asyncio.gather(*(p.stop(timeout) for p in procs), return_exceptions=True)
         for s in [self.listener, *self._retired_listeners]:
             if s is not None:

@@ -10,6 +10,11 @@ killed anywhere comes back, reads it, and settles on one verified release: an up
 had not reached the switch is aborted, one that had is rolled back to the release that
 served before it. A rollback requested by the operator is the same machine aimed at an
 older release, without the waiting.
+
+One start per release when it can be: the canary runs from the release itself, holding the shared
+socket, and once verified on its private port it is promoted in place at the switch (runner.promote).
+The data rule (`_two_starts_because`) decides when that is allowed; otherwise, and when the promotion
+itself fails, the release starts twice (canary on copies, then a handoff), and the update log says why.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from proto4d.inbox import Request, write_answer
 from proto4d.notices import Webhook
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
-from proto4d.runner import Runner, SwitchFailed
+from proto4d.runner import PromotionFailed, Runner, SwitchFailed
 from proto4d.states import (
     ABORTED,
     BEFORE_SWITCH,
@@ -443,6 +448,7 @@ class UpdateRun:
                 self._discard_new()
                 self._finish(ABORTED, f"internal error before the switch: {type(e).__name__}: {e}")
         finally:
+            await self.runner.discard_candidate()  # a verified canary the update did not promote
             self.runner.release_hold()
             notices.remove_notice(self.cfg.notice_path)
             self.ulog.close()
@@ -726,8 +732,56 @@ class UpdateRun:
         # A migration is proven on a copy even when no canary process can run.
         return self._canary_runs() or (self.data.migrates and self.req.action == "update")
 
+    async def _two_starts_because(self) -> str:
+        """Why this release starts twice, canary then production ("" = once: its canary is promoted in place).
+
+        The data rule. A promoted process keeps its working directory, its imports and the files and
+        database connections it opened, so a canary that may be promoted must run from the release
+        itself on production's shared paths, not from the canary tree on copies (canarydata). That is
+        allowed only when the copies would protect nothing of the students': no `app.migrate` (a
+        migration is always proven on a copy first, and the canary must run on the migrated copy) and no
+        SQLite database, declared in `app.databases` or found under shared/ (a version that writes or
+        breaks the database at start-up and then fails must leave production's untouched). With a
+        database the canary runs on copies and the release starts again on the shared socket, as before.
+
+        `update.promote: live` is the operator's choice to trade that for one start with a database: the
+        canary runs on production's data, after a snapshot, when no migration is pending (no `app.migrate`,
+        or it leaves every database's schema revision unchanged on a copy; a restart runs the same code). A
+        migration pending, or a rollback with `app.migrate` set (older code on a newer schema is checked on
+        a copy first), still starts twice.
+        """
+        cfg = self.cfg
+        mode = cfg.update.promote
+        if mode == "never":
+            return "update.promote is never"
+        blocker = self.runner.promotion_blocker()
+        if blocker:
+            return blocker
+        if mode != "live":
+            if self.data.migrates:
+                return ("app.migrate is set: the migration is proven on a copy of the data and the canary runs on "
+                        "that copy (students' data is never the canary's)")
+            dbs = self.data.databases()
+            if dbs:
+                return f"the canary runs on copies of {', '.join(dbs)} (students' data is never the canary's)"
+            return ""
+        if self.data.migrates and self.req.action == "rollback":
+            return "a rollback with app.migrate set: the older release is checked on a copy of the data first"
+        if self.data.migrates and self.req.action == "update":
+            pending = await self.data.migration_pending(self.new)
+            if pending:
+                return f"update.promote is live, but a migration is pending ({pending}): the canary runs on the copy"
+        return ""
+
     async def _canary(self) -> None:
         assert self.new is not None
+        why = await self._two_starts_because() if self._canary_runs() else ""
+        if self._canary_runs() and not why:
+            await self._canary_in_place()
+            return
+        if why:
+            self.ulog.line(f"  two starts (a canary, then production on the shared socket): {why}")
+            self.log.info("promote.skipped", release=self.new.name, reason=why)
         old = self.old if self.req.action == "update" and self.old is not None and \
             self.old.name != self.new.name else None
         try:
@@ -748,6 +802,28 @@ class UpdateRun:
         self.journal.note(rollback_compatible=self.data.compatible)
         if self.data.compatible is False:
             self._allow_incompatible()
+
+    async def _canary_in_place(self) -> None:
+        """The release itself on a private port, holding the shared socket unserved: kept once verified."""
+        assert self.new is not None
+        self.ulog.line("  canary: the release itself, on production's shared paths, on a private port, holding the "
+                       "shared socket; once verified it is promoted in place (one start)")
+        on_live = ""
+        if self.data.databases():  # update.promote: live: a snapshot before the canary touches production's data
+            await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=self.old.name if self.old else "")
+            if self.data.snapshot:
+                self.journal.note(snapshot=self.data.snapshot)
+                on_live = (f"; it ran on production's data (update.promote: live): snapshot {self.data.snapshot} was "
+                           "taken just before it (proto4d backups)")
+                self.ulog.line(f"  update.promote is live: the canary runs on production's data, snapshot "
+                               f"{self.data.snapshot} taken first")
+        report, died = await self.runner.canary(self.new, promote=True)
+        self.ulog.line(f"  canary checks: {report.summary()}")
+        if not report.ok:
+            raise Aborted(f"the canary of {self.new.name} failed: " + (died or report.failures()) + on_live)
+        if self.runner.candidate is None:
+            self.ulog.line("  the canary could not hold the shared socket: two starts")
+        self.journal.note(rollback_compatible=self.data.compatible)
 
     def _allow_incompatible(self) -> None:
         """An incompatible migration goes on only when allowed, and only while nobody is on."""
@@ -773,7 +849,21 @@ class UpdateRun:
         cfg = self.cfg
         await self._data_before_switch()
         runner.hold_for_switch()
-        if cfg.app.uses_fd and runner.serving_alive():
+        promoted = False
+        if runner.candidate is not None:
+            try:
+                await runner.promote(self.new)
+                promoted = True
+            except PromotionFailed as e:
+                self.ulog.line(f"  promotion in place failed ({e}): the release starts again on the shared socket")
+                self.log.warning("promote.failed", release=self.new.name, reason=str(e))
+        if promoted:
+            proc = runner.proc
+            self.ulog.line(f"  promoted in place: {self.new.name} (pid {proc.pid if proc else '?'}, verified as the "
+                           "canary) accepts on the shared socket without restarting; "
+                           f"{self.old.name if self.old else 'the old process'} drains (up to "
+                           f"{cfg.update.drain_timeout_s:g} s) - {runner.drain_kind}")
+        elif cfg.app.uses_fd and runner.serving_alive():
             await runner.handoff(self.new)
             self.ulog.line(f"  handoff: {self.new.name} accepts on the same socket; "
                            f"{self.old.name if self.old else 'the old process'} drains (up to "
@@ -798,11 +888,14 @@ class UpdateRun:
         """Snapshot every database, then migrate the live one; a failure restores it and aborts."""
         assert self.new is not None
         old = self.old.name if self.old else ""
-        await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=old)
+        if self.data.snapshot is None:  # update.promote: live took it before the canary already
+            await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=old)
         await faults.point("snapshot_taken")
-        if not self.data.migrates or self.req.action != "update":
+        if not self.data.migrates or self.req.action != "update" or self.data.no_migration_pending:
             if self.data.snapshot:
                 self.journal.note(snapshot=self.data.snapshot)
+            if self.data.no_migration_pending:  # proven a no-op on a copy: the live schema is the new release's
+                releases.note_info(self.deps.paths, self.new.name, schema=self.data.revisions())
             return
         # Durable before the live database changes: a restart mid-migration knows what to restore.
         self.journal.note(snapshot=self.data.snapshot, migrating_live=True,

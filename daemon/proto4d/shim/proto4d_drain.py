@@ -40,6 +40,18 @@ replaces uvicorn's handlers), so the hello goes out only once records really flo
 block the app: a full pipe drops the record. With the stock classes (the fallback) there is no
 channel, and the daemon keeps parsing the output.
 
+Promotion in place: when proto4d starts the process as a canary it may pass two more descriptors,
+the shared listening socket (PROTO4D_SHARED_FD, held but not served) and one end of a control
+socket pair (PROTO4D_CONTROL_FD). The process serves only its private `--fd` socket while the
+daemon checks it. On the line `promote` on the control socket, the shim adds a listener on the
+shared socket to the SAME uvicorn server (same app, same lifespan state, same protocol factory
+as uvicorn's own), and only once the event loop accepts on it closes the private listener and
+its inherited fd, then answers `promoted` (or `refused <reason>`, serving nothing new). The
+daemon retires the old process only after `promoted`, so the shared socket always has an
+acceptor. One line goes to stderr too: `proto4d-drain: promoted (shared socket fd N ...)`.
+When uvicorn's Server has no `startup` to wrap, the shim answers `unavailable <reason>` at once
+and the daemon starts the release again on the shared socket (the two-start path).
+
 If uvicorn's classes lack what this relies on (checked when a class is first asked for), the
 stock class is exported under the same name instead. Either way ONE line goes to stderr, the
 first time uvicorn picks a class (during its start-up, before "Uvicorn running on"):
@@ -47,7 +59,10 @@ first time uvicorn picks a class (during its start-up, before "Uvicorn running o
     proto4d-drain: fallback to stock uvicorn shutdown (<reason>)
 """
 
+import asyncio
+import contextlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -396,12 +411,138 @@ def _http_choice(argv):
     return value
 
 
+CONTROL_FD_ENV = "PROTO4D_CONTROL_FD"
+SHARED_FD_ENV = "PROTO4D_SHARED_FD"
+_promoters = []  # keeps the one _Promoter of this process (and its task) alive
+
+
+def _say(fd, text):
+    """One line to the daemon on the control socket; a daemon that is gone is no error."""
+    with contextlib.suppress(OSError):
+        os.write(fd, (text.replace("\n", " ")[:400] + "\n").encode("utf-8", "replace"))
+
+
+class _Promoter:
+    """Waits for `promote` on the control socket, then serves the shared socket with the same server."""
+
+    def __init__(self, server, control_fd, shared_fd):
+        self.server = server
+        self.control_fd = control_fd
+        self.shared_fd = shared_fd
+        self.buffer = b""
+        self.task = None
+        self.done = False
+
+    def listen(self):
+        loop = asyncio.get_running_loop()
+        os.set_blocking(self.control_fd, False)
+        loop.add_reader(self.control_fd, self._readable)
+
+    def _readable(self):
+        loop = asyncio.get_running_loop()
+        try:
+            data = os.read(self.control_fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the daemon closed its end: nothing more will come
+            loop.remove_reader(self.control_fd)
+            return
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if line.strip() == b"promote" and self.task is None:
+                self.task = loop.create_task(self._promote())
+            elif line.strip() == b"promote":
+                _say(self.control_fd, "promoted" if self.done else "refused a promotion is in progress")
+
+    def _factory(self):
+        """The protocol factory uvicorn's startup() builds (uvicorn 0.2x to 0.5x: keyword arguments)."""
+        server = self.server
+        config = server.config
+        cls = config.http_protocol_class
+        kwargs = {"config": config, "server_state": server.server_state}
+        params = inspect.signature(cls).parameters
+        lifespan = getattr(server, "lifespan", None)
+        if "app_state" in params:
+            kwargs["app_state"] = getattr(lifespan, "state", {})
+        for name, p in params.items():
+            if p.default is p.empty and name not in kwargs and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                raise RuntimeError(f"{cls.__name__}() needs {name!r}, which the shim does not know")
+        return lambda: cls(**kwargs)
+
+    async def _promote(self):
+        server = self.server
+        config = server.config
+        loop = asyncio.get_running_loop()
+        try:
+            factory = self._factory()
+            old = list(getattr(server, "servers", None) or [])
+            if not old:
+                raise RuntimeError("uvicorn's server has no listener to replace")
+            sock = socket.socket(fileno=os.dup(self.shared_fd))
+            try:
+                shared = await loop.create_server(factory, sock=sock, ssl=config.ssl, backlog=config.backlog)
+            except BaseException:
+                sock.close()
+                raise
+        except Exception as exc:  # nothing new is served: the daemon starts the release again instead
+            _say(self.control_fd, f"refused {type(exc).__name__}: {exc}")
+            return
+        # The loop accepts on the shared socket now; the private one goes (a check there is refused).
+        server.servers = [shared]
+        for s in old:
+            s.close()
+        private = getattr(config, "fd", None)
+        if isinstance(private, int) and private not in (self.shared_fd, self.control_fd):
+            with contextlib.suppress(OSError):
+                os.close(private)
+        self.done = True
+        sys.stderr.write(f"proto4d-drain: promoted (shared socket fd {self.shared_fd}; private listener closed)\n")
+        sys.stderr.flush()
+        _say(self.control_fd, "promoted")
+
+
+def _take_promotion():
+    """The canary's descriptors for promotion in place (taken before the app is imported)."""
+    control = os.environ.pop(CONTROL_FD_ENV, "")
+    shared = os.environ.pop(SHARED_FD_ENV, "")
+    if not control or not shared:
+        return
+    try:
+        control_fd, shared_fd = int(control), int(shared)
+    except ValueError:
+        return
+    try:
+        import uvicorn.server
+        server_cls = uvicorn.server.Server
+        original = server_cls.startup
+        if not inspect.iscoroutinefunction(original):
+            raise AttributeError("Server.startup is not a coroutine function")
+    except (ImportError, AttributeError) as exc:
+        _say(control_fd, f"unavailable uvicorn's Server cannot be wrapped ({exc})")
+        return
+
+    async def startup(self, *args, **kwargs):
+        await original(self, *args, **kwargs)
+        if getattr(self, "should_exit", False) or _promoters:
+            return
+        promoter = _Promoter(self, control_fd, shared_fd)
+        _promoters.append(promoter)
+        promoter.listen()
+
+    server_cls.startup = startup
+
+
 def main(argv=None):
     """`python -m proto4d_drain ARGS`: uvicorn's command line with the drain classes."""
     if argv is None:
         argv = sys.argv[1:]
     import uvicorn
     import uvicorn.config
+
+    _take_promotion()
 
     cli = getattr(uvicorn, "main", None)
     protocols = getattr(sys.modules["uvicorn.config"], "HTTP_PROTOCOLS", None)
