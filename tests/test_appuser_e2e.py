@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import events, wait_for
+from harness import FULL, events, wait_for
 from proto4d import appuser, config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs the tests to run as root")
@@ -134,6 +134,7 @@ def test_an_interpreter_the_app_user_cannot_reach_is_named_in_the_failed_start(m
 
 
 @pytest.mark.long
+@pytest.mark.skipif(not FULL, reason="a second SQLAlchemy venv from the system Python: runs in ./dev proofs")
 def test_a_database_app_migrates_and_writes_as_its_user_across_an_update(tmp_path):
     """SQLite in WAL mode as `nobody`: the first release's migration, rows written under load, a
     migration on the canary's copy and live at the switch, the daemon's snapshot (as root) in between."""
