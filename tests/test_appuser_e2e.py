@@ -37,10 +37,12 @@ def python_for_nobody() -> str:
 
 def reachable(path: Path) -> None:
     """What an operator does for a root the app user lives under: every directory above it searchable
-    (pytest makes its temporary directories 0700)."""
-    for d in [path, *path.parents]:
-        if d.exists():
-            os.chmod(d, os.stat(d).st_mode | 0o001)
+    (pytest makes its temporary directories 0700), and proto4d's own package readable (the app imports
+    the drain shim from it; a checkout may sit in a 0700 directory)."""
+    for top in (path, Path(appuser.__file__).resolve().parent):
+        for d in [top, *top.parents]:
+            if d.exists():
+                os.chmod(d, os.stat(d).st_mode | 0o001)
 
 
 class Uids:
@@ -106,6 +108,7 @@ def test_the_app_and_its_canary_run_as_app_user_and_cannot_touch_the_daemons_fil
 
 
 def test_an_unknown_app_user_is_refused_by_the_config_and_never_runs_as_the_daemon(tmp_path, make_daemon):
+    reachable(tmp_path)
     text = f"root: state\npython: {sys.executable}\napp: {{repo: x, user: no-such-user-here}}\n"
     with pytest.raises(config.ConfigError) as info:
         config.parse(text, "x.yaml", base_dir=tmp_path)
@@ -117,6 +120,12 @@ def test_an_unknown_app_user_is_refused_by_the_config_and_never_runs_as_the_daem
     # An account removed after the config was read: the start fails, naming it.
     gone = appuser.resolve("no-such-user-here")
     assert gone is not None and "no such user" in (gone.problem() or "")
+    # A file behind a private directory (the shim of a proto4d installed under a 0700 home) is named.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "proto4d_drain.py").write_text("")
+    why = appuser.lookup("nobody").cannot_read(private / "proto4d_drain.py")
+    assert why is not None and str(private) in why and "install proto4d where every user can read it" in why
     # The daemon's own user is no switch at all.
     assert appuser.resolve("root") is None and appuser.resolve("") is None
 

@@ -53,6 +53,18 @@ class AppUser:
             return f"app.user {self.name} may not execute {real}"
         return None
 
+    def cannot_read(self, path: Path) -> str | None:
+        """Why this user could not read `path` (e.g. the drain shim inside a proto4d installed under a
+        private home directory), or None."""
+        real = Path(os.path.realpath(path))
+        for d in reversed(real.parents):
+            if not self._may(d, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
+                return (f"app.user {self.name} cannot read {real} ({d} is {stat.filemode(os.stat(d).st_mode)}): "
+                        "install proto4d where every user can read it, or open that directory")
+        if not self._may(real, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH):
+            return f"app.user {self.name} may not read {real}"
+        return None
+
     def _may(self, path: Path, u: int, g: int, o: int) -> bool:
         try:
             st = os.stat(path)

@@ -195,6 +195,8 @@ class Runner:
             blocked = user.cannot_run(python) if user.uid >= 0 and not user.problem() else None
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
+        if user is not None and blocked is None and plan.kind == "shim" and user.uid >= 0 and not user.problem():
+            blocked = user.cannot_read(drain.SHIM_DIR / "proto4d_drain.py")  # the app imports it
         fds = [sock.fileno()] if sock is not None else []
         if promote is not None and plan.kind == "shim":
             shared, control = promote
