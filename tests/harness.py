@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +63,16 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
             raise AssertionError(f"timed out after {timeout} s waiting for {what}"
                                  + (f" (last error: {last_exc})" if last_exc else ""))
         time.sleep(interval)
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether this machine can bind ::1 (some containers have no IPv6 at all)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import has_ipv6_loopback
 from proto4d.listener import ListenError, check_port_free, open_listener
 
 HOLDER = """
@@ -29,15 +30,6 @@ open(sys.argv[2] + ".tmp", "w").write(str(s.getsockname()[1]))
 import os; os.rename(sys.argv[2] + ".tmp", sys.argv[2])
 time.sleep(120)
 """
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture()

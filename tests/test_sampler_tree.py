@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from harness import wait_for
+from harness import has_ipv6_loopback, wait_for
 from proto4d import activity
 from proto4d.activity import Sampler
 from proto4d.config import ActivityConfig, SafetyConfig
@@ -62,19 +62,10 @@ def test_the_sample_counts_the_whole_tree(tree: psutil.Process):
     assert s.sample([12345678], app_up=False)["processes"] == 0  # a pid that does not exist: no tree, no error
 
 
-def _loopback_v6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_connections_are_counted_from_the_listening_socket_s_own_table(host: str):
     """Only the table of the socket's family is read (connection_kind): its connections must all be there."""
-    if host == "::1" and not _loopback_v6():
+    if host == "::1" and not has_ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as server:

@@ -43,26 +43,24 @@ class AppUser:
     def cannot_run(self, program: Path) -> str | None:
         """Why this user could not execute `program` (its real path: a venv's python is a link to the
         interpreter it was made from, e.g. under a home directory that is 0700), or None."""
-        real = Path(os.path.realpath(program))
-        for d in reversed(real.parents):
-            if not self._may(d, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
-                return (f"app.user {self.name} cannot reach {real} ({d} is {stat.filemode(os.stat(d).st_mode)}, "
-                        f"owner uid {os.stat(d).st_uid}): build venvs from a Python every user can run "
-                        "(the `python` key), or open that directory")
-        if not self._may(real, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
-            return f"app.user {self.name} may not execute {real}"
-        return None
+        return self._blocked(program, "reach", "execute", (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH),
+                             "build venvs from a Python every user can run (the `python` key), or open that directory")
 
     def cannot_read(self, path: Path) -> str | None:
         """Why this user could not read `path` (e.g. the drain shim inside a proto4d installed under a
         private home directory), or None."""
+        return self._blocked(path, "read", "read", (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH),
+                             "install proto4d where every user can read it, or open that directory")
+
+    def _blocked(self, path: Path, reach: str, verb: str, bits: tuple[int, int, int], fix: str) -> str | None:
         real = Path(os.path.realpath(path))
         for d in reversed(real.parents):
             if not self._may(d, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
-                return (f"app.user {self.name} cannot read {real} ({d} is {stat.filemode(os.stat(d).st_mode)}): "
-                        "install proto4d where every user can read it, or open that directory")
-        if not self._may(real, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH):
-            return f"app.user {self.name} may not read {real}"
+                st = os.stat(d)
+                return (f"app.user {self.name} cannot {reach} {real} ({d} is {stat.filemode(st.st_mode)}, "
+                        f"owner uid {st.st_uid}): {fix}")
+        if not self._may(real, *bits):
+            return f"app.user {self.name} may not {verb} {real}"
         return None
 
     def _may(self, path: Path, u: int, g: int, o: int) -> bool:

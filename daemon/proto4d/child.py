@@ -158,10 +158,6 @@ class AppProcess:
         self.started_mono = time.monotonic()
         problem = self.blocked or (self.user.problem() if self.user is not None else None)
         if problem:
-            if self.access is not None:
-                self.access.spawned()
-                with contextlib.suppress(OSError):
-                    os.close(self.access.read_fd)
             self._never_started(f"not started: {problem}")
             return
         hold = Hold()
@@ -173,10 +169,6 @@ class AppProcess:
                 start_new_session=True, limit=1 << 20, **(self.user.popen() if self.user is not None else {}))
         except OSError as e:
             hold.abort()
-            if self.access is not None:
-                self.access.spawned()
-                with contextlib.suppress(OSError):
-                    os.close(self.access.read_fd)
             self._never_started(f"could not start {self.argv[0]} in {self.cwd}: {e.strerror or e}")
             return
         hold.spawned()
@@ -201,6 +193,10 @@ class AppProcess:
         self._waiter = asyncio.create_task(self._wait(), name=f"wait-{self.pid}")
 
     def _never_started(self, why: str) -> None:
+        if self.access is not None:  # no child holds the record pipe: close our ends
+            self.access.spawned()
+            with contextlib.suppress(OSError):
+                os.close(self.access.read_fd)
         self.tail.append(why)
         self.returncode = 127
         self.exited.set()

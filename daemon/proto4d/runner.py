@@ -188,15 +188,11 @@ class Runner:
                                      extra=cfg.app.env_dict)
         user = self.app_user()
         cwd = release.path / cfg.app.workdir
-        blocked = None
         if user is not None:
             env.update(user.env())
-            self.hand_over(user, cwd, python.parent.parent)
-            blocked = user.cannot_run(python) if user.uid >= 0 and not user.problem() else None
         plan = drain.plan(argv, cfg.app.drain, env, cfg.app.drain_grace_s)
         env.update(plan.env)
-        if user is not None and blocked is None and plan.kind == "shim" and user.uid >= 0 and not user.problem():
-            blocked = user.cannot_read(drain.SHIM_DIR / "proto4d_drain.py")  # the app imports it
+        blocked = self.as_user(user, cwd, python, plan) if user is not None else None
         fds = [sock.fileno()] if sock is not None else []
         if promote is not None and plan.kind == "shim":
             shared, control = promote
@@ -218,12 +214,18 @@ class Runner:
         """`app.user`, looked up at every start (the account may have changed since the config was read)."""
         return appuser.resolve(self.cfg.app.user)
 
-    def hand_over(self, user: appuser.AppUser, cwd: Path, venv: Path) -> None:
+    def as_user(self, user: appuser.AppUser, cwd: Path, python: Path, plan: drain.DrainPlan) -> str | None:
+        """Give the app user what it writes; why a process cannot start as it (None: it can)."""
+        problem = user.problem()
+        if problem:
+            return problem
         paths = self.deps.paths
         try:
-            user.prepare(root=paths.root, shared=paths.shared, state=paths.state, cwd=cwd, venv=venv)
+            user.prepare(root=paths.root, shared=paths.shared, state=paths.state, cwd=cwd, venv=python.parent.parent)
         except OSError as e:
             self.log.warning("app_user.handover_failed", user=user.name, error=str(e))
+        shim = drain.SHIM_DIR / "proto4d_drain.py"  # the app imports it through the shim
+        return user.cannot_run(python) or (user.cannot_read(shim) if plan.kind == "shim" else None)
 
     def _adopt(self, proc: AppProcess, release: Release, plan: drain.DrainPlan) -> None:
         self.proc = proc
