@@ -110,6 +110,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="follow the restart to its end")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
 
+    p = sub.add_parser("stage", help="prepare a release and run it, verified, on the preview address for a teacher "
+                                     "to try; production is untouched",
+                       description="Prepare the branch head (or REF) as an update would (release, venv, "
+                                   "data steps) and run it on the preview address stage.listen (loopback by "
+                                   "default: reach it with a second tunnel hostname or `ssh -L`), verified, "
+                                   "without touching production or waiting for a quiet moment. `proto4d status` "
+                                   "shows its URL and when it expires (stage.ttl_s). `proto4d promote` makes it "
+                                   "production; `proto4d discard` ends it. One release is staged at a time: "
+                                   "staging another discards it, and an update deploys the staged one if it is "
+                                   "the same commit, else discards it.")
+    _add_config(p)
+    p.add_argument("--ref", help="a branch, tag or commit to stage (default: the configured branch's head)")
+    p.add_argument("--reason", help="why, for the logs")
+    p.add_argument("--wait", action="store_true",
+                   help="follow it to its end; exit 0 only when the release is staged and verified")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+
+    p = sub.add_parser("promote", help="make the staged release production (waits for a quiet moment)",
+                       description="Move the staged release to production with the same zero-gap switch as an "
+                                   "update: the process the teacher tried is promoted in place when the data rule "
+                                   "allows (see update.promote), else the release starts again on the shared "
+                                   "socket after its canary on copies of the data. Waits for a safe moment like "
+                                   "any update (--force: do not wait), then verifies, watches and rolls back by "
+                                   "itself when unhealthy. The preview address stops answering once promoted.")
+    _add_config(p)
+    p.add_argument("--force", action="store_true", help="do not wait for a quiet moment (checks still run)")
+    p.add_argument("--allow-incompatible", action="store_true",
+                   help="as for `update`: a migration the previous release cannot run on (only while nobody is on)")
+    p.add_argument("--reason", help="why, for the logs and the notice")
+    p.add_argument("--wait", action="store_true",
+                   help="follow it to its end; exit 0 only when the release serves and is verified")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+
+    p = sub.add_parser("discard", help="end the staged release (its process, its release directory)",
+                       description="Stop the staged release's process and remove its release (and its copies of "
+                                   "the data). A promotion still waiting for a quiet moment is cancelled with it; "
+                                   "one already switching is not.")
+    _add_config(p)
+    p.add_argument("--reason", help="why, for the logs")
+    p.add_argument("--wait", action="store_true", help="wait for the answer")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+
     p = sub.add_parser("rollback", help="switch back to the previous (or a named) release",
                        description="Switch to the previous retained release (or RELEASE) with its own venv, "
                                    "using the same zero-gap switch as an update.")
@@ -270,6 +312,9 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "releases": _lazy("proto4d.views", "cmd_releases"),
     "update": _lazy("proto4d.client", "cmd_update"),
     "rollback": _lazy("proto4d.client", "cmd_rollback"),
+    "stage": _lazy("proto4d.client", "cmd_stage"),
+    "promote": _lazy("proto4d.client", "cmd_promote"),
+    "discard": _lazy("proto4d.client", "cmd_discard"),
     "restart": _lazy("proto4d.client", "cmd_restart"),
     "install-service": _lazy("proto4d.service", "cmd_install_service"),
     "backups": _lazy("proto4d.backups", "cmd_backups"),

@@ -1,4 +1,5 @@
-"""`proto4d update` and `proto4d rollback`: write a request file for the daemon and follow its answer.
+"""`proto4d update`, `rollback`, `restart`, `stage`, `promote`, `discard`: write a request file for the
+daemon and follow its answer.
 
 The request is validated here with the daemon's own parser (inbox.parse), dropped without ever
 clobbering one the daemon has not picked up, announced with SIGUSR2, and followed through
@@ -51,6 +52,33 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     doc: dict[str, Any] = {"action": "rollback", "force": True}
     if args.release:
         doc["release"] = args.release
+    if args.reason:
+        doc["reason"] = args.reason
+    return _submit(args, doc)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    doc: dict[str, Any] = {"action": "stage"}
+    if args.ref:
+        doc["ref"] = args.ref
+    if args.reason:
+        doc["reason"] = args.reason
+    return _submit(args, doc)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    doc: dict[str, Any] = {"action": "promote"}
+    if args.force:
+        doc["force"] = True
+    if args.reason:
+        doc["reason"] = args.reason
+    if getattr(args, "allow_incompatible", False):
+        doc["allow_incompatible"] = True
+    return _submit(args, doc)
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    doc: dict[str, Any] = {"action": "discard", "force": True}
     if args.reason:
         doc["reason"] = args.reason
     return _submit(args, doc)
@@ -143,7 +171,7 @@ def follow(paths: Paths, req_id: str, *, wait: bool, timeout: float | None) -> i
                     if log_path is not None:
                         _print_new(log_path, log_pos)
                     print(safe_text(f"{state}: {answer.get('message', '')}"))
-                if state == "done" and answer.get("verified", True):
+                if (state == "done" and answer.get("verified", True)) or state == "staged":
                     return 0
                 return 1
             if not wait and state in ("accepted", "queued"):

@@ -336,6 +336,26 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """`proto4d stage`: where a staged release answers for a teacher to try, and for how long."""
+    host: str = setting(NOW, "127.0.0.1", read("ip_address", "127.0.0.1"),
+                        "where a staged release answers (`proto4d stage`); loopback by default, for a second "
+                        "tunnel hostname or an SSH forward", at=("listen", "host"))
+    port: int = setting(NOW, 8001, read("number", 1, 65535, integer=True), "its port", at=("listen", "port"))
+    ttl_s: float = setting(NOW, 28800, read("number", 1, 90 * 86400, **_NUM_S),
+                           "a staged release not promoted within this is discarded")
+
+    @property
+    def probe_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else self.probe_host
+        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+
+
+@dataclass(frozen=True)
 class WebConfig:
     """`proto4d web`: where the status page and /metrics listen; a token for any non-loopback address."""
     host: str = setting(WEB_RESTART, "127.0.0.1", read("ip_address", "127.0.0.1"),
@@ -360,6 +380,7 @@ class Config:
     schedule: ScheduleConfig
     update: UpdateConfig
     notify: NotifyConfig
+    stage: StageConfig
     web: WebConfig
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
@@ -1035,7 +1056,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return [conv(x) for x in v]
         return v
     out: dict[str, Any] = {"root": str(cfg.root), "python": cfg.python}
-    for name in ("app", "listen", "health", "activity", "safety", "schedule", "update", "notify", "web"):
+    for name in SECTIONS:
         sec = getattr(cfg, name)
         d = {}
         for f in sec.__dataclass_fields__:
@@ -1044,6 +1065,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             d["env"] = {k: v for k, v in cfg.app.env}
         if name == "web":  # never print the token
             d = {"listen": {"host": d["host"], "port": d["port"]}, "token": "(set)" if d["token"] else ""}
+        if name == "stage":
+            d = {"listen": {"host": d["host"], "port": d["port"]}, "ttl_s": d["ttl_s"]}
         out[name] = d
     return out
 

@@ -72,6 +72,7 @@ class DataSteps:
     snapshot: str | None = None
     no_migration_pending: bool = False  # proven on a copy (update.promote: live): the live migration is skipped
     migrated_live: bool = False
+    kept: Path | None = None  # canary(keep=True): the copies a staged release runs on
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -103,13 +104,15 @@ class DataSteps:
     # -- 1. the canary, on copies
 
     async def canary(self, new: Release, old: Release | None, run_canary: CanaryRunner | None, *,
-                     migrate_copy: bool = True) -> tuple[Any, str]:
+                     migrate_copy: bool = True, keep: bool = False) -> tuple[Any, str]:
         """Copy the data, migrate the copy, run the canary on it, then the previous release on it.
 
         Returns the canary's (report, died) like runner.canary; (None, "") when there is no canary
         to run (`run_canary` None: the command takes neither {fd} nor {port}) but a migration was
         still proven on a copy. A rollback passes `migrate_copy=False`: an older release's
         migrations cannot even see the newer revision; its canary on the copy tells whether it runs.
+        `keep` (a staged release, whose process goes on running on the copies): a canary that passed
+        leaves its copies in place and their directory in `self.kept`, for the caller to remove.
         """
         migrating = self.migrates and migrate_copy
         base = self.state_dir / "canary" / new.name
@@ -145,9 +148,12 @@ class DataSteps:
                     self.progress(f"NOT rollback-compatible: {old.name} fails on the migrated copy: {why}")
             elif migrating:
                 self.compatible = None  # nothing to compare with: a first release, or no canary possible
+            if keep and report is not None:
+                self.kept = data.base
             return report, died
         finally:
-            await asyncio.to_thread(data.remove)
+            if self.kept != data.base:
+                await asyncio.to_thread(data.remove)
 
     async def migration_pending(self, new: Release) -> str:
         """What the migration would change, proven on a copy of the data ("" = nothing: every database's

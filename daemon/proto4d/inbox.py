@@ -27,6 +27,7 @@ from proto4d.paths import Paths
 from proto4d.states import FINAL
 
 MAX_REQUEST_BYTES = 16 * 1024
+ACTIONS = ("update", "rollback", "restart", "stage", "promote", "discard")
 KNOWN_KEYS = {"id", "action", "ref", "force", "reason", "release", "requested_by", "requested_at",
               "allow_incompatible"}
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -41,7 +42,8 @@ class RequestRejected(Exception):
 @dataclass
 class Request:
     id: str
-    action: str = "update"  # update | rollback | restart (the serving release again, e.g. for a new .env)
+    # update | rollback | restart (the serving release again, e.g. for a new .env) | stage | promote | discard
+    action: str = "update"
     ref: str | None = None
     force: bool = False
     reason: str = ""
@@ -69,6 +71,12 @@ class Request:
             return f"rollback to {self.release or 'the previous release'}"
         if self.action == "restart":
             return "restart of the serving release"
+        if self.action == "stage":
+            return f"stage of {self.ref or 'the branch head'}"
+        if self.action == "promote":
+            return "promotion of the staged release" + (" (forced)" if self.force else "")
+        if self.action == "discard":
+            return "discard of the staged release"
         return f"update to {self.ref or 'the branch head'}" + (" (forced)" if self.force else "")
 
 
@@ -109,8 +117,8 @@ def parse(data: bytes, *, fallback_id: str, source: str = "file") -> Request:
             raise RequestRejected("id: expected letters, digits, '-', '_' or '.' (at most 64)")
         req.id = doc["id"]
     action = doc.get("action", "update")
-    if action not in ("update", "rollback", "restart"):
-        raise RequestRejected(f"action: expected update, rollback or restart, got {action!r}")
+    if action not in ACTIONS:
+        raise RequestRejected(f"action: expected {', '.join(ACTIONS[:-1])} or {ACTIONS[-1]}, got {action!r}")
     req.action = action
     ref = doc.get("ref")
     if ref is not None:
@@ -142,11 +150,14 @@ def parse(data: bytes, *, fallback_id: str, source: str = "file") -> Request:
         raise RequestRejected("ref: a rollback request names a release, not a ref")
     if action == "restart" and req.ref:
         raise RequestRejected("ref: a restart runs the serving release again; it names no ref")
+    if action in ("promote", "discard") and req.ref:
+        raise RequestRejected(f"ref: {action} acts on the staged release; it names no ref (stage one with "
+                              "`proto4d stage --ref REF`)")
     allow = doc.get("allow_incompatible", False)
     if not isinstance(allow, bool):
         raise RequestRejected(f"allow_incompatible: expected true or false, got {allow!r}")
-    if allow and action != "update":
-        raise RequestRejected("allow_incompatible: only an update request carries a migration")
+    if allow and action not in ("update", "promote"):
+        raise RequestRejected("allow_incompatible: only an update or a promotion carries a migration")
     req.allow_incompatible = allow
     by = doc.get("requested_by", "")
     if isinstance(by, str):

@@ -16,8 +16,9 @@ from proto4d.paths import Paths
 UPDATE_LOGS_KEPT = 50
 
 
-def apply(paths: Paths, cfg: Config, in_use: list[str]) -> tuple[list[str], list[str]]:
-    """Remove old releases, unreferenced venvs and old update logs; return (releases, venvs) removed."""
+def apply(paths: Paths, cfg: Config, in_use: list[str], keep: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Remove old releases, unreferenced venvs and old update logs; return (releases, venvs) removed.
+    `keep`: releases in use besides current and previous (the staged one)."""
     rels = releases.list_releases(paths)
     current = paths.current_release()
     cur = next((r for r in rels if r.name == current), None)
@@ -25,6 +26,7 @@ def apply(paths: Paths, cfg: Config, in_use: list[str]) -> tuple[list[str], list
     facts = [retention.ReleaseFacts(r.name, r.created_at, r.venv) for r in rels]
     doomed = retention.plan_releases(facts, current=current, previous=previous, now=time.time(),
                                      keep_days=cfg.update.keep_days, keep_min=cfg.update.keep_min)
+    doomed = [n for n in doomed if n not in (keep or [])]
     for name in doomed:
         fsutil.remove_tree(paths.release(name))
     kept = [f for f in facts if f.name not in doomed]

@@ -96,6 +96,18 @@ class Candidate:
             self.control.close()
 
 
+@dataclass
+class Staged:
+    """A staged release's process on the preview address (`proto4d stage`): kept until promoted,
+    discarded or expired. `candidate` is set when it can be promoted in place (it holds the shared
+    socket unserved); otherwise it runs on copies of the data and a promotion starts the release again."""
+
+    proc: AppProcess
+    release: Release
+    candidate: Candidate | None
+    probe: tuple[str, int]  # where its checks reach it
+
+
 @dataclass(frozen=True)
 class RunnerDeps:
     """What the runner needs from the daemon that owns it, and nothing more."""
@@ -131,6 +143,7 @@ class Runner:
         self.env_started: dict[str, dict[str, str]] | None = None
         self.hold = False
         self.candidate: Candidate | None = None  # a verified canary waiting to be promoted in place
+        self.staged: Staged | None = None  # `proto4d stage`: a release on the preview address
         self.crashed = asyncio.Event()
         self.backoff = Backoff()
         self._restart: asyncio.Task[None] | None = None
@@ -515,6 +528,25 @@ class Runner:
             cand.close()
             await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
 
+    async def discard_staged(self) -> Staged | None:
+        """End the staged release's process (`proto4d discard`, its expiry, a newer stage or update)."""
+        staged, self.staged = self.staged, None
+        if staged is not None:
+            if staged.candidate is not None:
+                staged.candidate.close()
+            await staged.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
+        return staged
+
+    def offer_staged(self, release: Release) -> bool:
+        """A promotion of the staged `release`: its process becomes the candidate promote() takes (True),
+        or, when it cannot be promoted in place, stays staged for the caller to end (False)."""
+        staged = self.staged
+        if staged is None or staged.release.name != release.name or staged.candidate is None:
+            return False
+        self.staged = None
+        self.candidate = staged.candidate
+        return True
+
     async def stop_then_start(self, release: Release) -> tuple[AppProcess, float]:
         """For apps that bind the port themselves: the gap is as long as the new one's start-up."""
         cfg = self.cfg
@@ -585,15 +617,26 @@ class Runner:
 
     # -- canary
 
-    async def canary(self, release: Release, *, promote: bool = False) -> tuple[HealthReport, str]:
+    async def canary(self, release: Release, *, promote: bool = False,
+                     stage: tuple[str, int] | None = None) -> tuple[HealthReport, str]:
         """Run `release` on a private loopback port and check it; stopped afterwards, unless `promote`:
         then it also holds the shared socket (unserved) and, once it has passed every check, is kept as
         `self.candidate` for promote(). `release` must then be the release itself (its own tree and
-        production's shared paths): a promoted process keeps its working directory and open files."""
+        production's shared paths): a promoted process keeps its working directory and open files.
+
+        `stage` (host, port): the preview address instead of a private port, and the verified process is
+        kept as `self.staged` (promotable or not) until promoted or discarded. Raises ListenError when
+        that address cannot be bound."""
         cfg = self.cfg
         await self.discard_candidate()
-        sock = private_listener() if cfg.app.uses_fd else None
-        port = int(sock.getsockname()[1]) if sock is not None else free_port()
+        if stage is not None:
+            host, port = stage
+            sock = open_listener(host, port, 128) if cfg.app.uses_fd else None
+            probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+        else:
+            host = probe = "127.0.0.1"
+            sock = private_listener() if cfg.app.uses_fd else None
+            port = int(sock.getsockname()[1]) if sock is not None else free_port()
         pair: tuple[socket.socket, socket.socket] | None = None
         if promote and sock is not None:
             try:
@@ -605,24 +648,30 @@ class Runner:
                     mine, theirs = socket.socketpair()
                     pair = (shared, theirs)
         env_started = self.env_now()
-        proc, plan = self.build(release, "canary", sock, port, host="127.0.0.1", promote=pair)
+        proc, plan = self.build(release, "canary", sock, port, host=host, promote=pair)
         promotable = pair is not None and plan.kind == "shim"
         keep = False
         try:
             await proc.start()
             if not promotable:  # a process that may become production keeps production's priority
                 lower_priority(proc.pid)
-            report = await self.wait_healthy(alive=lambda: proc.alive, host="127.0.0.1", port=port)
+            report = await self.wait_healthy(alive=lambda: proc.alive, host=probe, port=port)
             died = "" if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
-            if promotable and pair is not None and report.ok and proc.alive:
-                self.candidate = Candidate(proc, plan, release, mine, env_started, pair[0])
+            if report.ok and proc.alive and (promotable or stage is not None):
+                cand = Candidate(proc, plan, release, mine, env_started, pair[0]) \
+                    if promotable and pair is not None else None
+                if stage is not None:
+                    self.staged = Staged(proc, release, cand, (probe, port))
+                else:
+                    self.candidate = cand
                 keep = True
             return report, died
         finally:
             if pair is not None:
                 with contextlib.suppress(OSError):
                     pair[1].close()  # the child has its own copy
-                if not keep:
+                if not keep or (self.staged is not None and self.staged.proc is proc
+                                and self.staged.candidate is None):
                     with contextlib.suppress(OSError):
                         mine.close()
             if not keep:
@@ -638,11 +687,13 @@ class Runner:
         if self._restart is not None:
             self._restart.cancel()
         timeout = self.cfg.update.drain_timeout_s
-        if self.candidate is not None:
-            self.candidate.close()
-        procs = [p for p in {self.proc, *self.draining, self.candidate.proc if self.candidate else None}
-                 if p is not None]
+        for cand in (self.candidate, self.staged.candidate if self.staged else None):
+            if cand is not None:
+                cand.close()
+        procs = [p for p in {self.proc, *self.draining, self.candidate.proc if self.candidate else None,
+                             self.staged.proc if self.staged else None} if p is not None]
         self.candidate = None
+        self.staged = None
         await asyncio.gather(*(p.stop(timeout) for p in procs), return_exceptions=True)
         for s in [self.listener, *self._retired_listeners]:
             if s is not None:

@@ -34,11 +34,12 @@ ABORTED = "aborted"
 ROLLED_BACK = "rolled_back"
 REJECTED = "rejected"
 SUPERSEDED = "superseded"
+STAGED = "staged"  # `proto4d stage`: the release runs, verified, on the preview address until promoted or discarded
 
 PENDING = frozenset({REQUESTED, WAITING, NOTICED})  # nothing touched yet: a newer request replaces it
 BEFORE_SWITCH = frozenset({PREPARING, CANARY})  # work on the side; the live service untouched
 AFTER_SWITCH = frozenset({SWITCHING, VERIFYING, WATCHING, ROLLING_BACK})  # the live service changed
-FINAL = frozenset({DONE, ABORTED, ROLLED_BACK, REJECTED, SUPERSEDED})
+FINAL = frozenset({DONE, ABORTED, ROLLED_BACK, REJECTED, SUPERSEDED, STAGED})
 
 # Every state the update's code can move to from each state. An internal error before the switch
 # aborts from wherever it happens; after it, the way out is always through rolling_back.
@@ -47,7 +48,8 @@ UPDATE: Mapping[str, frozenset[str]] = {
     WAITING: frozenset({NOTICED, PREPARING, ABORTED, SUPERSEDED}),
     NOTICED: frozenset({PREPARING, ABORTED, SUPERSEDED}),
     PREPARING: frozenset({CANARY, SWITCHING, DONE, ABORTED}),
-    CANARY: frozenset({SWITCHING, ABORTED}),
+    # staged: a stage run ends once its canary runs verified on the preview address
+    CANARY: frozenset({SWITCHING, ABORTED, STAGED}),
     # aborted: the new process never took over (an internal error before the handoff)
     SWITCHING: frozenset({VERIFYING, ROLLING_BACK, ABORTED}),
     VERIFYING: frozenset({WATCHING, ROLLING_BACK}),

@@ -158,6 +158,7 @@ class Daemon:
             self.log.warning("partial.removed", paths=partial)
         self._resubmit_claimed()
         resume = self.updates.recover()
+        await asyncio.to_thread(self.updates.stage.recover)
         await self._start_current()
         self._running()
         self.write_status()
@@ -541,6 +542,7 @@ class Daemon:
                                               "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
                                               "sampled_at": None},
             "update": self.updates.status(),
+            "stage": self.updates.stage.status(self.cfg),
             "health": self._health_doc(),
             "data": self._data_status(),
             "written_at": iso(time.time()),
@@ -590,8 +592,9 @@ class Daemon:
         return text
 
     def prune(self) -> None:
-        in_use = {r.venv for r in (self.runner.release,) if r is not None}
-        removed, venvs = prune.apply(self.paths, self.cfg, sorted(in_use))
+        staged = self.runner.staged.release if self.runner.staged is not None else None
+        in_use = {r.venv for r in (self.runner.release, staged) if r is not None}
+        removed, venvs = prune.apply(self.paths, self.cfg, sorted(in_use), keep=[staged.name] if staged else [])
         for name in removed:
             self.mirror.unpin(name)
         from proto4d import datasteps

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from proto4d import accesslog, datasteps, faults, fsutil, log, notices, policy, releases, states
+from proto4d import accesslog, datasteps, faults, fsutil, log, notices, policy, releases, staging, states
 from proto4d.activity import Sampler, iso
 from proto4d.config import Config
 from proto4d.health import Prober
 from proto4d.inbox import Request, write_answer
+from proto4d.listener import ListenError
 from proto4d.notices import Webhook
 from proto4d.paths import Paths
 from proto4d.procs import Cancel, Cancelled, PidRegistry
@@ -50,6 +51,7 @@ from proto4d.states import (
     REQUESTED,
     ROLLED_BACK,
     ROLLING_BACK,
+    STAGED,
     SUPERSEDED,
     SWITCHING,
     VERIFYING,
@@ -165,6 +167,9 @@ class UpdateManager:
         self.last_rejected: dict[str, Any] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self.stage = staging.StageBook(deps.paths, deps.runner, deps.mirror, deps.status_changed)
+        self._discards: set[asyncio.Task[None]] = set()
 
     @property
     def cfg(self) -> Config:
@@ -172,25 +177,81 @@ class UpdateManager:
 
     def submit(self, req: Request) -> None:
         try:
-            self._submit(req)
+            if req.action == "discard":
+                self._discard(req)
+            else:
+                self._submit(req)
         finally:
             self._wake.set()  # even when its answer could not be written (disk full): it is queued
 
     def _submit(self, req: Request) -> None:
         run = self.run
+        note = self.stage.note_for(req.action)
         if run is not None and run.state in PENDING and not run.cancelling:
             # Nothing has been touched yet: the newer request replaces it.
             run.supersede(req.id)
             self._replace_queued(req)
-            write_answer(self.deps.paths, req.id, "accepted", f"{req.describe()} accepted (replaces {run.req.id})")
+            write_answer(self.deps.paths, req.id, "accepted",
+                         f"{req.describe()} accepted (replaces {run.req.id}){note}")
         elif run is not None:
             self._replace_queued(req)
             write_answer(self.deps.paths, req.id, "queued",
-                         f"{req.describe()} queued: update {run.req.id} is {run.state}; this one starts after it")
+                         f"{req.describe()} queued: update {run.req.id} is {run.state}; this one starts after it{note}")
             self.log.info("request.queued", id=req.id, behind=run.req.id, behind_state=run.state)
         else:
             self._replace_queued(req)
-            write_answer(self.deps.paths, req.id, "accepted", f"{req.describe()} accepted")
+            write_answer(self.deps.paths, req.id, "accepted", f"{req.describe()} accepted{note}")
+
+    def _discard(self, req: Request) -> None:
+        """`proto4d discard` is acted on at once, not queued: a promotion waiting for a quiet moment would
+        otherwise keep the staged release alive for hours."""
+        run = self.run
+        if run is not None and run.req.action == "stage" and run.state not in FINAL:  # never past its canary
+            run.discard(req.id)
+            write_answer(self.deps.paths, req.id, DONE, f"the stage being prepared ({run.req.id}, {run.state}) "
+                         "is cancelled; its release is removed")
+            self.log.info("stage.cancelled", id=run.req.id, by=req.id)
+            return
+        if run is not None and run.promoting and run.state not in PENDING and run.state not in FINAL:
+            self.reject(req.id, f"the staged release is being promoted (update {run.req.id} is {run.state}): too "
+                        "late to discard it; `proto4d rollback` after it if it must go", req.source)
+            return
+        if self.stage.record is None:
+            self.reject(req.id, "nothing is staged (see `proto4d status`)", req.source)
+            return
+        if run is not None and run.req.action == "promote" and run.state in PENDING and not run.cancelling:
+            run.supersede(req.id)  # its target is what is being discarded
+        task = asyncio.create_task(self._discard_now(req), name=f"discard-{req.id}")
+        self._discards.add(task)
+        task.add_done_callback(self._discards.discard)
+
+    async def _discard_now(self, req: Request) -> None:
+        why = f"discarded by request {req.id}" + (f": {req.reason}" if req.reason else "")
+        try:
+            rec = await self.stage.discard(why)
+        except Exception as e:  # the record is gone already; the operator must hear what failed
+            self.log.exception("stage.discard_failed", id=req.id)
+            write_answer(self.deps.paths, req.id, ABORTED, f"discarding failed: {type(e).__name__}: {e}")
+            return
+        if rec is None:
+            self.reject(req.id, "nothing is staged (see `proto4d status`)", req.source)
+            return
+        write_answer(self.deps.paths, req.id, DONE, f"discarded {rec.release} (commit {rec.commit[:7]}): its "
+                     "process ended and its release was removed")
+
+    def _stage_left(self) -> float | None:
+        """Seconds until the staged release expires (None: nothing staged, or a promotion holds it)."""
+        rec = self.stage.record
+        if rec is None or (self.run is not None and self.run.promoting is rec):
+            return None
+        return max(0.0, rec.expires_at(self.cfg.stage.ttl_s) - self.deps.clock.time())
+
+    async def _expire_stage(self) -> None:
+        left = self._stage_left()
+        if left is not None and left <= 0 and self.stage.record is not None:
+            if self.run is not None and self.run.req.action == "promote" and self.run.state in PENDING:
+                return  # the operator asked for it: it waits for its window
+            await self.stage.discard(f"not promoted within stage.ttl_s ({self.cfg.stage.ttl_s:g} s)")
 
     def _replace_queued(self, req: Request) -> None:
         if self.queued is not None:
@@ -203,6 +264,19 @@ class UpdateManager:
         write_answer(self.deps.paths, req_id, REJECTED, why)
         self.log.warning("request.rejected", id=req_id, reason=why, source=source)
 
+    async def _expiry_loop(self) -> None:
+        """Discard the staged release once stage.ttl_s has passed; looked at every few seconds while
+        something is staged, so a reload that shortens stage.ttl_s applies at once."""
+        while True:
+            left = self._stage_left()
+            self.stage.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stage.changed.wait(), None if left is None else min(left + 0.05, 5.0))
+            try:
+                await self._expire_stage()
+            except Exception:  # housekeeping: logged, tried again at the next look
+                self.log.exception("stage.expiry_failed")
+
     async def loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -210,7 +284,7 @@ class UpdateManager:
             while self.queued is not None and not self.deps.stopping():
                 req, self.queued = self.queued, None
                 try:
-                    run = UpdateRun(self.deps, req)
+                    run = UpdateRun(self.deps, req, self.stage)
                 except OSError as e:  # cannot even open its log (disk full): nothing was touched
                     self.log.error("update.cannot_start", id=req.id, error=str(e))
                     self.last = {"id": req.id, "state": ABORTED, "message": f"could not start: {e}"}
@@ -234,15 +308,20 @@ class UpdateManager:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.loop(), name="updates")
+        self._expiry = asyncio.create_task(self._expiry_loop(), name="stage-expiry")
 
     async def stop(self) -> None:
         run = self.run
         if run is not None:
             run.cancel_for_stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._expiry, *self._discards):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.stage.record is not None:  # its process ends with the daemon: so does the stage
+            with contextlib.suppress(Exception):
+                await self.stage.discard("the daemon stopped")
 
     def status(self) -> dict[str, Any]:
         if self.run is not None:
@@ -306,8 +385,13 @@ class UpdateManager:
 
 
 class UpdateRun:
-    def __init__(self, deps: UpdateDeps, req: Request) -> None:
+    def __init__(self, deps: UpdateDeps, req: Request, stage: staging.StageBook | None = None) -> None:
         self.deps = deps
+        self.stage = stage if stage is not None else staging.StageBook(deps.paths, deps.runner, deps.mirror,
+                                                                        deps.status_changed)
+        self.promoting: staging.StageRecord | None = None  # the staged release this run moves to production
+        self.in_place = False  # ... and its staged process is promoted in place (no second start)
+        self.discarded_by = ""
         self.runner = deps.runner
         self.clock = deps.clock
         self.req = req
@@ -358,6 +442,11 @@ class UpdateRun:
     def cfg(self) -> Config:
         return self.deps.config()
 
+    @property
+    def new_code(self) -> bool:
+        """The release is new code from the repository (its migrations apply), not one that served before."""
+        return self.req.action in ("update", "stage", "promote")
+
     def crashed(self, e: Exception) -> None:
         """An exception escaped execute() (its own handlers failed, e.g. on a full disk): end the run
         as aborted if the live service was not touched yet; after the switch the state stays, and the
@@ -385,6 +474,14 @@ class UpdateRun:
         if self._task is not None:
             self._task.cancel()
 
+    def discard(self, by: str) -> None:
+        """`proto4d discard` while this stage is being prepared."""
+        self.discarded_by = by
+        self.cancelling = True
+        self.cancel.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
     def cancel_for_stop(self) -> None:
         self.cancelling = True
         self.cancel.cancel()
@@ -400,11 +497,20 @@ class UpdateRun:
         self.journal.start(r, old_release=self.old.name if self.old else None,
                            old_commit=self.old.commit if self.old else None,
                            log=str(self.log_path.relative_to(paths.root)))
-        self._answer("accepted", f"{r.describe()} accepted")
+        self._answer("accepted", f"{r.describe()} accepted{self.stage.note_for(r.action)}")
         self.deps.webhook().send(REQUESTED, self._event())
         try:
             await self._resolve()
-            if r.action == "update" and not r.force:
+            if r.action == "stage":
+                # production is not touched: no quiet moment to wait for, no notice
+                await self._step(PREPARING, self._prepare)
+                await self._step(CANARY, self._stage_canary)
+                rec = self.stage.record
+                self._finish(STAGED, f"{self.new.name if self.new else '?'} (commit {self.target_commit[:7]}) is "
+                                     f"staged at {rec.url if rec else '?'}: `proto4d promote` makes it production, "
+                                     "`proto4d discard` ends it")
+                return
+            if r.action in ("update", "promote") and not r.force:
                 await self._wait_for_window()
             elif r.force:
                 self.ulog.line("forced: not waiting for a quiet moment (health checks still run)")
@@ -438,6 +544,11 @@ class UpdateRun:
             self._discard_new()
             self._finish(ABORTED, str(e))
         except (asyncio.CancelledError, Cancelled):
+            if self.discarded_by and self.state not in FINAL:
+                await self.runner.discard_staged()  # a stage's process that was starting
+                self._discard_new()
+                self._finish(ABORTED, f"discarded by request {self.discarded_by} while {self.state}")
+                return
             self._on_cancel()
             raise
         except Exception as e:  # a bug must not leave the service half-switched without a word
@@ -502,9 +613,11 @@ class UpdateRun:
         # answer then reads a status that agrees with it.
         self.final_answer = (outcome, message, {"verified": outcome == DONE, "release":
                              self.runner.release.name if self.runner.release else None})
-        (self.log.info if outcome == DONE else self.log.warning)("update.finished", outcome=outcome, message=message,
-                                                                 seconds=round(took, 2))
-        if outcome in (DONE, ROLLED_BACK, ABORTED, REJECTED):
+        if outcome == STAGED and self.stage.record is not None:
+            self.final_answer[2].update(staged=self.new.name if self.new else None, url=self.stage.record.url)
+        say = self.log.info if outcome in (DONE, STAGED) else self.log.warning
+        say("update.finished", outcome=outcome, message=message, seconds=round(took, 2))
+        if outcome in (DONE, ROLLED_BACK, ABORTED, REJECTED, STAGED):
             self.deps.webhook().send(outcome, self._event(message=message))
         self.deps.status_changed()
 
@@ -551,6 +664,12 @@ class UpdateRun:
             self.ulog.line(f"restart of {self.old.name} (commit {self.old.commit[:7]}): a new process, the same "
                            "release, the same zero-gap handoff")
             return
+        if r.action == "promote":
+            self._resolve_promote()
+            return
+        cfg = self.cfg
+        if r.action == "stage" and not (cfg.app.uses_fd or cfg.app.uses_port):
+            raise Rejected("a staged release answers on stage.listen: app.command must take {fd} or {port}")
         await self._fetch()
         mirror = self.deps.mirror
         if r.ref:
@@ -563,13 +682,37 @@ class UpdateRun:
                 raise Rejected(f"branch {self.cfg.app.branch!r} does not exist in {self.cfg.app.repo}")
         self.target_commit = sha
         self.journal.note(target_commit=sha)
+        rec = self.stage.record
+        if r.action == "stage":
+            if running == sha:
+                raise Rejected(f"{sha[:7]} is what serves ({self.old.name if self.old else '?'}): nothing to stage")
+            if rec is not None and rec.commit == sha and not self.stage.exited():
+                raise Done(f"{sha[:7]} is already staged ({rec.release}) at {rec.url}")
         if running == sha and self.runner.state == states.RUNNING:
             raise Done(f"already running {sha[:7]} ({self.old.name if self.old else '?'}); nothing to do")
+        if r.action == "update" and rec is not None:
+            self.ulog.line(f"the staged release {rec.release} ({rec.commit[:7]}) is "
+                           + ("this commit: it is promoted, nothing is prepared twice" if rec.commit == sha
+                              else "another commit: it is discarded when this update starts preparing"))
         commits = await asyncio.to_thread(mirror.log_between, running, sha)
         self.ulog.line(f"from {running[:7] if running else '(nothing)'} to {sha[:7]}: {len(commits)} commit(s)")
         for c in commits:
             self.ulog.line(f"    {c}")
         del paths
+
+    def _resolve_promote(self) -> None:
+        rec = self.stage.record
+        if rec is None:
+            raise Rejected("nothing is staged: `proto4d stage` prepares a release to promote "
+                           "(or `proto4d update` deploys the branch head)")
+        rel = releases.read_release(self.deps.paths, rec.release)
+        if rel is None:
+            raise Rejected(f"the staged release {rec.release} is gone from releases/; `proto4d stage` again")
+        self.promoting = rec
+        self.new = rel
+        self.target_commit = rec.commit
+        self.journal.note(target_commit=rec.commit)
+        self.ulog.line(f"promotion of the staged release {rec.release} (commit {rec.commit[:7]}, staged by {rec.id})")
 
     async def _fetch(self) -> None:
         t = self.clock.monotonic()
@@ -657,6 +800,9 @@ class UpdateRun:
         if self.req.action in ("rollback", "restart"):
             await self._prepare_rollback()
             return
+        if self.req.action == "promote":
+            await self._prepare_promote()
+            return
         # What was resolved at request time may be stale after a wait: look again.
         if self.waited or self._fetched_at is None or self.clock.monotonic() - self._fetched_at > 30:
             await self._fetch()
@@ -683,6 +829,19 @@ class UpdateRun:
             raise Aborted(f"history rewritten: {cfg.app.branch} is now {self.target_commit[:7]}, which does not "
                           f"descend from the running commit {running[:7]}; to deploy it anyway, name it: "
                           f"proto4d update --ref {self.target_commit[:12]}")
+        rec = self.stage.record
+        if rec is not None and self.req.action == "update" and rec.commit == self.target_commit:
+            self.promoting = rec
+            self.new = releases.read_release(paths, rec.release)
+            if self.new is not None:
+                self.ulog.line(f"  the staged release {rec.release} is this commit: promoting it")
+                await self._prepare_promote()
+                return
+            self.promoting = None
+        if rec is not None:
+            await self.stage.discard(f"{self.req.describe()} ({self.req.id}) prepares {self.target_commit[:7]}")
+            self.ulog.line(f"  discarded the staged release {rec.release} ({rec.commit[:7]}): this "
+                           f"{self.req.action} prepares {self.target_commit[:7]}")
         try:
             prepared = await asyncio.to_thread(
                 self.deps.prepare_release, cfg, paths, self.deps.mirror, self.target_commit,
@@ -694,6 +853,36 @@ class UpdateRun:
             raise Aborted(f"preparing failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})") from None
         self.new = prepared.release
         self.journal.note(new_release=self.new.name, new_commit=self.target_commit)
+
+    async def _prepare_promote(self) -> None:
+        """The staged release is taken: promoted in place when its process can be, else ended (the canary
+        on copies of the data and a start on the shared socket follow, as for any update)."""
+        rec = self.promoting
+        if rec is None or self.stage.record is not rec or self.new is None:
+            raise Aborted("the staged release was discarded before its promotion could start")
+        staged = self.deps.runner.staged
+        exited = self.stage.exited()
+        if not exited and staged is not None:
+            host, port = staged.probe
+            report = await self.runner.wait_healthy(alive=lambda: staged.proc.alive, host=host, port=port,
+                                                    timeout=min(self.cfg.health.start_timeout_s, 15))
+            if not report.ok:
+                exited = f"it no longer passes its checks: {report.failures()}"
+        if exited:
+            await self.stage.discard(f"it could not be promoted: {exited}")
+            raise Aborted(f"the staged release {rec.release} cannot be promoted: {exited}; nothing was switched "
+                          "(`proto4d stage` again)")
+        self.stage.consume()
+        self.journal.note(new_release=self.new.name, new_commit=rec.commit)
+        if self.runner.offer_staged(self.new):
+            self.in_place = True
+            self.ulog.line(f"  {rec.release} (pid {staged.proc.pid if staged else '?'}) is promoted in place: the "
+                           "process the teacher tried becomes production (one start)")
+        else:
+            await self.runner.discard_staged()
+            self.stage.remove_copies(rec)
+            self.ulog.line(f"  {rec.release} ran on copies of the data: its staged process is ended; the release "
+                           "runs its canary again and starts on the shared socket")
 
     async def _prepare_rollback(self) -> None:
         target = self.new
@@ -713,7 +902,7 @@ class UpdateRun:
 
     def _discard_new(self) -> None:
         """An aborted update's release never served: remove it (a rollback or restart target is kept)."""
-        if self.new is None or self.req.action != "update":
+        if self.new is None or not self.new_code:
             return
         if self.deps.paths.current_release() == self.new.name:
             return
@@ -730,7 +919,9 @@ class UpdateRun:
 
     def _canary_possible(self) -> bool:
         # A migration is proven on a copy even when no canary process can run.
-        return self._canary_runs() or (self.data.migrates and self.req.action == "update")
+        if self.in_place:  # a staged release promoted in place passed its canary when it was staged
+            return False
+        return self._canary_runs() or (self.data.migrates and self.new_code)
 
     async def _two_starts_because(self) -> str:
         """Why this release starts twice, canary then production ("" = once: its canary is promoted in place).
@@ -767,7 +958,7 @@ class UpdateRun:
             return ""
         if self.data.migrates and self.req.action == "rollback":
             return "a rollback with app.migrate set: the older release is checked on a copy of the data first"
-        if self.data.migrates and self.req.action == "update":
+        if self.data.migrates and self.new_code:
             pending = await self.data.migration_pending(self.new)
             if pending:
                 return f"update.promote is live, but a migration is pending ({pending}): the canary runs on the copy"
@@ -782,12 +973,12 @@ class UpdateRun:
         if why:
             self.ulog.line(f"  two starts (a canary, then production on the shared socket): {why}")
             self.log.info("promote.skipped", release=self.new.name, reason=why)
-        old = self.old if self.req.action == "update" and self.old is not None and \
+        old = self.old if self.new_code and self.old is not None and \
             self.old.name != self.new.name else None
         try:
             report, died = await self.data.canary(self.new, old,
                                                   self.runner.canary if self._canary_runs() else None,
-                                                  migrate_copy=self.req.action == "update")
+                                                  migrate_copy=self.new_code)
         except datasteps.DataStepFailed as e:
             raise Aborted(str(e)) from None
         self.timings.update({k: v for k, v in self.data.timings.items() if k in ("canary_copy", "migrate_copy")})
@@ -802,6 +993,48 @@ class UpdateRun:
         self.journal.note(rollback_compatible=self.data.compatible)
         if self.data.compatible is False:
             self._allow_incompatible()
+
+    async def _stage_canary(self) -> None:
+        """`proto4d stage`: the canary on the preview address, kept running once verified. In place (holding
+        the shared socket, on production's shared paths) when the data rule allows one start; else on
+        copies of the data, which it keeps until it ends."""
+        assert self.new is not None
+        cfg = self.cfg
+        address = (cfg.stage.host, cfg.stage.port)
+        why = await self._two_starts_because()
+        try:
+            if not why:
+                if self.data.databases():  # update.promote: live: as for the canary, a snapshot first
+                    await asyncio.to_thread(self.data.take_snapshot, self.new,
+                                            release_name=self.old.name if self.old else "")
+                    if self.data.snapshot:
+                        self.ulog.line(f"  update.promote is live: staged on production's data, snapshot "
+                                       f"{self.data.snapshot} taken first")
+                report, died = await self.runner.canary(self.new, promote=True, stage=address)
+            else:
+                self.ulog.line(f"  staged on copies of the data ({why}); a promotion starts it again")
+
+                async def on_stage(rel: releases.Release) -> Any:
+                    return await self.runner.canary(rel, stage=address)
+
+                report, died = await self.data.canary(self.new, None, on_stage, migrate_copy=True, keep=True)
+        except ListenError as e:
+            raise Aborted(f"stage.listen: {e}") from None
+        except datasteps.DataStepFailed as e:
+            raise Aborted(str(e)) from None
+        staged = self.runner.staged
+        if not report.ok or staged is None:
+            if self.data.kept is not None:
+                await asyncio.to_thread(fsutil.remove_tree, self.data.kept)
+            await self.runner.discard_staged()
+            raise Aborted(f"the staged {self.new.name} failed its checks: " + (died or report.failures()))
+        self.ulog.line(f"  checks on {cfg.stage.url}: {report.summary()}")
+        self.stage.set(staging.StageRecord(
+            id=self.req.id, release=self.new.name, commit=self.target_commit, ref=self.req.ref or cfg.app.branch,
+            url=cfg.stage.url, staged_at=self.clock.time(), promotable=staged.candidate is not None,
+            data_dir=str(self.data.kept or ""), pid=staged.proc.pid))
+        self.ulog.line(f"  staged: {cfg.stage.url} (pid {staged.proc.pid}) until it is promoted, discarded or "
+                       f"{policy.duration_words(cfg.stage.ttl_s)} pass (stage.ttl_s)")
 
     async def _canary_in_place(self) -> None:
         """The release itself on a private port, holding the shared socket unserved: kept once verified."""
@@ -891,7 +1124,7 @@ class UpdateRun:
         if self.data.snapshot is None:  # update.promote: live took it before the canary already
             await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=old)
         await faults.point("snapshot_taken")
-        if not self.data.migrates or self.req.action != "update" or self.data.no_migration_pending:
+        if not self.data.migrates or not self.new_code or self.data.no_migration_pending:
             if self.data.snapshot:
                 self.journal.note(snapshot=self.data.snapshot)
             if self.data.no_migration_pending:  # proven a no-op on a copy: the live schema is the new release's
@@ -915,7 +1148,7 @@ class UpdateRun:
         if self.new is None or self.old is None or self.old.name == self.new.name:
             return
         rel = releases.read_release(self.deps.paths, self.new.name)
-        if rel is not None and self.req.action == "update":
+        if rel is not None and self.new_code:
             rel.info["previous"] = self.old.name
             fsutil.atomic_write_json(rel.path / "release.json", rel.info)
 

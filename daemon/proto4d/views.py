@@ -155,6 +155,16 @@ def render_status(status: dict[str, Any], problem: str) -> str:
             lines.append(f"         {upd['message']}")
         if upd.get("log"):
             lines.append(f"         log: {upd['log']}")
+    st = status.get("stage")
+    if st:
+        how = ("promoted in place (one start)" if st.get("promotable") else
+               "on copies of the data; a promotion starts it again")
+        if st.get("running", True):
+            lines.append(f"staged   {st.get('release')} ({str(st.get('commit', ''))[:7]}) at {st.get('url')}  "
+                         f"until {st.get('expires_at')}; `proto4d promote` ({how}) or `proto4d discard`")
+        else:
+            lines.append(f"staged   {st.get('release')} ({str(st.get('commit', ''))[:7]}) has EXITED "
+                         f"({st.get('exited')}): `proto4d discard`, or `proto4d stage` again")
     if upd.get("queued"):
         q = upd["queued"]
         lines.append(f"queued   {q.get('id')} ({q.get('action')} {q.get('ref') or q.get('release') or ''})")

@@ -187,11 +187,12 @@ class StateReader:
             "activity": act,
             "verdict": verdict_doc,
             "update": {**upd, "steps": live},
+            "stage": status.get("stage"),
             "updates": [_brief(u) for u in updates[:20]],
             "releases": rels,
             "data": status.get("data"),
             "snapshots": snaps,
-            "commands": _commands(cfg, rels, current, snaps),
+            "commands": _commands(cfg, rels, current, snaps, staged=bool(status.get("stage"))),
         }
 
 
@@ -210,10 +211,11 @@ def _brief(u: dict[str, Any]) -> dict[str, Any]:
 
 
 def _commands(cfg: configmod.Config, rels: list[dict[str, Any]], current: str | None,
-              snaps: list[dict[str, Any]]) -> list[str]:
+              snaps: list[dict[str, Any]], staged: bool = False) -> list[str]:
     conf = f" --config {cfg.source}" if cfg.source else ""
     out = [f"proto4d status{conf}", f"proto4d pending{conf}", f"proto4d update{conf} --wait",
            f"proto4d rollback{conf} --wait"]
+    out += [f"proto4d promote{conf} --wait", f"proto4d discard{conf}"] if staged else [f"proto4d stage{conf} --wait"]
     older = [r["name"] for r in rels if r["name"] != current]
     if older:
         out.append(f"proto4d rollback{conf} {older[0]} --wait")

@@ -120,6 +120,10 @@ function renderUpdate(s) {
   box.dataset.state = u.state || "idle";
   const notes = [];
   if (u.queued) notes.push(el("p", {}, `queued next: ${u.queued.id} (${u.queued.action || "update"} ${u.queued.ref || u.queued.release || ""})`));
+  const st = s.stage;
+  if (st) notes.push(el("p", { id: "stage" }, st.running
+    ? `staged: ${st.release} (${(st.commit || "").slice(0, 7)}) at ${st.url} until ${st.expires_at}; proto4d promote or proto4d discard`
+    : `staged: ${st.release} has EXITED (${st.exited}); proto4d discard`));
   if (u.last_rejected) notes.push(el("p", { class: "muted" }, `last rejected: ${u.last_rejected.id}: ${u.last_rejected.reason || ""}`));
   if (!u.state || u.state === "idle") {
     const last = u.last;
