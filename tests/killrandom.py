@@ -40,10 +40,12 @@ SETTLE_BOUND_S = 90.0  # until every invariant holds (a resumed update may run t
 REKILL_P = 0.25  # share of cycles whose recovery is killed too
 REKILL_WINDOW_S = 1.5
 STABLE_S = 1.5  # "settled" must hold this long (three status samples)
-FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded")
+FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded", "staged")
 # operation -> the span (s) after its trigger in which the kill lands, uniformly
 # (about the operation's own length here, so most kills land inside it, some just after)
-WINDOWS = {"update": 5.0, "crashing_update": 7.0, "rollback": 4.0, "first_start": 3.5}
+WINDOWS = {"update": 5.0, "crashing_update": 7.0, "rollback": 4.0, "first_start": 3.5,
+           # `proto4d stage`; and `promote` of a release staged just before (the kill lands in the promotion)
+           "stage": 3.0, "stage_promote": 4.0}
 
 
 @dataclass
@@ -148,12 +150,22 @@ class KillRandom:
         if op == "rollback":
             self.request("rollback")
             return
+        if op in ("stage", "stage_promote"):
+            self.version += 1
+            self.origin.commit(str(self.version))
+            rid = self.request("stage")
+            if op == "stage_promote":
+                answer = self.d.root / "state" / "answers" / f"{rid}.json"
+                wait_for(lambda: json.loads(answer.read_text())["state"] == "staged", 60, "the release staged")
+                self.request("promote")
+            return
         self.version += 1
         self.origin.commit(str(self.version), mode="crash_after 1.5" if op == "crashing_update" else "healthy")
         self.request("update")
 
     def cycle(self, n: int) -> Cycle:
-        op = self.rng.choice(["update", "update", "crashing_update", "rollback", "first_start"])
+        op = self.rng.choice(["update", "update", "crashing_update", "rollback", "first_start", "stage",
+                              "stage_promote"])
         if op == "rollback" and not self.previous():
             op = "update"
         c = Cycle(n, op, round(self.rng.uniform(0, WINDOWS[op]), 3))
@@ -226,10 +238,21 @@ class KillRandom:
         assert info["commit"] == s["app"]["commit"], (info["commit"], s["app"]["commit"])
         served = d.get()["version"]
         assert served == (root / "releases" / rel / "VERSION").read_text().strip(), (served, rel)
+        st = s.get("stage")
+        if st is not None:  # a stage request the killed daemon had not started was resumed and staged
+            assert st["running"] and (root / "releases" / st["release"]).is_dir(), st
+            self.request("discard")
+            wait_for(lambda: d.status().get("stage") is None and not (root / "state" / "stage.json").exists(), 30,
+                     "the resumed stage discarded")
+            assert not (root / "releases" / st["release"]).exists(), st
         wait_for(lambda: d.app_pids() == [s["app"]["pid"]], 30,
                  f"only the serving process {s['app']['pid']} (have {d.app_pids()})")
         assert not [p for p in self.releases_hidden()], f"half-built left: {self.releases_hidden()}"
         assert tree_digest(root / "shared") == self.shared, "shared/ changed"
+        # a staged process ends with the daemon that staged it: the next one removes what it left
+        assert not (root / "state" / "stage.json").exists(), "a stage outlived its daemon"
+        canary = root / "state" / "canary"
+        assert not (canary.is_dir() and list(canary.iterdir())), f"canary copies left: {list(canary.iterdir())}"
         jpath = root / "state" / "journal.json"
         if not jpath.exists():
             return "-"
