@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 
 from proto4d import config as configmod
-from proto4d import fsutil, releases, states
+from proto4d import fsutil, releases, staging, states
 from proto4d.accesslog import ErrorCount
 from proto4d.child import Backoff
 from proto4d.health import CheckResult, HealthReport
 from proto4d.inbox import Request, read_answer
 from proto4d.paths import Paths
 from proto4d.policy import Verdict
-from proto4d.runner import PromotionFailed, SwitchFailed
+from proto4d.runner import PromotionFailed, Staged, SwitchFailed
 from proto4d.update import Journal, UpdateDeps, UpdateManager, UpdateRun
 
 OLD_SHA = "a" * 40
@@ -72,6 +72,7 @@ class FakeRunner:
         self.blocker = "the fake runner runs no drain shim"  # promotion_blocker(); "" = canaries may be promoted
         self.candidate: releases.Release | None = None  # the verified canary kept for promotion
         self.promote_error = ""  # promote() raises PromotionFailed with this
+        self.staged: Staged | None = None  # `proto4d stage`: the release on the preview address
 
     def promotion_blocker(self) -> str:
         return self.blocker
@@ -113,11 +114,29 @@ class FakeRunner:
         self.release, self.proc = release, FakeProc(release.name)
         return self.proc, 0.5
 
-    async def canary(self, release: releases.Release, *, promote: bool = False) -> tuple[HealthReport, str]:
-        self.calls.append(("canary_promotable" if promote else "canary", release.name))
-        if promote and self.canary_report.ok:
+    async def canary(self, release: releases.Release, *, promote: bool = False,
+                     stage: tuple[str, int] | None = None) -> tuple[HealthReport, str]:
+        self.calls.append(("canary_promotable" if promote else "canary", release.name)
+                          + (("stage",) if stage else ()))
+        if stage is not None and self.canary_report.ok:
+            self.staged = Staged(FakeProc(release.name), release, release if promote else None,  # type: ignore
+                                 ("127.0.0.1", stage[1]))
+        elif promote and self.canary_report.ok:
             self.candidate = release
         return self.canary_report, ""
+
+    def offer_staged(self, release: releases.Release) -> bool:
+        if self.staged is None or self.staged.candidate is None:
+            return False
+        self.calls.append(("offer_staged", release.name))
+        self.candidate, self.staged = release, None
+        return True
+
+    async def discard_staged(self) -> Staged | None:
+        staged, self.staged = self.staged, None
+        if staged is not None:
+            self.calls.append(("discard_staged", staged.release.name))
+        return staged
 
     async def wait_healthy(self, **kw: Any) -> HealthReport:
         if self.wait_healthy_error is not None:
@@ -228,6 +247,7 @@ class World:
         self.clock = FakeClock()
         self.pruned = 0
         self.prepared: list[str] = []
+        self.stage = staging.StageBook(self.paths, self.runner, self.mirror, lambda: None)  # type: ignore[arg-type]
 
         def prepare(cfg: Any, paths: Paths, mirror: Any, sha: str, ref: str, **kw: Any) -> releases.Prepared:
             rel = write_release(paths, f"proto4_new_{sha[:7]}", sha, outcome="prepared")
@@ -267,7 +287,7 @@ class World:
 
     def run(self, **req: Any) -> UpdateRun:
         self.runner.crashed = asyncio.Event()  # each run has its own event loop here
-        run = UpdateRun(self.deps, Request(id=req.pop("id", "u1"), **req))
+        run = UpdateRun(self.deps, Request(id=req.pop("id", "u1"), **req), self.stage)
         asyncio.run(asyncio.wait_for(run.execute(), 10))
         run.publish_answer()
         return run
@@ -571,3 +591,101 @@ def test_backoff_gives_up_after_max_fast_failures_in_a_row():
     actions = [b.on_exit(t)[0] for t in (0.5, 0.5, 120.0, 0.5)]
     assert actions == ["restart"] * 4  # the stable run broke the streak: its own exit counts as the first
     assert b.failures == 2
+
+
+# --------------------------------------------------------------------------- stage, promote, discard
+
+
+def test_a_stage_runs_on_the_preview_address_at_once_and_touches_nothing_of_production(world):
+    world.runner.blocker = ""
+    world.sampler.last_verdict = Verdict("red", ("12 users",))  # a stage does not wait for quiet
+    run = world.run(id="s1", action="stage")
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "staged", run.message
+    assert world.journal_steps() == ["requested", "preparing", "canary", "staged"]
+    assert world.runner.calls == [("canary_promotable", new, "stage"), "release_hold"], "no hold, no switch"
+    assert world.current() == "proto4_old" and world.runner.release.name == "proto4_old"
+    rec = staging.load(world.paths)
+    assert rec == world.stage.record and rec.commit == NEW_SHA and rec.promotable and rec.url.endswith(":8001/")
+    assert read_answer(world.paths, "s1")["state"] == "staged" and "staged" in world.webhook.events
+    assert not world.cfg.notice_path.exists(), "no notice: students are not affected"
+
+
+def test_promote_waits_for_its_moment_then_promotes_the_staged_process_without_a_second_start(world):
+    world.runner.blocker = ""
+    world.run(id="s1", action="stage")
+    world.runner.calls.clear()
+    run = world.run(id="p1", action="promote")
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "done", run.message
+    assert world.journal_steps()[:3] == ["requested", "waiting", "preparing"]
+    assert world.journal_steps()[3] == "switching", "no canary: it passed its checks when it was staged"
+    assert world.runner.calls[:3] == [("offer_staged", new), "hold", ("promote", new)]
+    assert world.prepared == [new], "prepared once, when staged"
+    assert world.current() == new and world.stage.record is None and staging.load(world.paths) is None
+
+
+def test_promote_with_nothing_staged_is_rejected_and_a_dead_stage_aborts(world):
+    run = world.run(id="p0", action="promote", force=True)
+    assert run.state == "rejected" and "nothing is staged" in run.message
+    world.runner.blocker = ""
+    world.run(id="s1", action="stage")
+    world.runner.staged.proc.alive = False
+    run = world.run(id="p1", action="promote", force=True)
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "aborted" and "cannot be promoted" in run.message and "exited" in run.message, run.message
+    assert world.current() == "proto4_old" and not world.paths.release(new).exists()
+    assert world.stage.record is None and staging.load(world.paths) is None
+
+
+def test_an_update_of_the_staged_commit_promotes_it_and_of_another_commit_discards_it(world):
+    world.runner.blocker = ""
+    world.run(id="s1", action="stage")
+    run = world.run(id="u1", force=True)
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "done" and ("promote", new) in world.runner.calls and world.prepared == [new]
+    assert "is this commit: promoting it" in run.log_path.read_text()
+
+    world.mirror.refs["main"] = "c" * 40
+    world.run(id="s2", action="stage")
+    staged = world.stage.record.release
+    world.mirror.refs["main"] = "d" * 40
+    run = world.run(id="u2", force=True)
+    assert run.state == "done", run.message
+    assert ("discard_staged", staged) in world.runner.calls and not world.paths.release(staged).exists()
+    assert world.current() == "proto4_new_ddddddd" and world.stage.record is None
+
+
+def test_with_a_database_the_stage_runs_on_copies_and_its_promotion_starts_the_release_again(world):
+    world.runner.blocker = ""
+    world.add_database()
+    run = world.run(id="s1", action="stage")
+    new = f"proto4_new_{NEW_SHA[:7]}"
+    assert run.state == "staged", run.message
+    rec = world.stage.record
+    assert not rec.promotable and rec.data_dir and (Path(rec.data_dir) / "tree").exists()
+    world.runner.calls.clear()
+    run = world.run(id="p1", action="promote", force=True)
+    assert run.state == "done", run.message
+    assert world.runner.calls[:4] == [("discard_staged", new), ("canary", new), "hold", ("handoff", new)]
+    assert not Path(rec.data_dir).exists(), "the staged copies go with the staged process"
+
+
+def test_a_stage_never_replaces_an_update_waiting_for_its_moment(world):
+    async def main() -> tuple[str, str]:
+        m = UpdateManager(world.deps)
+        world.sampler.last_verdict = Verdict("red", ("12 users",))
+        world.runner.crashed = asyncio.Event()
+        m.start()
+        m.submit(Request(id="u1"))
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if m.run is not None and m.run.state == "waiting":
+                break
+        m.submit(Request(id="s1", action="stage"))
+        a, b = read_answer(world.paths, "u1")["state"], read_answer(world.paths, "s1")["state"]
+        await m.stop()
+        return a, b
+
+    u1, s1 = asyncio.run(asyncio.wait_for(main(), 10))
+    assert u1 != "superseded" and s1 == "queued", (u1, s1)

@@ -187,8 +187,9 @@ class UpdateManager:
     def _submit(self, req: Request) -> None:
         run = self.run
         note = self.stage.note_for(req.action)
-        if run is not None and run.state in PENDING and not run.cancelling:
-            # Nothing has been touched yet: the newer request replaces it.
+        if run is not None and run.state in PENDING and not run.cancelling and req.action != "stage":
+            # Nothing has been touched yet: the newer request replaces it. (A stage touches no production, so
+            # it never replaces an update waiting for its moment: it waits its turn behind it.)
             run.supersede(req.id)
             self._replace_queued(req)
             write_answer(self.deps.paths, req.id, "accepted",
