@@ -179,6 +179,8 @@ def test_every_omitted_key_has_its_default(tmp_path: Path) -> None:
                                              promote="auto")
     assert cfg.notify == config.NotifyConfig(notice_file="notice.json", webhook_url="", webhook_timeout_s=3.0)
     assert cfg.web == config.WebConfig(host="127.0.0.1", port=8099, token="")
+    assert cfg.stage == config.StageConfig(host="127.0.0.1", port=8001, ttl_s=28800.0)
+    assert cfg.stage.url == "http://127.0.0.1:8001/"
 
     # Empty or null sections are the same as omitted ones.
     sections = "listen:\nhealth: {}\nactivity:\nsafety: {}\nschedule:\nupdate: {}\nnotify:\n"
@@ -456,6 +458,12 @@ BAD: list[Bad] = [
         needle="got an empty list"),
     Bad("external-url-no-scheme", B + "health:\n  external_url: socratic.llmclass.org\n",
         key="health.external_url", line=6, needle="https://"),
+    Bad("stage-on-the-production-port", B + "listen: {port: 8001}\nstage:\n  listen: {port: 8001}\n",
+        key="stage.listen.port", line=7, needle="other than listen.port (8001)"),
+    Bad("stage-port-default-clash", B + "listen: {port: 8001}\n", key="stage.listen.port",
+        needle="other than listen.port"),
+    Bad("stage-ttl-zero", B + "stage:\n  ttl_s: 0\n", key="stage.ttl_s", line=6),
+    Bad("stage-listen-not-a-mapping", B + "stage:\n  listen: 8001\n", key="stage.listen", line=6),
     Bad("webhook-ftp", B + "notify:\n  webhook_url: ftp://hooks.example.org/x\n", key="notify.webhook_url",
         line=6, needle="http://"),
     Bad("ignore-path-without-slash", B + "activity:\n  ignore_paths: [health]\n", key="activity.ignore_paths",
@@ -631,12 +639,12 @@ def _cfg(tmp: Path, **sections: str) -> config.Config:
     ({"activity": "interval_s: 2"}, {"now": ["activity.interval_s"]}),
     ({"schedule": "timezone: Asia/Seoul"}, {"now": ["schedule.timezone"]}),
     ({"activity": "interval_s: 2\nwindow_s: 60"}, {"now": ["activity.interval_s", "activity.window_s"]}),
-    ({"listen": "port: 8001"}, {"next_start": ["listen.port"]}),
+    ({"listen": "port: 8002"}, {"next_start": ["listen.port"]}),
     ({"listen": "port: 8000\nbacklog: 16"}, {"restart": ["listen.backlog"]}),
     ({"app": "repo: origin\ncommand: ['{python}', '-m', 'uvicorn', 'main:app', '--port', '{port}']"},
      {"next_start": ["app.command"]}),
     ({"app": "repo: other\nstable_s: 5"}, {"now": ["app.stable_s"], "next_update": ["app.repo"]}),
-    ({"listen": "port: 8001", "activity": "interval_s: 2"},
+    ({"listen": "port: 8002", "activity": "interval_s: 2"},
      {"now": ["activity.interval_s"], "next_start": ["listen.port"]}),
     ({"app": "repo: origin\nenv: {A: 1}", "update": "keep_min: 5"},
      {"now": ["update.keep_min"], "next_start": ["app.env"]}),

@@ -714,6 +714,12 @@ class _Builder:
         top = self.read_fields(Config, doc, "")
         sections = {name: self.read_section(doc, name, cls, required=name == "app")
                     for name, cls in _sections().items()}
+        stage, listen = sections["stage"], sections["listen"]
+        if stage.port == listen.port:
+            holder = doc.get("stage") if isinstance(doc.get("stage"), dict) else {}
+            holder = holder.get("listen") if isinstance(holder.get("listen"), dict) else doc
+            self.fail("stage.listen.port", f"a port other than listen.port ({listen.port}): a staged release "
+                      "answers beside production, never on its socket", stage.port, holder)
         return Config(self.file, **top, **sections, raw=doc)
 
     def read_section(self, doc: Mapping[str, Any], name: str, cls: type, required: bool = False) -> Any:
