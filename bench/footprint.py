@@ -288,7 +288,7 @@ IMPORT_STEPS = [
     ("structlog + logging", "import structlog, logging.handlers"),
     ("zoneinfo + tzdata", "import zoneinfo; zoneinfo.ZoneInfo('Asia/Seoul')"),
     ("proto4d.supervisor (the rest)", "import proto4d.supervisor"),
-    ("ssl + httpx (a webhook or health.external_url)", "lean.ssl_for_asyncio(); import httpx"),
+    # ssl and httpx (a webhook, health.external_url) no longer load in the daemon: bench/outbound.py
 ]
 
 

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("config", {"config"}),
     ("infrastructure", {"fsutil", "paths", "procs", "log", "listener", "health", "notices", "child", "activity",
                         "faults", "inbox", "notifier", "host", "snapshots", "migrate", "envwatch", "exporttree", "lean",
-                        "accesschannel", "appuser"}),
+                        "accesschannel", "appuser", "outbound"}),
     ("releases and the app process", {"releases", "runner", "prune", "canarydata", "datasteps", "staging"}),
     ("the update", {"update"}),
     ("the daemon", {"supervisor", "service", "configwait"}),

@@ -4,17 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from proto4d import log
+from harness import wait_for
+from proto4d import log, notices
 from proto4d.notices import Webhook
 
 
@@ -103,3 +108,125 @@ def test_webhook_delivery(tmp_path: Path, behaviour: str) -> None:
         assert took < 3, f"the call took {took:.1f} s with a 1 s deadline"
     text = (tmp_path / "d.log").read_text() if (tmp_path / "d.log").exists() else ""
     assert "secret-path-token" not in text and "token=leak" not in text
+
+
+class Holding:
+    """A receiver that keeps every POST waiting until `release`, and counts how many wait at once."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.waiting = 0
+        self.most = 0
+        self.lock = threading.Lock()
+        self.released = threading.Event()
+        owner = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                with owner.lock:
+                    owner.paths.append(body["event"])
+                    owner.waiting += 1
+                    owner.most = max(owner.most, owner.waiting)
+                owner.released.wait(60)
+                with owner.lock:
+                    owner.waiting -= 1
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def helpers() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if any(a.endswith("outbound.py") for a in p.cmdline()):
+                out.append(p)
+    return out
+
+
+def test_at_most_two_helpers_at_once_the_rest_wait_and_beyond_the_bound_are_dropped(tmp_path: Path) -> None:
+    """A burst of events: two helpers run, eight wait their turn, the eleventh is dropped with a log line;
+    the URL's token is in no helper's argv or environment."""
+    rx = Holding()
+    url = f"http://127.0.0.1:{rx.port}/hook/burst-token-4f2a"
+    log.setup(tmp_path / "d.log", stderr=False)
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        hook = Webhook(url, 30)
+        for i in range(notices.MAX_RUNNING + notices.MAX_WAITING + 1):
+            hook.send(f"e{i}", {"id": "u1"})
+        while len(rx.paths) < notices.MAX_RUNNING:  # a condition on real progress, not a sleep
+            await asyncio.sleep(0.05)
+        running = helpers()
+        seen["helpers"] = len(running)
+        seen["shown"] = [" ".join(p.cmdline()) + repr(p.environ()) for p in running]
+        rx.released.set()
+        await hook.flush(timeout=60)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        for h in logging.getLogger().handlers:
+            h.flush()
+        log.setup(None, stderr=False)
+        rx.close()
+    assert seen["helpers"] == notices.MAX_RUNNING, seen
+    assert not [s for s in seen["shown"] if "burst-token" in s], seen["shown"]
+    assert rx.most == notices.MAX_RUNNING
+    assert sorted(rx.paths) == sorted(f"e{i}" for i in range(notices.MAX_RUNNING + notices.MAX_WAITING))
+    rows = [json.loads(x) for x in (tmp_path / "d.log").read_text().splitlines()]
+    dropped = [r for r in rows if r["event"] == "webhook.dropped"]
+    assert [r["event_name"] for r in dropped] == [f"e{notices.MAX_RUNNING + notices.MAX_WAITING}"], rows
+    assert dropped[0]["url"] == f"http://127.0.0.1:{rx.port}/..."
+    assert not [r for r in rows if r["event"] == "webhook.failed"], rows
+    assert "burst-token" not in (tmp_path / "d.log").read_text()
+
+
+SENDER = """
+import asyncio, sys
+from proto4d.notices import Webhook
+
+async def main():
+    Webhook(sys.argv[1], 30).send("update.done", {"id": "u1"})
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_daemon_killed_during_a_delivery_leaves_no_helper(tmp_path: Path) -> None:
+    """The helper holds the daemon's pipe: SIGKILL the sender mid-call and the helper ends with it."""
+    rx = Holding()
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, f"http://127.0.0.1:{rx.port}/hook/t"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: rx.paths or sender.poll() is not None, 30, "the POST")
+        assert rx.paths == ["update.done"]
+        helper = [p for p in psutil.Process(sender.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        assert len(helper) == 1 and helper[0].cmdline()[-1].endswith("outbound.py"), helper
+        sender.kill()
+        sender.wait()
+        _gone, alive = psutil.wait_procs(helper, timeout=10)
+        assert alive == [], "the helper outlived its daemon"
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+        rx.close()

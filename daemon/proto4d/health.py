@@ -7,8 +7,8 @@ daemon's probes from users when both arrive from 127.0.0.1.
 
 Probes of the app speak plain HTTP/1.1 over asyncio streams: a GET on loopback needs no
 client library, and keeping httpx (with ssl, h11 and its CLI hooks) out of the resident
-process saves about 3 MB of its idle memory. The external URL (TLS, redirects) goes through
-httpx, imported only when one is configured.
+process saves about 3 MB of its idle memory. The external URL (TLS) goes through httpx in a
+short-lived helper process (outbound.py), so TLS never loads in the daemon either.
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from proto4d import __version__, lean
+from proto4d import __version__, outbound
 from proto4d.config import Check
-
-if TYPE_CHECKING:
-    import httpx
 
 USER_AGENT = f"proto4d-probe/{__version__}"
 STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})(?: |\r?$)")
@@ -141,15 +137,9 @@ class Prober:
                     await asyncio.wait_for(writer.wait_closed(), 1)
 
     async def external(self, url: str, timeout: float) -> CheckResult:
-        lean.ssl_for_asyncio()  # the daemon imported asyncio without ssl (lean.py)
-        import httpx
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout, headers={"User-Agent": USER_AGENT}) as client:
-            t = time.monotonic()
-            try:
-                r = await client.get(url)
-                return CheckResult(url, r.status_code < 500, r.status_code, None, (time.monotonic() - t) * 1000)
-            except httpx.HTTPError as e:
-                return CheckResult(url, False, None, _describe_error(e), (time.monotonic() - t) * 1000)
+        """GET the URL through a helper process (outbound.py), `timeout` for the whole call; a 3xx is not followed."""
+        r = await outbound.request("GET", url, timeout, user_agent=USER_AGENT)
+        return CheckResult(url, r.status is not None and r.status < 500, r.status, r.error, r.ms)
 
     async def wait_healthy(self, host: str, port: int, checks: Sequence[Check], timeout: float, per_try: float,
                            alive: Callable[[], bool], interval: float = 0.1) -> HealthReport:
@@ -181,24 +171,3 @@ class Prober:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _describe_error(e: httpx.HTTPError) -> str:
-    import httpx
-    name = type(e).__name__
-    text = str(e).strip()
-    if isinstance(e, httpx.ConnectError):
-        # httpx says "All connection attempts failed"; the OS's reason is further down the chain.
-        cause: BaseException | None = e
-        while cause is not None:
-            if isinstance(cause, ConnectionRefusedError):
-                return "connection refused"
-            if isinstance(cause, OSError) and cause.strerror:
-                return f"cannot connect ({cause.strerror})"
-            cause = cause.__cause__ or cause.__context__
-        return "connection refused" if "refused" in text.lower() else f"cannot connect ({text})"
-    if isinstance(e, httpx.TimeoutException):
-        return "timed out"
-    if isinstance(e, httpx.RemoteProtocolError):
-        return "connection closed without an answer"
-    return f"{name}: {text}" if text else name

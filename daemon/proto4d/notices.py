@@ -2,11 +2,15 @@
 
 The notice file (JSON: message, when, expected impact) is what the app or the hub shows
 while an update is imminent. The webhook gets a JSON POST per update event; it runs in the
-background with one overall deadline (`notify.webhook_timeout_s` for the whole call, not per
-connect/read phase: a receiver trickling its answer cannot hold it longer) and can never block
-or fail an update. Only a 2xx answer is a delivery: a redirect is not followed (it would send
-the event, and the URL's token, somewhere not configured) and is logged as a failure like any
-other. Its URL may carry a token, so logs show only its scheme and host.
+background, in a short-lived helper process (outbound.py: TLS and httpx never load in the daemon),
+with one overall deadline (`notify.webhook_timeout_s` for the whole call, not per connect/read
+phase: a receiver trickling its answer cannot hold it longer) and can never block or fail an
+update. At most `MAX_RUNNING` helpers run at once; further events wait their turn in order, and
+beyond `MAX_WAITING` waiting ones an event is dropped with a `webhook.dropped` line. Only a 2xx
+answer is a delivery: a redirect is not followed (it would send the event, and the URL's token,
+somewhere not configured) and is logged as a failure like any other. Its URL may carry a token,
+so logs show only its scheme and host, and it reaches the helper on its stdin (never its argv or
+environment, which `ps` shows).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proto4d import __version__, fsutil, lean, log
+from proto4d import __version__, fsutil, log, outbound
+
+MAX_RUNNING = 2  # webhook helpers at once (each is an interpreter with httpx for a moment)
+MAX_WAITING = 8  # events waiting for a helper; more are dropped, and said so
 
 
 def write_notice(path: Path, *, update_id: str, message: str, when: float, impact: str) -> None:
@@ -51,12 +58,17 @@ class Webhook:
         self.url = url
         self.timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_RUNNING)
         if url:
             parts = urlsplit(url)
             log.redact(url, parts.path, parts.query, parts.password or "")
 
     def send(self, event: str, payload: dict[str, Any]) -> None:
         if not self.url:
+            return
+        if len(self._tasks) >= MAX_RUNNING + MAX_WAITING:
+            log.get().warning("webhook.dropped", event_name=event, url=safe_url(self.url),
+                              why=f"{MAX_WAITING} events already wait for the {MAX_RUNNING} in flight")
             return
         body = log.scrub_obj({"event": event, "at": time.time(), "source": f"proto4d/{__version__}", **payload})
         task = asyncio.get_running_loop().create_task(self._post(event, body))
@@ -65,23 +77,21 @@ class Webhook:
 
     async def _post(self, event: str, body: dict[str, Any]) -> None:
         try:
-            # Loaded by the first event, not at start: an idle daemon without a webhook never pays for it.
-            lean.ssl_for_asyncio()
-            import httpx
-            async with asyncio.timeout(self.timeout):
-                async with httpx.AsyncClient(trust_env=False, timeout=self.timeout, follow_redirects=False) as client:
-                    r = await client.post(self.url, json=body)
-            if 300 <= r.status_code < 400:
-                log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), status=r.status_code,
-                                  error="redirect refused", location=safe_url(r.headers.get("location", "")))
-            elif not 200 <= r.status_code < 300:
-                log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), status=r.status_code)
-        except TimeoutError:
+            async with self._slots:
+                r = await outbound.request("POST", self.url, self.timeout, body=body)
+        except Exception as e:  # never let a webhook break anything
+            log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), error=type(e).__name__)
+            return
+        if r.timed_out:
             log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url),
                               error=f"no answer within notify.webhook_timeout_s ({self.timeout:g} s)")
-        except Exception as e:  # never let a webhook break anything
-            log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url),
-                              error=type(e).__name__)
+        elif r.status is None:
+            log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), error=r.error)
+        elif 300 <= r.status < 400:
+            log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), status=r.status,
+                              error="redirect refused", location=safe_url(r.location or ""))
+        elif not 200 <= r.status < 300:
+            log.get().warning("webhook.failed", event_name=event, url=safe_url(self.url), status=r.status)
 
     async def flush(self, timeout: float = 2.0) -> None:
         if self._tasks:
