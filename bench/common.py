@@ -152,14 +152,15 @@ def new_daemon(base: Path, origin: Any, **overrides: Any) -> Any:
     return Daemon(base, origin, **cfg)
 
 
-def trigger_update(d: Any, reason: str = "bench", force: bool = True, wake: bool = False) -> tuple[str, float]:
+def trigger_update(d: Any, reason: str = "bench", force: bool = True, wake: bool = False,
+                   action: str = "update") -> tuple[str, float]:
     """Drop `update.request` the way `proto4d update --force` does (atomic link); return (id, when).
 
     wake: then send the daemon SIGUSR2, as the CLI does; without it the request waits for the
     daemon's next look at the file (every second), as after `touch update.request`.
     """
     req_id = f"bench-{time.strftime('%H%M%S')}-{os.urandom(3).hex()}"
-    doc = {"id": req_id, "action": "update", "force": force, "reason": reason, "requested_by": "bench"}
+    doc = {"id": req_id, "action": action, "force": force, "reason": reason, "requested_by": "bench"}
     data = yaml.safe_dump(doc, sort_keys=False).encode()
     tmp = d.root / f".update.request.bench.{os.getpid()}.{req_id}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

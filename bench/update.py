@@ -8,6 +8,9 @@ wait, not work, and is excluded).
   unchanged        the requirements are the same: the venv is reused
   changed          every update changes requirements.txt: a new venv is built (uv, from a warm cache)
   unchanged+load   as unchanged, while the normal load mix runs (slow requests are in flight at the switch)
+  proto4-sized     the app imports what Proto4 imports (FastAPI, OpenAI, SQLAlchemy) before serving
+  staged           each version is staged first (`proto4d stage`, untimed); the promotion is the timed update
+                   (after proto4-sized, the app is Proto4-sized here too)
 Each block starts with one uncounted warm-up update. The steps come from the daemon itself: the
 journal's step times and the update log's "timings:" line. The app's own start time is measured
 twice: spawn -> "Uvicorn running on" (the bench starts the release's uvicorn itself), and first
@@ -131,9 +134,15 @@ def read_timings(d: Any, answer: dict[str, Any]) -> dict[str, float]:
 
 
 def one_update(d: Any, origin: Any, version: str, requirements: str | None,
-               files: dict[str, str] | None = None, trigger: str = "cli") -> dict[str, Any]:
+               files: dict[str, str] | None = None, trigger: str = "cli", staged: bool = False) -> dict[str, Any]:
     origin.commit(version, requirements=requirements, files=files)
-    req_id, t0 = common.trigger_update(d, reason="bench update", wake=trigger == "cli")
+    if staged:  # `proto4d stage` first (not timed), then the promotion is the update that is timed
+        stage_id, _ = common.trigger_update(d, reason="bench stage", wake=True, action="stage")
+        staged_answer = common.wait_answer(d, stage_id, timeout=600)
+        if staged_answer.get("state") != "staged":
+            log(f"  stage {version}: {staged_answer.get('state')}: {staged_answer.get('message', '')[:300]}")
+    req_id, t0 = common.trigger_update(d, reason="bench update", wake=trigger == "cli",
+                                       action="promote" if staged else "update")
     answer = common.wait_answer(d, req_id, timeout=600)
     steps = common.step_times(common.journal_for(d, req_id))
     timings = read_timings(d, answer)
@@ -157,7 +166,7 @@ import sqlalchemy.orm  # noqa: F401
 from openai import OpenAI  # noqa: F401
 
 """
-BLOCKS = ("unchanged", "changed", "unchanged+load", "proto4-sized")
+BLOCKS = ("unchanged", "changed", "unchanged+load", "proto4-sized", "staged")
 
 
 def requirements_for(block: str, base_req: str, i: int) -> str | None:
@@ -194,7 +203,7 @@ def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto") -> 
                         sample = (common.harness.SAMPLE / "main.py").read_text()
                         files = {"main.py": HEAVY_IMPORTS + sample}
                         requirements = PROTO4_REQUIREMENTS
-                    row = one_update(d, origin, f"u{n}", requirements, files, args.trigger)
+                    row = one_update(d, origin, f"u{n}", requirements, files, args.trigger, staged=block == "staged")
                     if i == 0:
                         warmup = row
                     else:
@@ -235,7 +244,8 @@ def update_table(part1: dict[str, Any]) -> str:
         items = b["rows"]
         label = {"unchanged": "unchanged (idle)", "changed": "requirements changed (new venv, uv warm cache)",
                  "unchanged+load": "unchanged, under normal load",
-                 "proto4-sized": "Proto4-sized app, unchanged"}[block]
+                 "proto4-sized": "Proto4-sized app, unchanged",
+                 "staged": "promote of a staged release (`proto4d stage`, then `promote`)"}[block]
         for name, sel in ((label, items), (f"{label}: first update" if block == "proto4-sized" else "", None)):
             if not name:
                 continue
