@@ -73,6 +73,11 @@ class Mirror:
         self.url = url
         self.branch = branch
         self._ready = False
+        # Answers of local queries, kept until the next fetch (the only thing here that moves a ref
+        # or brings a commit): an update asks some twice (at the request, then when preparing), each
+        # a git process of a few milliseconds. remote.origin.url as last written, to write it only when it changed.
+        self._memo: dict[tuple[str, ...], object] = {}
+        self._url_written: str | None = None
 
     @property
     def url(self) -> str:
@@ -140,10 +145,14 @@ class Mirror:
 
     def fetch(self, cancel: Cancel | None = None, timeout: float = 600, branch: str | None = None) -> None:
         faults.point_sync("fetch", cancel)
-        try:
-            self._git("config", "remote.origin.url", self.safe_url)
-        except GitFailed as e:
-            raise ReleaseError(f"cannot configure the git mirror {self.path}: {_git_error_text(e.stderr)}") from None
+        self._memo.clear()
+        if self._url_written != self.safe_url or not self._ready:
+            try:
+                self._git("config", "remote.origin.url", self.safe_url)
+            except GitFailed as e:
+                raise ReleaseError(f"cannot configure the git mirror {self.path}: "
+                                   f"{_git_error_text(e.stderr)}") from None
+            self._url_written = self.safe_url
         # git runs in its own process group with our own deadline, killed with its group on cancel.
         try:
             run_cmd(["git", "--git-dir", str(self.path), "fetch", "--prune", "--force", "--no-write-fetch-head",
@@ -184,6 +193,7 @@ class Mirror:
 
     def _fetch_other_branch(self, branch: str) -> None:
         self._ensure()
+        self._memo.clear()
         try:
             run_cmd(["git", "--git-dir", str(self.path), "fetch", "--force", "--no-write-fetch-head", "origin",
                      f"+refs/heads/{branch}:refs/remotes/origin/{branch}"], timeout=300,
@@ -203,25 +213,36 @@ class Mirror:
                 continue
         return None
 
+    def _memoised(self, key: tuple[str, ...], ask: Callable[[], object]) -> object:
+        if key not in self._memo:
+            self._memo[key] = ask()
+        return self._memo[key]
+
     def branch_head(self, branch: str) -> str | None:
-        try:
-            return self._git("rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}")
-        except GitFailed:
-            return None
+        def ask() -> str | None:
+            try:
+                return self._git("rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}")
+            except GitFailed:
+                return None
+        return self._memoised(("branch_head", branch), ask)  # type: ignore[return-value]
 
     def has_commit(self, sha: str) -> bool:
-        try:
-            self._git("cat-file", "-e", f"{sha}^{{commit}}")
-            return True
-        except GitFailed:
-            return False
+        def ask() -> bool:
+            try:
+                self._git("cat-file", "-e", f"{sha}^{{commit}}")
+                return True
+            except GitFailed:
+                return False
+        return bool(self._memoised(("has_commit", sha), ask))
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
-        try:
-            self._git("merge-base", "--is-ancestor", ancestor, descendant)
-            return True
-        except GitFailed:
-            return False
+        def ask() -> bool:
+            try:
+                self._git("merge-base", "--is-ancestor", ancestor, descendant)
+                return True
+            except GitFailed:
+                return False
+        return bool(self._memoised(("is_ancestor", ancestor, descendant), ask))
 
     def log_between(self, old: str | None, new: str, limit: int = 50) -> list[str]:
         spec = f"{old}..{new}" if old and self.has_commit(old) else new
@@ -232,10 +253,12 @@ class Mirror:
         return [line for line in out.splitlines() if line.strip()]
 
     def subject(self, sha: str) -> str:
-        try:
-            return self._git("log", "-1", "--format=%s", sha)
-        except GitFailed:
-            return ""
+        def ask() -> str:
+            try:
+                return self._git("log", "-1", "--format=%s", sha)
+            except GitFailed:
+                return ""
+        return str(self._memoised(("subject", sha), ask))
 
     def pin(self, name: str, sha: str) -> None:
         with contextlib.suppress(GitFailed):
