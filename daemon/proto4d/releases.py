@@ -330,15 +330,45 @@ def stable_interpreter(path: str) -> str:
     return real
 
 
+# python_identity's answers, by the interpreter file that gave them (see there).
+_IDENTITY: dict[tuple[str, tuple[int, int, int, int]], tuple[str, str]] = {}
+
+
+def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def python_identity(python: str) -> tuple[str, str]:
-    """(stable path, version) of an interpreter: half of a venv's key."""
+    """(stable path, version) of an interpreter: half of a venv's key.
+
+    Asking costs a start of the interpreter (30-100 ms on a busy machine), and every update asked
+    twice. The answer is kept while the file it came from is unchanged (an upgrade in place
+    changes its inode or mtime; a Homebrew upgrade changes where the path resolves to), and only
+    when that file is the interpreter itself: a wrapper script (a pyenv shim) may answer for
+    another interpreter tomorrow without changing, so it is asked every time.
+    """
     exe = shutil.which(python) or python
+    real = os.path.realpath(exe)
+    stamp = _file_stamp(real)
+    key = (real, stamp) if stamp is not None else None
+    if key is not None and key in _IDENTITY:
+        executable, version = _IDENTITY[key]
+        return stable_interpreter(executable), version
     try:
         out = subprocess.run([exe, "-c", "import sys; print(sys.executable); print(sys.version.split()[0])"],
                              capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
     except (OSError, subprocess.SubprocessError) as e:
         raise ReleaseError(f"python: cannot run {python!r}: {e}") from None
-    return stable_interpreter(out[0].strip() or exe), out[1].strip()
+    executable, version = out[0].strip() or exe, out[1].strip()
+    if key is not None and version and os.path.realpath(executable) == real:
+        if len(_IDENTITY) > 16:
+            _IDENTITY.clear()
+        _IDENTITY[key] = (executable, version)
+    return stable_interpreter(executable), version
 
 
 def _stabilise_venv(venv: Path) -> None:
