@@ -176,3 +176,30 @@ def test_python_identity_asks_a_wrapper_every_time(tmp_path: Path):
         assert releases.python_identity(str(shim)) == (str(target), "3.12.7")
     assert log.read_text().count("asked") == 2
 
+
+def test_preflight_looks_into_an_unchanged_venv_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """check_installed runs the venv's interpreter; a venv found complete is not asked again until a
+    package is added or removed (its site-packages directory changes)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib*/python*/site-packages"))
+    dist = site / "tutorpkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tutorpkg\nVersion: 1.0\n")
+    req = tmp_path / "requirements.txt"
+    req.write_text("tutorpkg==1.0\n")
+    runs: list[list[str]] = []
+    real_run = subprocess.run
+
+    def counting(argv, *args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append(list(argv))
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(releases.subprocess, "run", counting)
+    assert releases.check_installed(venv, req) == []
+    assert releases.check_installed(venv, req) == []
+    assert len(runs) == 1
+    shutil.rmtree(dist)  # removed behind proto4d's back: seen at the next look
+    assert releases.check_installed(venv, req) == ["tutorpkg"]
+    assert releases.check_installed(venv, req) == ["tutorpkg"]  # a missing package is asked about every time
+    assert len(runs) == 3
