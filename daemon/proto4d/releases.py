@@ -270,14 +270,21 @@ class Mirror:
 
     def export(self, sha: str, subdir: str, dest: Path, cancel: Cancel | None = None,
                registry: PidRegistry | None = None, timeout: float = 600) -> None:
-        """Write the tree of `subdir` at `sha` into the (new, empty) directory `dest`."""
+        """Write the tree of `subdir` at `sha` into the (new, empty) directory `dest`.
+
+        What `subdir` is at `sha` is asked only when the export fails (to say why): one git process less
+        on every update's way from trigger to verified."""
         treeish = f"{sha}:{subdir}" if subdir else f"{sha}^{{tree}}"
-        try:
-            kind = self._git("cat-file", "-t", treeish)
-        except GitFailed:
-            raise ReleaseError(f"app.subdir {subdir!r} does not exist at commit {sha[:7]}") from None
-        if kind != "tree":
-            raise ReleaseError(f"app.subdir {subdir!r} is a file at commit {sha[:7]}, not a directory")
+
+        def not_a_tree() -> None:
+            try:
+                kind = self._git("cat-file", "-t", treeish)
+            except GitFailed:
+                raise ReleaseError(f"app.subdir {subdir!r} does not exist at commit {sha[:7]}") from None
+            if kind != "tree":
+                raise ReleaseError(f"app.subdir {subdir!r} is a file at commit {sha[:7]}, not a directory")
+
+        self._ensure()
         helper = Path(exporttree.__file__)
         try:
             run_cmd([sys.executable, "-I", str(helper), str(self.path), treeish, str(dest)], cancel=cancel,
@@ -286,6 +293,7 @@ class Mirror:
         except CommandFailed as e:
             if cancel is not None:
                 cancel.check()  # killed because the daemon stops: not the release's fault
+            not_a_tree()
             said = [ln[len(exporttree.PREFIX):] for ln in e.tail.splitlines() if ln.startswith(exporttree.PREFIX)]
             if e.code == exporttree.EX_REPORTED and said:
                 raise ReleaseError(said[-1]) from None
