@@ -169,6 +169,12 @@ def test_a_quiet_app_is_counted_without_asking_the_kernel_s_table(monkeypatch: p
         client.close()
         assert s.sample([app.pid], app_up=True)["connections"] == 0
         assert len(asked) == 3
+        s.reconfigure(cfg, s.safety, port, "", host="127.0.0.1")  # a reload that changes nothing here
+        assert s.sample([app.pid], app_up=True)["connections"] == 0
+        assert len(asked) == 3
+        s.reconfigure(cfg, s.safety, port + 1, "", host="127.0.0.1")  # quiet on the old port says nothing
+        assert s.sample([app.pid], app_up=True)["connections"] == 0
+        assert len(asked) == 4
     finally:
         app.kill()
         app.wait(10)

@@ -64,10 +64,12 @@ class Sampler:
 
     def reconfigure(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str,
                     host: str = "") -> None:
-        self.conn_kind = connection_kind(host)
         if cfg.tunnel_process != self.cfg.tunnel_process:
             self._tunnel, self._tunnel_scanned = None, None  # another name: look for it at the next sample
+        if (port, connection_kind(host)) != (self.port, self.conn_kind):
+            self._quiet = None  # found quiet on another port or family: look again
         self.cfg, self.safety, self.port = cfg, safety, port
+        self.conn_kind = connection_kind(host)
         self.custom = re.compile(custom_regex) if custom_regex else None
         self.window.reconfigure(cfg.window_s, cfg.ignore_paths)
 
