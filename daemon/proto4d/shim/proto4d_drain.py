@@ -536,10 +536,31 @@ def _take_promotion():
 
 
 def _stop_accepting(server):
-    """Close uvicorn's listeners now: what its shutdown() does first, done without waiting for it."""
+    """Stop accepting now, on every listener of uvicorn's server, and let the listening socket go.
+
+    Not asyncio's Server.close(): a connection accepted in the same turn of the loop gets its
+    transport in a task that runs on the next turn, and a closed Server refuses it (an assertion in
+    Server._attach, swallowed by asyncio), so that client's request is reset. That happens with
+    uvicorn's own shutdown too, whenever it closes the server just after an accept. Here the reader
+    is removed (which also cancels an accept already queued in this turn), and the descriptor is
+    pointed at /dev/null (dup2), so the listening socket leaves this process at once while the
+    Server stays open: connections already accepted get their transports; no new one is accepted.
+    uvicorn's shutdown() later closes the Server as usual (its socket is then /dev/null)."""
+    loop = asyncio.get_running_loop()
     for listener in list(getattr(server, "servers", None) or []):
-        with contextlib.suppress(Exception):
-            listener.close()
+        for sock in list(getattr(listener, "sockets", None) or ()):
+            try:
+                fd = sock.fileno()
+                if fd < 0:
+                    continue
+                loop.remove_reader(fd)
+                null = os.open(os.devnull, os.O_RDONLY)
+                try:
+                    os.dup2(null, fd)
+                finally:
+                    os.close(null)
+            except Exception:  # never let this break the shutdown: uvicorn's own close still comes
+                continue
 
 
 def _prompt_exit():
@@ -550,9 +571,9 @@ def _prompt_exit():
     so the handler itself waits for the loop's next timer, another 0.1 s. proto4d sends SIGTERM only
     once another process accepts on the shared socket (or to stop the service, the daemon keeping
     the socket and its backlog), and it waits until the old process no longer listens before it
-    verifies the port: those up to 0.2 s were most of a promotion's switch. The listeners are closed
-    at the loop's next turn after the signal; everything else (the drain of open connections, the
-    lifespan) stays uvicorn's own shutdown. Only with `--fd` (the socket proto4d owns): a server that
+    verifies the port: those up to 0.2 s were most of a promotion's switch. Accepting stops at the
+    loop's next turn after the signal (_stop_accepting); everything else (the drain of open
+    connections, the lifespan) stays uvicorn's own shutdown. Only with `--fd` (the socket proto4d owns): a server that
     bound its own port would refuse connections sooner instead.
     """
     try:
