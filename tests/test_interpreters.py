@@ -145,3 +145,61 @@ def test_a_healthy_venv_is_left_alone(tmp_path: Path):
     said: list[str] = []
     assert releases.repair_venv(cfg, paths, rel, progress=said.append) is rel
     assert said == [] and (paths.venvs / rel.venv / "venv.json").stat().st_mtime_ns == before
+
+
+def counting_interpreter(path: Path, log: Path, answer: str | None = None) -> Path:
+    """A stand-in interpreter that notes each time it is asked; it answers with its own path, or `answer`
+    (as a wrapper such as a pyenv shim answers for the interpreter it picks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho asked >> "{log}"\necho "{answer or "$0"}"\necho 3.12.7\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_python_identity_asks_an_unchanged_interpreter_once(tmp_path: Path):
+    log = tmp_path / "asked"
+    exe = counting_interpreter(tmp_path / "bin" / "python3.12", log)
+    for _ in range(3):
+        assert releases.python_identity(str(exe)) == (str(exe), "3.12.7")
+    assert log.read_text().count("asked") == 1
+    # replaced in place (an upgrade): asked again
+    exe.write_text(exe.read_text().replace("3.12.7", "3.12.8") + "\n")
+    assert releases.python_identity(str(exe)) == (str(exe), "3.12.8")
+    assert log.read_text().count("asked") == 2
+
+
+def test_python_identity_asks_a_wrapper_every_time(tmp_path: Path):
+    log = tmp_path / "asked"
+    target = counting_interpreter(tmp_path / "real" / "python3.12", tmp_path / "unused")
+    shim = counting_interpreter(tmp_path / "shims" / "python3", log, answer=str(target))
+    for _ in range(2):
+        assert releases.python_identity(str(shim)) == (str(target), "3.12.7")
+    assert log.read_text().count("asked") == 2
+
+
+def test_preflight_looks_into_an_unchanged_venv_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """check_installed runs the venv's interpreter; a venv found complete is not asked again until a
+    package is added or removed (its site-packages directory changes)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib*/python*/site-packages"))
+    dist = site / "tutorpkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tutorpkg\nVersion: 1.0\n")
+    req = tmp_path / "requirements.txt"
+    req.write_text("tutorpkg==1.0\n")
+    runs: list[list[str]] = []
+    real_run = subprocess.run
+
+    def counting(argv, *args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append(list(argv))
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(releases.subprocess, "run", counting)
+    assert releases.check_installed(venv, req) == []
+    assert releases.check_installed(venv, req) == []
+    assert len(runs) == 1
+    shutil.rmtree(dist)  # removed behind proto4d's back: seen at the next look
+    assert releases.check_installed(venv, req) == ["tutorpkg"]
+    assert releases.check_installed(venv, req) == ["tutorpkg"]  # a missing package is asked about every time
+    assert len(runs) == 3

@@ -155,3 +155,32 @@ def test_a_cancelled_export_ends_its_helper_and_git(tmp_path: Path, sub_origin: 
     assert len(result) == 1 and isinstance(result[0], Cancelled), result
     assert registry.pids() == set()
     wait_for(lambda: not procs.group_alive(helper), 10, "the helper's process group to end")
+
+
+def test_answers_are_kept_until_the_next_fetch(tmp_path: Path, sub_origin: Origin):
+    """An update asks the branch head and a few facts twice (at the request, then when preparing): the
+    second answers come from memory, and a fetch (the only thing that moves a ref) forgets them."""
+    mirror = releases.Mirror(tmp_path / "repo.git", str(sub_origin.bare), "main")
+    mirror.fetch(timeout=60)
+    first = mirror.branch_head("main")
+    assert first and mirror.has_commit(first) and mirror.subject(first) == "first version"
+    asked: list[tuple[str, ...]] = []
+    real = mirror._run_local
+
+    def counting(args, timeout=None):  # type: ignore[no-untyped-def]
+        asked.append(tuple(args))
+        return real(args, timeout)
+
+    mirror._run_local = counting  # type: ignore[method-assign]
+    assert mirror.branch_head("main") == first and mirror.has_commit(first)
+    assert mirror.subject(first) == "first version" and mirror.is_ancestor(first, first)
+    assert mirror.is_ancestor(first, first)
+    assert [a for a in asked if "merge-base" not in a] == []  # only the first is_ancestor asked git
+    sub_origin.commit("2", message="second version")
+    assert mirror.branch_head("main") == first  # not fetched yet: the mirror's ref has not moved
+    mirror.fetch(timeout=60)
+    second = mirror.branch_head("main")
+    assert second != first and mirror.subject(second) == "second version"
+    assert mirror.is_ancestor(first, second) and not mirror.is_ancestor(second, first)
+    # remote.origin.url is written once, not before every fetch
+    assert sum(1 for a in asked if "config" in a) == 0

@@ -84,3 +84,97 @@ def test_connections_are_counted_from_the_listening_socket_s_own_table(host: str
         finally:
             for c in clients + accepted:
                 c.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag and /proc/<pid>/fd are Linux's")
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_kernel_s_table_of_the_port_agrees_with_psutil(host: str):
+    """established_on_port (sock_diag, one port's established sockets) finds what psutil finds in /proc/net/tcp*,
+    and socket_inodes finds the sockets a process holds."""
+    if host == "::1" and not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = "tcp6" if family == socket.AF_INET6 else "tcp4"
+    with socket.socket(family) as server:
+        server.bind((host, 0))
+        server.listen()
+        port = server.getsockname()[1]
+        clients = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+        accepted = [server.accept()[0] for _ in clients]
+        accepted[0].close()  # closed by the app: no longer established
+        try:
+            table = activity.established_on_port(port, kind)
+            assert table is not None, "sock_diag refused here"
+            want = {(tuple(c.laddr), tuple(c.raddr)) for c in psutil.Process().net_connections(kind=kind)
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port}
+            assert set(table.values()) == want
+            assert len(table) == 2
+            mine = activity.socket_inodes([os.getpid()])
+            assert mine is not None and set(table) <= mine
+            assert activity.established_on_port(port, "tcp") == table  # both families asked
+        finally:
+            for c in clients + accepted:
+                c.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag and /proc/<pid>/fd are Linux's")
+def test_a_quiet_app_is_counted_without_asking_the_kernel_s_table(monkeypatch: pytest.MonkeyPatch):
+    """Issue 12's idle CPU: while the app's tree holds only sockets already found quiet (its listener,
+    socketpairs), a sample counts 0 connections without reading any TCP table; an accepted connection is a
+    new socket, so the next sample asks and counts it, and once it is closed the samples are quiet again."""
+    asked: list[int] = []
+    real = activity.established_on_port
+
+    def counting(port: int, kind: str):  # type: ignore[no-untyped-def]
+        asked.append(port)
+        return real(port, kind)
+
+    monkeypatch.setattr(activity, "established_on_port", counting)
+    app = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import socket, sys
+        server = socket.create_server(("127.0.0.1", 0))
+        a, b = socket.socketpair()  # a quiet socket that is not TCP, as asyncio's self-pipe
+        print(server.getsockname()[1], flush=True)
+        conns = []
+        for line in sys.stdin:
+            if line.strip() == "accept":
+                conns.append(server.accept()[0])
+            elif line.strip() == "close":
+                conns.pop().close()
+            print("ok", flush=True)
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert app.stdin is not None and app.stdout is not None
+
+    def tell(what: str) -> None:
+        app.stdin.write(what + "\n")
+        app.stdin.flush()
+        assert app.stdout.readline().strip() == "ok"
+
+    try:
+        port = int(app.stdout.readline())
+        cfg = ActivityConfig(interval_s=5, window_s=300, ignore_paths=(), tunnel_process="", history_max_bytes=1 << 20)
+        s = Sampler(cfg, SafetyConfig(yellow_max_users=2, quiet_for_s=120, red_rpm=600), port, "", set,
+                    host="127.0.0.1")
+        assert s.sample([app.pid], app_up=True)["connections"] == 0
+        assert len(asked) == 1  # the first look classifies the sockets
+        for _ in range(3):
+            assert s.sample([app.pid], app_up=True)["connections"] == 0
+        assert len(asked) == 1
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tell("accept")
+        assert s.sample([app.pid], app_up=True)["connections"] == 1
+        assert s.sample([app.pid], app_up=True)["connections"] == 1  # a live connection: asked again
+        assert len(asked) == 3
+        tell("close")
+        client.close()
+        assert s.sample([app.pid], app_up=True)["connections"] == 0
+        assert len(asked) == 3
+        s.reconfigure(cfg, s.safety, port, "", host="127.0.0.1")  # a reload that changes nothing here
+        assert s.sample([app.pid], app_up=True)["connections"] == 0
+        assert len(asked) == 3
+        s.reconfigure(cfg, s.safety, port + 1, "", host="127.0.0.1")  # quiet on the old port says nothing
+        assert s.sample([app.pid], app_up=True)["connections"] == 0
+        assert len(asked) == 4
+    finally:
+        app.kill()
+        app.wait(10)

@@ -15,6 +15,8 @@ import ipaddress
 import json
 import os
 import re
+import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -50,6 +52,9 @@ class Sampler:
         self.window = accesslog.RequestWindow(cfg.window_s, cfg.ignore_paths)
         self._pending: collections.deque[tuple[float, accesslog.AccessRecord]] = collections.deque(maxlen=100_000)
         self._procs: dict[int, psutil.Process] = {}
+        # Socket inodes of the app's tree that are no connection to count, and can never become one
+        # (see _connections); None until the first look, and where /proc is not there to look.
+        self._quiet: set[int] | None = None
         self._tunnel: psutil.Process | None = None
         self._tunnel_scanned: float | None = None  # clock() of the last walk through every process
         self.tunnel_checked_at: float | None = None  # wall time the tunnel was last looked at (status)
@@ -59,10 +64,12 @@ class Sampler:
 
     def reconfigure(self, cfg: ActivityConfig, safety: SafetyConfig, port: int, custom_regex: str,
                     host: str = "") -> None:
-        self.conn_kind = connection_kind(host)
         if cfg.tunnel_process != self.cfg.tunnel_process:
             self._tunnel, self._tunnel_scanned = None, None  # another name: look for it at the next sample
+        if (port, connection_kind(host)) != (self.port, self.conn_kind):
+            self._quiet = None  # found quiet on another port or family: look again
         self.cfg, self.safety, self.port = cfg, safety, port
+        self.conn_kind = connection_kind(host)
         self.custom = re.compile(custom_regex) if custom_regex else None
         self.window.reconfigure(cfg.window_s, cfg.ignore_paths)
 
@@ -136,7 +143,6 @@ class Sampler:
         return p
 
     def _resources(self, procs: list[psutil.Process]) -> tuple[int, float, int]:
-        conns: set[tuple] = set()
         cpu = 0.0
         rss = 0
         for p in procs:
@@ -144,12 +150,44 @@ class Sampler:
                 with p.oneshot():
                     cpu += p.cpu_percent(None)
                     rss += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return self._connections(procs), cpu, rss
+
+    def _connections(self, procs: list[psutil.Process]) -> int:
+        """Established connections accepted on the app's port and held by its tree.
+
+        psutil reads them from /proc/net/tcp, for which the kernel walks its whole TCP hash (every
+        bucket, every namespace's sockets): milliseconds per sample, most of the idle daemon's CPU.
+        On Linux, the tree's socket inodes are read from /proc/<pid>/fd instead, and the table is
+        asked only when one of them is not known to be quiet. A socket counted here is one the app
+        accepted, which is a new socket (a new inode) every time; the others (the listening sockets,
+        socketpairs, outgoing connections, one past ESTABLISHED) can never become one. So while the
+        tree holds only sockets already found quiet, the count is 0 without asking; when it must
+        ask, it asks the kernel (sock_diag) for the established sockets of the port alone, which
+        skips the formatting of every socket as text. Elsewhere (macOS: psutil reads the process's
+        own descriptors, no table) and when neither works, psutil as before.
+        """
+        inodes = socket_inodes([p.pid for p in procs]) if _PROC_FD else None
+        if inodes is not None:
+            quiet = self._quiet
+            if quiet is not None and inodes <= quiet:
+                self._quiet = quiet & inodes  # forget closed ones
+                return 0
+            table = established_on_port(self.port, self.conn_kind)
+            if table is not None:
+                self._quiet = {i for i in inodes if i not in table}
+                return len({table[i] for i in inodes if i in table})
+        self._quiet = None
+        conns: set[tuple] = set()
+        for p in procs:
+            try:
                 for c in p.net_connections(kind=self.conn_kind):
                     if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port and c.raddr:
                         conns.add((c.laddr, c.raddr))
             except psutil.Error:
                 continue
-        return len(conns), cpu, rss
+        return len(conns)
 
     def _tunnel_running(self) -> bool | None:
         """Whether `activity.tunnel_process` runs: the process once found is watched by its pid alone
@@ -226,6 +264,97 @@ def connection_kind(host: str) -> str:
         return "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp4"
     except ValueError:
         return "tcp4"
+
+
+_PROC_FD = os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+
+def socket_inodes(pids: Iterable[int]) -> set[int] | None:
+    """The inodes of the sockets the processes hold (/proc/<pid>/fd links `socket:[N]`), or None when a
+    process's descriptors cannot be read (not gone: unreadable, e.g. another user's)."""
+    out: set[int] = set()
+    for pid in pids:
+        base = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(base)
+        except FileNotFoundError:
+            continue  # gone meanwhile: it holds nothing
+        except OSError:
+            return None
+        for fd in fds:
+            try:
+                target = os.readlink(f"{base}/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                with contextlib.suppress(ValueError):
+                    out.add(int(target[8:-1]))
+    return out
+
+
+# sock_diag (linux/inet_diag.h): one dump request for TCP sockets of a family, in given states, with a
+# given local port; the kernel answers one inet_diag_msg per socket.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_ESTABLISHED = 1
+_NLMSG = struct.Struct("=IHHII")
+# inet_diag_msg: family, state, timer, retrans; sport, dport (big-endian); src, dst (16 bytes each); ...; inode
+_DIAG_MSG = struct.Struct("=BBBB2H16s16s4x8x4x4x4x4xI")
+
+
+def established_on_port(port: int, kind: str) -> dict[int, tuple] | None:
+    """inode -> ((local address, port), (remote address, port)) of every ESTABLISHED TCP socket whose local
+    port is `port`, for the families of psutil's `kind` (tcp4, tcp6, tcp); None where sock_diag is not
+    available (not Linux, refused)."""
+    if not hasattr(socket, "AF_NETLINK"):
+        return None
+    families = {"tcp4": (socket.AF_INET,), "tcp6": (socket.AF_INET6,)}.get(kind, (socket.AF_INET, socket.AF_INET6))
+    out: dict[int, tuple] = {}
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(5)
+            for seq, family in enumerate(families, 1):
+                # inet_diag_req_v2: family, protocol, ext, pad, states; id: sport, dport (big-endian), src, dst,
+                # interface, cookie (no cookie: all ones)
+                req = (struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_ESTABLISHED)
+                       + struct.pack(">HH", port, 0) + bytes(32) + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))
+                nl.sendall(_NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP,
+                                       seq, 0) + req)
+                if not _read_dump(nl, seq, family, port, out):
+                    return None
+    except OSError:
+        return None
+    return out
+
+
+def _read_dump(nl: socket.socket, seq: int, family: int, port: int, out: dict[int, tuple]) -> bool:
+    size = 16 if family == socket.AF_INET6 else 4
+    while True:
+        data = nl.recv(1 << 16)
+        if not data:
+            return False
+        off = 0
+        while off + _NLMSG.size <= len(data):
+            length, kind, _flags, got_seq, _pid = _NLMSG.unpack_from(data, off)
+            if length < _NLMSG.size:
+                return False
+            body = off + _NLMSG.size
+            off += (length + 3) & ~3
+            if got_seq != seq:
+                continue
+            if kind == _NLMSG_DONE:
+                return True
+            if kind == _NLMSG_ERROR:
+                return False
+            if length - _NLMSG.size < _DIAG_MSG.size:
+                continue
+            fam, state, _t, _r, sport, dport, src, dst, inode = _DIAG_MSG.unpack_from(data, body)
+            sport, dport = socket.ntohs(sport), socket.ntohs(dport)
+            if state != _TCP_ESTABLISHED or sport != port or fam != family:
+                continue  # what the request asked the kernel to leave out
+            out[inode] = ((socket.inet_ntop(family, src[:size]), sport), (socket.inet_ntop(family, dst[:size]), dport))
 
 
 _KERNEL_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")

@@ -73,6 +73,11 @@ class Mirror:
         self.url = url
         self.branch = branch
         self._ready = False
+        # Answers of local queries, kept until the next fetch (the only thing here that moves a ref
+        # or brings a commit): an update asks some twice (at the request, then when preparing), each
+        # a git process of a few milliseconds. remote.origin.url as last written, to write it only when it changed.
+        self._memo: dict[tuple[str, ...], object] = {}
+        self._url_written: str | None = None
 
     @property
     def url(self) -> str:
@@ -140,10 +145,14 @@ class Mirror:
 
     def fetch(self, cancel: Cancel | None = None, timeout: float = 600, branch: str | None = None) -> None:
         faults.point_sync("fetch", cancel)
-        try:
-            self._git("config", "remote.origin.url", self.safe_url)
-        except GitFailed as e:
-            raise ReleaseError(f"cannot configure the git mirror {self.path}: {_git_error_text(e.stderr)}") from None
+        self._memo.clear()
+        if self._url_written != self.safe_url or not self._ready:
+            try:
+                self._git("config", "remote.origin.url", self.safe_url)
+            except GitFailed as e:
+                raise ReleaseError(f"cannot configure the git mirror {self.path}: "
+                                   f"{_git_error_text(e.stderr)}") from None
+            self._url_written = self.safe_url
         # git runs in its own process group with our own deadline, killed with its group on cancel.
         try:
             run_cmd(["git", "--git-dir", str(self.path), "fetch", "--prune", "--force", "--no-write-fetch-head",
@@ -184,6 +193,7 @@ class Mirror:
 
     def _fetch_other_branch(self, branch: str) -> None:
         self._ensure()
+        self._memo.clear()
         try:
             run_cmd(["git", "--git-dir", str(self.path), "fetch", "--force", "--no-write-fetch-head", "origin",
                      f"+refs/heads/{branch}:refs/remotes/origin/{branch}"], timeout=300,
@@ -203,25 +213,36 @@ class Mirror:
                 continue
         return None
 
+    def _memoised(self, key: tuple[str, ...], ask: Callable[[], object]) -> object:
+        if key not in self._memo:
+            self._memo[key] = ask()
+        return self._memo[key]
+
     def branch_head(self, branch: str) -> str | None:
-        try:
-            return self._git("rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}")
-        except GitFailed:
-            return None
+        def ask() -> str | None:
+            try:
+                return self._git("rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}^{{commit}}")
+            except GitFailed:
+                return None
+        return self._memoised(("branch_head", branch), ask)  # type: ignore[return-value]
 
     def has_commit(self, sha: str) -> bool:
-        try:
-            self._git("cat-file", "-e", f"{sha}^{{commit}}")
-            return True
-        except GitFailed:
-            return False
+        def ask() -> bool:
+            try:
+                self._git("cat-file", "-e", f"{sha}^{{commit}}")
+                return True
+            except GitFailed:
+                return False
+        return bool(self._memoised(("has_commit", sha), ask))
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
-        try:
-            self._git("merge-base", "--is-ancestor", ancestor, descendant)
-            return True
-        except GitFailed:
-            return False
+        def ask() -> bool:
+            try:
+                self._git("merge-base", "--is-ancestor", ancestor, descendant)
+                return True
+            except GitFailed:
+                return False
+        return bool(self._memoised(("is_ancestor", ancestor, descendant), ask))
 
     def log_between(self, old: str | None, new: str, limit: int = 50) -> list[str]:
         spec = f"{old}..{new}" if old and self.has_commit(old) else new
@@ -232,10 +253,12 @@ class Mirror:
         return [line for line in out.splitlines() if line.strip()]
 
     def subject(self, sha: str) -> str:
-        try:
-            return self._git("log", "-1", "--format=%s", sha)
-        except GitFailed:
-            return ""
+        def ask() -> str:
+            try:
+                return self._git("log", "-1", "--format=%s", sha)
+            except GitFailed:
+                return ""
+        return str(self._memoised(("subject", sha), ask))
 
     def pin(self, name: str, sha: str) -> None:
         with contextlib.suppress(GitFailed):
@@ -247,14 +270,21 @@ class Mirror:
 
     def export(self, sha: str, subdir: str, dest: Path, cancel: Cancel | None = None,
                registry: PidRegistry | None = None, timeout: float = 600) -> None:
-        """Write the tree of `subdir` at `sha` into the (new, empty) directory `dest`."""
+        """Write the tree of `subdir` at `sha` into the (new, empty) directory `dest`.
+
+        What `subdir` is at `sha` is asked only when the export fails (to say why): one git process less
+        on every update's way from trigger to verified."""
         treeish = f"{sha}:{subdir}" if subdir else f"{sha}^{{tree}}"
-        try:
-            kind = self._git("cat-file", "-t", treeish)
-        except GitFailed:
-            raise ReleaseError(f"app.subdir {subdir!r} does not exist at commit {sha[:7]}") from None
-        if kind != "tree":
-            raise ReleaseError(f"app.subdir {subdir!r} is a file at commit {sha[:7]}, not a directory")
+
+        def not_a_tree() -> None:
+            try:
+                kind = self._git("cat-file", "-t", treeish)
+            except GitFailed:
+                raise ReleaseError(f"app.subdir {subdir!r} does not exist at commit {sha[:7]}") from None
+            if kind != "tree":
+                raise ReleaseError(f"app.subdir {subdir!r} is a file at commit {sha[:7]}, not a directory")
+
+        self._ensure()
         helper = Path(exporttree.__file__)
         try:
             run_cmd([sys.executable, "-I", str(helper), str(self.path), treeish, str(dest)], cancel=cancel,
@@ -263,6 +293,7 @@ class Mirror:
         except CommandFailed as e:
             if cancel is not None:
                 cancel.check()  # killed because the daemon stops: not the release's fault
+            not_a_tree()
             said = [ln[len(exporttree.PREFIX):] for ln in e.tail.splitlines() if ln.startswith(exporttree.PREFIX)]
             if e.code == exporttree.EX_REPORTED and said:
                 raise ReleaseError(said[-1]) from None
@@ -307,15 +338,45 @@ def stable_interpreter(path: str) -> str:
     return real
 
 
+# python_identity's answers, by the interpreter file that gave them (see there).
+_IDENTITY: dict[tuple[str, tuple[int, int, int, int]], tuple[str, str]] = {}
+
+
+def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def python_identity(python: str) -> tuple[str, str]:
-    """(stable path, version) of an interpreter: half of a venv's key."""
+    """(stable path, version) of an interpreter: half of a venv's key.
+
+    Asking costs a start of the interpreter (30-100 ms on a busy machine), and every update asked
+    twice. The answer is kept while the file it came from is unchanged (an upgrade in place
+    changes its inode or mtime; a Homebrew upgrade changes where the path resolves to), and only
+    when that file is the interpreter itself: a wrapper script (a pyenv shim) may answer for
+    another interpreter tomorrow without changing, so it is asked every time.
+    """
     exe = shutil.which(python) or python
+    real = os.path.realpath(exe)
+    stamp = _file_stamp(real)
+    key = (real, stamp) if stamp is not None else None
+    if key is not None and key in _IDENTITY:
+        executable, version = _IDENTITY[key]
+        return stable_interpreter(executable), version
     try:
         out = subprocess.run([exe, "-c", "import sys; print(sys.executable); print(sys.version.split()[0])"],
                              capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
     except (OSError, subprocess.SubprocessError) as e:
         raise ReleaseError(f"python: cannot run {python!r}: {e}") from None
-    return stable_interpreter(out[0].strip() or exe), out[1].strip()
+    executable, version = out[0].strip() or exe, out[1].strip()
+    if key is not None and version and os.path.realpath(executable) == real:
+        if len(_IDENTITY) > 16:
+            _IDENTITY.clear()
+        _IDENTITY[key] = (executable, version)
+    return stable_interpreter(executable), version
 
 
 def _stabilise_venv(venv: Path) -> None:
@@ -505,12 +566,35 @@ def _fix_scripts(tmp: Path, final: Path) -> None:
         cfg.write_bytes(cfg.read_bytes().replace(old, new))
 
 
+# Venvs whose site-packages were found to hold every requirement: (venv, names) -> the directories' stamps.
+_INSTALLED: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, int, int], ...]] = {}
+
+
+def _site_stamp(venv: Path) -> tuple[tuple[str, int, int], ...]:
+    """The inode and mtime of each site-packages directory of `venv`: installing or removing a package
+    adds or removes its entries there (its .dist-info directory), which changes the directory's mtime."""
+    out = []
+    for d in sorted(venv.glob("lib*/python*/site-packages")):
+        with contextlib.suppress(OSError):
+            st = d.stat()
+            out.append((str(d), st.st_ino, st.st_mtime_ns))
+    return tuple(out)
+
+
 def check_installed(venv: Path, requirements_file: Path | None) -> list[str]:
-    """Names from the requirements file that the venv does not have (the preflight's last look)."""
+    """Names from the requirements file that the venv does not have (the preflight's last look).
+
+    Looking costs a start of the venv's interpreter (~0.1 s on a busy machine), on every update,
+    although with unchanged requirements the venv is the one the serving release runs. A venv found
+    complete is not asked again while its site-packages directories are unchanged."""
     if requirements_file is None:
         return []
     names = requirement_names(requirements_file.read_text(errors="replace"))
     if not names:
+        return []
+    key = (os.path.realpath(venv), tuple(names))
+    stamp = _site_stamp(venv)
+    if stamp and _INSTALLED.get(key) == stamp:
         return []
     script = ("import sys, importlib.metadata as m\n"
               "for n in sys.argv[1:]:\n"
@@ -521,7 +605,12 @@ def check_installed(venv: Path, requirements_file: Path | None) -> list[str]:
                              timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return [f"(cannot run the venv's python: {e})"]
-    return [n for n in out.split() if n]
+    missing = [n for n in out.split() if n]
+    if not missing and stamp:
+        if len(_INSTALLED) > 32:
+            _INSTALLED.clear()
+        _INSTALLED[key] = stamp
+    return missing
 
 
 def requirement_names(text: str) -> list[str]:

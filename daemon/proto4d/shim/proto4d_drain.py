@@ -535,6 +535,107 @@ def _take_promotion():
     server_cls.startup = startup
 
 
+def _stop_accepting(server):
+    """Stop accepting now, on every listener of uvicorn's server, and let the listening socket go.
+
+    Not asyncio's Server.close(): a connection accepted in the same turn of the loop gets its
+    transport in a task that runs on the next turn, and a closed Server refuses it (an assertion in
+    Server._attach, swallowed by asyncio), so that client's request is reset. That happens with
+    uvicorn's own shutdown too, whenever it closes the server just after an accept. Here the reader
+    is removed (which also cancels an accept already queued in this turn), and the descriptor is
+    pointed at /dev/null (dup2), so the listening socket leaves this process at once while the
+    Server stays open: connections already accepted get their transports; no new one is accepted.
+    uvicorn's shutdown() later closes the Server as usual (its socket is then /dev/null)."""
+    loop = asyncio.get_running_loop()
+    for listener in list(getattr(server, "servers", None) or []):
+        for sock in list(getattr(listener, "sockets", None) or ()):
+            try:
+                fd = sock.fileno()
+                if fd < 0:
+                    continue
+                loop.remove_reader(fd)
+                null = os.open(os.devnull, os.O_RDONLY)
+                try:
+                    os.dup2(null, fd)
+                finally:
+                    os.close(null)
+            except Exception:  # never let this break the shutdown: uvicorn's own close still comes
+                continue
+
+
+def _prompt_exit():
+    """Stop accepting at once when told to stop, on an inherited socket.
+
+    uvicorn stops accepting only in shutdown(), which its main loop reaches at its next tick (every
+    0.1 s); uvicorn 0.29 and later also catch SIGTERM with signal.signal and no wake-up descriptor,
+    so the handler itself waits for the loop's next timer, another 0.1 s. proto4d sends SIGTERM only
+    once another process accepts on the shared socket (or to stop the service, the daemon keeping
+    the socket and its backlog), and it waits until the old process no longer listens before it
+    verifies the port: those up to 0.2 s were most of a promotion's switch. Accepting stops at the
+    loop's next turn after the signal (_stop_accepting); everything else (the drain of open
+    connections, the lifespan) stays uvicorn's own shutdown. Only with `--fd` (the socket proto4d owns): a server that
+    bound its own port would refuse connections sooner instead.
+    """
+    try:
+        import signal
+
+        import uvicorn.server
+        server_cls = uvicorn.server.Server
+        original_exit = server_cls.handle_exit
+        original_startup = server_cls.startup
+        if not inspect.iscoroutinefunction(original_startup):
+            return
+    except (ImportError, AttributeError):
+        return
+
+    def handle_exit(self, sig, frame):
+        original_exit(self, sig, frame)
+        if getattr(getattr(self, "config", None), "fd", None) is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        with contextlib.suppress(RuntimeError):  # thread-safe: the signal may land in the loop's own code
+            loop.call_soon_threadsafe(_stop_accepting, self)
+
+    async def startup(self, *args, **kwargs):
+        await original_startup(self, *args, **kwargs)
+        if getattr(getattr(self, "config", None), "fd", None) is None:
+            return
+        # A wake-up descriptor, unless one is set already (asyncio's add_signal_handler sets its own):
+        # the loop then wakes as the signal lands, not at its next timer.
+        loop = asyncio.get_running_loop()
+        reader, writer = socket.socketpair()
+        try:
+            reader.setblocking(False)
+            writer.setblocking(False)
+            previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread
+            reader.close()
+            writer.close()
+            return
+        if previous != -1:
+            signal.set_wakeup_fd(previous)
+            reader.close()
+            writer.close()
+            return
+
+        def drain():
+            with contextlib.suppress(OSError):
+                while reader.recv(4096):
+                    pass
+
+        loop.add_reader(reader.fileno(), drain)
+        _wakeup.extend((reader, writer))  # kept open for the life of the process
+
+    server_cls.handle_exit = handle_exit
+    server_cls.startup = startup
+
+
+_wakeup = []  # the wake-up socket pair, once set
+
+
 def main(argv=None):
     """`python -m proto4d_drain ARGS`: uvicorn's command line with the drain classes."""
     if argv is None:
@@ -542,6 +643,7 @@ def main(argv=None):
     import uvicorn
     import uvicorn.config
 
+    _prompt_exit()
     _take_promotion()
 
     cli = getattr(uvicorn, "main", None)
