@@ -200,12 +200,14 @@ def test_red_waits_and_status_says_for_what(make_daemon, origin):
 
 @pytest.mark.long
 def test_requests_while_an_update_runs_are_answered_and_queued(make_daemon, origin):
-    d = make_daemon(update={"watch_s": 4}).start()
-    origin.commit("2")
-    r1 = d.update("--force")
+    d = make_daemon(update={"watch_s": 6}).start()
+    # Both versions are pushed first: while update 1 runs only the two CLI calls have to fit in its watch,
+    # not a git commit too (on a loaded machine that did not fit in 4 s).
+    sha2 = origin.commit("2")
+    sha3 = origin.commit("3")
+    r1 = d.update("--force", "--ref", sha2)
     id1 = request_id(r1.stdout)
     d.wait_status(lambda s: s["update"]["state"] in ("switching", "verifying", "watching"), 30, "update 1 running")
-    sha3 = origin.commit("3")
     r2 = d.update("--force")
     id2 = request_id(r2.stdout)
     assert answer(d, id2)["state"] == "queued"
