@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import sys
 import time
@@ -19,6 +20,16 @@ os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
 # These machines run the tests as root, which `proto4d run` refuses unless told (the product never needs root).
 if os.geteuid() == 0:
     os.environ.setdefault("PROTO4D_ALLOW_ROOT", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every daemon and CLI a test starts imports proto4d afresh. Where the environment sets
+    # PYTHONDONTWRITEBYTECODE (CI's image does) nothing ever caches its bytecode, and each of those
+    # few hundred processes compiled the package from source (0.1 s CPU each, some 30 s of the suite).
+    # Compiled once here, before the workers start, under the session's own umask (a daemon under test
+    # may run with umask 000: it must not be the one to create __pycache__ in the checkout).
+    if not hasattr(config, "workerinput"):
+        compileall.compile_dir(Path(__file__).resolve().parents[1] / "daemon" / "proto4d", quiet=2)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

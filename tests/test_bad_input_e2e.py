@@ -129,7 +129,8 @@ def test_invalid_configs_sent_by_sighup_leave_the_daemon_on_its_old_config(make_
         t = time.time()
         d.signal(signal.SIGHUP)
         try:
-            refused = wait_for(lambda seen=seen: events(d, "reload.refused")[seen:], 10, f"reload.refused for {row.id}")
+            # A deadline, not a pace: nested-too-deep takes the parser seconds of CPU, and more on a loaded machine.
+            refused = wait_for(lambda seen=seen: events(d, "reload.refused")[seen:], 30, f"reload.refused for {row.id}")
             assert len(refused) == 1, refused
             error = refused[0]["error"]
             check_message(error, row, d.config_path)  # names the file, the key, the line and what was expected
@@ -243,8 +244,9 @@ RESOLVE_CASES = [
 ]
 
 
-def expect_rejected(d, case: BadRequest) -> dict[str, Any]:
-    """Drop the request; check it is consumed and rejected with the reason, and that nothing is updated."""
+def expect_rejected(d, case: BadRequest, cli: bool = True) -> dict[str, Any]:
+    """Drop the request; check it is consumed and rejected with the reason, and that nothing is updated.
+    `cli`: also read the rejection through `proto4d status --json`."""
     before = d.status()
     releases = sorted(p.name for p in (d.root / "releases").iterdir())
     last = (before["update"]["last_rejected"] or {}).get("id")
@@ -259,8 +261,9 @@ def expect_rejected(d, case: BadRequest) -> dict[str, Any]:
         os.chmod(d.root, 0o755)
     rejected = s["update"]["last_rejected"]
     assert case.needle in rejected["reason"], rejected
-    cli = json.loads(d.cli("status", "--json").stdout)
-    assert cli["update"]["last_rejected"]["reason"] == rejected["reason"]
+    if cli:
+        shown = json.loads(d.cli("status", "--json").stdout)
+        assert shown["update"]["last_rejected"]["reason"] == rejected["reason"]
     logged = [e for e in events(d, "request.rejected") if e.get("id") == rejected["id"]]
     assert len(logged) == 1 and case.needle in logged[0]["reason"], logged
     assert answer(d, rejected["id"])["state"] == "rejected"
@@ -272,9 +275,11 @@ def expect_rejected(d, case: BadRequest) -> dict[str, Any]:
 
 def check_cases(d, cases: list[BadRequest]) -> None:
     failures = []
-    for case in cases:
+    for i, case in enumerate(cases):
         try:
-            expect_rejected(d, case)
+            # `status --json` prints status.json as it is (json.dumps): read through the CLI once per table,
+            # not once per row (a CLI process is 0.3 s of CPU; the rows' reasons are checked in the file).
+            expect_rejected(d, case, cli=i == len(cases) - 1)
         except AssertionError as e:
             failures.append(f"{case.id}: {e}")
     assert failures == [], "\n".join(failures)

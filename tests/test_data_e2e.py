@@ -88,7 +88,7 @@ class Writers:
             except OSError as e:
                 with self._lock:
                     self.failed.append(f"{type(e).__name__}: {e}")
-            time.sleep(0.01)
+            time.sleep(0.03)
 
     def wait(self, n: int, timeout: float = 30) -> None:
         start = len(self.acked)

@@ -80,7 +80,11 @@ def journal_at(d, state: str) -> float:
 @contextlib.contextmanager
 def load_on(d, users: int = USERS, failures_expected: bool = False, **mix) -> Iterator[Load]:
     """Keep-alive GETs, slow GETs and POSTs for the whole block, and a while after it: serving must go on.
-    Not one request may fail unless the test says it expects some (and then checks which)."""
+    Not one request may fail unless the test says it expects some (and then checks which).
+    Each user pauses 10-30 ms between requests (still some 80 requests a second, every switch and abort
+    under way with requests in flight): without a pause the load takes whatever CPU is free, a quarter of
+    the 2-core machine per test, from the other tests of the suite."""
+    mix.setdefault("think_s", (0.01, 0.03))
     load = Load("127.0.0.1", d.port, users=users, mix=Mix(slow_ms=(20, 200), **mix))
     load.start()
     try:
@@ -396,7 +400,7 @@ def test_a_full_disk_never_stops_the_service(small_disk, make_daemon, origin):
     d = make_daemon().start()
     before = serving(d)
     origin.commit("2")
-    with load_on(d, users=8, get=0.8, slow=0.0, post=0.2) as load:
+    with load_on(d, users=8, get=0.8, slow=0.0, post=0.2, think_s=(0.0, 0.0)) as load:  # as fast as it goes
         filler = fill(small_disk, 0)
         t_full = time.time()
         r = d.update("--force")

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from harness import wait_for
+from harness import rows, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +72,9 @@ def test_sigterm_drains_and_exits_zero_leaving_no_app_process(make_daemon):
     assert d.status()["daemon"]["state"] == "stopped"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+# SIGINT here in ./dev proofs only: the default suite stops a daemon with SIGINT (exit 0, no app process left, status
+# `stopped`) in test_bad_input_e2e.py::test_term_and_int_during_an_update, mid-update, the harder case.
+@pytest.mark.parametrize("sig", rows([signal.SIGINT, signal.SIGQUIT], [signal.SIGQUIT]))
 def test_other_stop_signals_leave_no_app_process(make_daemon, sig):
     d = make_daemon().start()
     d.signal(sig)
