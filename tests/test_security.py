@@ -217,7 +217,7 @@ def test_secrets_never_appear_in_logs_or_status(make_daemon, origin, hook, tmp_p
     assert "startup settings: TUTOR_SECRET=***" in r.stdout, r.stdout  # the line is there, the value is not
 
     # The webhook heard the story, at the URL with its token, and failed once on purpose.
-    wait_for(lambda: {"requested", "started", "done", "aborted"} <= set(hook.events()), 10, "the webhook events")
+    wait_for(lambda: {"requested", "started", "done", "aborted"} <= set(hook.events()), 30, "the webhook events")
     events = hook.events()
     assert events.index("requested") < events.index("started") < events.index("done"), events
     assert all(p["path"] == f"/hook/{TOKEN}?key={QUERY_SECRET}" for p in hook.posts), hook.posts
