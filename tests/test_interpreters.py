@@ -177,9 +177,10 @@ def test_python_identity_asks_a_wrapper_every_time(tmp_path: Path):
     assert log.read_text().count("asked") == 2
 
 
-def test_preflight_looks_into_an_unchanged_venv_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """check_installed runs the venv's interpreter; a venv found complete is not asked again until a
-    package is added or removed (its site-packages directory changes)."""
+def test_preflight_reads_site_packages_and_asks_the_interpreter_only_about_what_it_did_not_find(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """check_installed reads each distribution's METADATA in site-packages; a name not found there is
+    asked of the venv's interpreter (every time: it may be on another path of its sys.path)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next(venv.glob("lib*/python*/site-packages"))
@@ -198,8 +199,11 @@ def test_preflight_looks_into_an_unchanged_venv_once(tmp_path: Path, monkeypatch
     monkeypatch.setattr(releases.subprocess, "run", counting)
     assert releases.check_installed(venv, req) == []
     assert releases.check_installed(venv, req) == []
-    assert len(runs) == 1
+    assert runs == [], "found in site-packages: no interpreter started"
+    req.write_text("Tutor_Pkg>=1\n")  # PEP 503: the same distribution
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tutor-pkg\nVersion: 1.0\n")
+    assert releases.check_installed(venv, req) == [] and runs == []
     shutil.rmtree(dist)  # removed behind proto4d's back: seen at the next look
-    assert releases.check_installed(venv, req) == ["tutorpkg"]
-    assert releases.check_installed(venv, req) == ["tutorpkg"]  # a missing package is asked about every time
-    assert len(runs) == 3
+    assert releases.check_installed(venv, req) == ["Tutor_Pkg"]
+    assert releases.check_installed(venv, req) == ["Tutor_Pkg"]  # a missing package is asked about every time
+    assert len(runs) == 2

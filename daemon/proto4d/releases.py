@@ -596,6 +596,15 @@ def check_installed(venv: Path, requirements_file: Path | None) -> list[str]:
     stamp = _site_stamp(venv)
     if stamp and _INSTALLED.get(key) == stamp:
         return []
+    # Each distribution's metadata lies in site-packages: read there, every name is usually found without
+    # starting the interpreter. Only a name not found that way is asked of the interpreter itself (a
+    # distribution on another path of its sys.path), so reading the files can make nothing "missing".
+    found = _installed_names(stamp)
+    if found is not None and all(_canonical(n) in found for n in names):
+        if len(_INSTALLED) > 32:
+            _INSTALLED.clear()
+        _INSTALLED[key] = stamp
+        return []
     script = ("import sys, importlib.metadata as m\n"
               "for n in sys.argv[1:]:\n"
               "    try: m.distribution(n)\n"
@@ -611,6 +620,38 @@ def check_installed(venv: Path, requirements_file: Path | None) -> list[str]:
             _INSTALLED.clear()
         _INSTALLED[key] = stamp
     return missing
+
+
+def _canonical(name: str) -> str:
+    """PEP 503's normalized name: Foo_Bar.baz and foo-bar-baz are one distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _installed_names(stamp: tuple[tuple[str, int, int], ...]) -> set[str] | None:
+    """The normalized names of the distributions in these site-packages directories (from each
+    .dist-info's METADATA or .egg-info's PKG-INFO `Name:` line); None when none could be read."""
+    names: set[str] = set()
+    for site, _ino, _mtime in stamp:
+        try:
+            entries = os.listdir(site)
+        except OSError:
+            continue
+        for entry in entries:
+            meta = "METADATA" if entry.endswith(".dist-info") else "PKG-INFO" if entry.endswith(".egg-info") else ""
+            if not meta:
+                continue
+            try:
+                with open(os.path.join(site, entry, meta), encoding="utf-8", errors="replace") as f:
+                    for _ in range(20):  # Name: is among the first headers
+                        line = f.readline()
+                        if line.startswith("Name:"):
+                            names.add(_canonical(line[5:].strip()))
+                            break
+                        if not line.strip():
+                            break
+            except OSError:
+                continue
+    return names or None
 
 
 def requirement_names(text: str) -> list[str]:
