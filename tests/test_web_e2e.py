@@ -50,7 +50,9 @@ def browser(tmp_path: Path):
 
 @pytest.mark.long
 def test_page_follows_a_real_update(make_daemon, origin: Origin, browser: Browser) -> None:
-    d = make_daemon(safety={"quiet_for_s": 1}, update={"watch_s": 3})
+    # The page polls every 2 s and an update of the sample app takes about a second once it starts: the
+    # wait before it (quiet for 4 s, or a 4 s notice) is what the page can show as an earlier step.
+    d = make_daemon(safety={"quiet_for_s": 4}, update={"watch_s": 3, "notice_grace_s": 4})
     d.start(env=ROOT_ENV)
     for _ in range(3):  # one visitor: the chart has a user
         assert d.get("/version")["status"] == 200
