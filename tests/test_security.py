@@ -223,8 +223,10 @@ def test_secrets_never_appear_in_logs_or_status(make_daemon, origin, hook, tmp_p
     assert all(p["path"] == f"/hook/{TOKEN}?key={QUERY_SECRET}" for p in hook.posts), hook.posts
     assert all(p["auth"] and p["auth"].startswith("Basic ") for p in hook.posts)
     assert all(p["body"].get("reason") == reason for p in hook.posts if p["body"]["id"] == hook.posts[0]["body"]["id"])
-    failed = [e for e in d.log_events() if e.get("event") == "webhook.failed"]
-    assert failed and failed[0]["url"] == f"http://127.0.0.1:{hook.port}/...", failed
+    # logged once the helper that made the POST has answered, a moment after the hook saw it
+    failed = wait_for(lambda: [e for e in d.log_events() if e.get("event") == "webhook.failed"], 30,
+                      "the failed delivery logged")
+    assert failed[0]["url"] == f"http://127.0.0.1:{hook.port}/...", failed
 
     # The shell syntax in the reason reached no shell.
     assert [p for p in pwned if p.exists()] == []
