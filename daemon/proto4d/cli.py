@@ -33,6 +33,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _add_follow(p: argparse.ArgumentParser, *, reason_help: str, wait_help: str,
+                timeout_help: str = "with --wait: give up following after SECONDS") -> None:
+    """--reason, --wait and --timeout of a command that writes a request and follows its answer."""
+    p.add_argument("--reason", help=reason_help)
+    p.add_argument("--wait", action="store_true", help=wait_help)
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help=timeout_help)
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="the YAML config (default: $PROTO4D_CONFIG, then ./proto4d.yaml)")
@@ -92,11 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-incompatible", action="store_true",
                    help="deploy a migration the previous release cannot run on (only while nobody is on; a rollback "
                         "then restores the pre-switch snapshot and saves, counted, what was written since)")
-    p.add_argument("--reason", help="why, for the logs and the notice")
-    p.add_argument("--wait", action="store_true",
-                   help="follow the update to its end; exit 0 only when the new release serves and is verified")
-    p.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="with --wait: give up following after SECONDS (the update goes on; exit 1)")
+    _add_follow(p, reason_help="why, for the logs and the notice",
+                wait_help="follow the update to its end; exit 0 only when the new release serves and is verified",
+                timeout_help="with --wait: give up following after SECONDS (the update goes on; exit 1)")
 
     p = sub.add_parser("restart", help="the serving release again, by the zero-gap handoff (e.g. after a .env "
                                        "change)",
@@ -106,9 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "app.env reaches the app only through a new process; `proto4d status` says when "
                                    "that is the case and which keys changed.")
     _add_config(p)
-    p.add_argument("--reason", help="why, for the logs")
-    p.add_argument("--wait", action="store_true", help="follow the restart to its end")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+    _add_follow(p, reason_help="why, for the logs",
+                wait_help="follow the restart to its end")
 
     p = sub.add_parser("stage", help="prepare a release and run it, verified, on the preview address for a teacher "
                                      "to try; production is untouched",
@@ -122,10 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same commit, else discards it.")
     _add_config(p)
     p.add_argument("--ref", help="a branch, tag or commit to stage (default: the configured branch's head)")
-    p.add_argument("--reason", help="why, for the logs")
-    p.add_argument("--wait", action="store_true",
-                   help="follow it to its end; exit 0 only when the release is staged and verified")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+    _add_follow(p, reason_help="why, for the logs",
+                wait_help="follow it to its end; exit 0 only when the release is staged and verified")
 
     p = sub.add_parser("promote", help="make the staged release production (waits for a quiet moment)",
                        description="Move the staged release to production with the same zero-gap switch as an "
@@ -138,28 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="do not wait for a quiet moment (checks still run)")
     p.add_argument("--allow-incompatible", action="store_true",
                    help="as for `update`: a migration the previous release cannot run on (only while nobody is on)")
-    p.add_argument("--reason", help="why, for the logs and the notice")
-    p.add_argument("--wait", action="store_true",
-                   help="follow it to its end; exit 0 only when the release serves and is verified")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+    _add_follow(p, reason_help="why, for the logs and the notice",
+                wait_help="follow it to its end; exit 0 only when the release serves and is verified")
 
     p = sub.add_parser("discard", help="end the staged release (its process, its release directory)",
                        description="Stop the staged release's process and remove its release (and its copies of "
                                    "the data). A promotion still waiting for a quiet moment is cancelled with it; "
                                    "one already switching is not.")
     _add_config(p)
-    p.add_argument("--reason", help="why, for the logs")
-    p.add_argument("--wait", action="store_true", help="wait for the answer")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+    _add_follow(p, reason_help="why, for the logs",
+                wait_help="wait for the answer")
 
     p = sub.add_parser("rollback", help="switch back to the previous (or a named) release",
                        description="Switch to the previous retained release (or RELEASE) with its own venv, "
                                    "using the same zero-gap switch as an update.")
     _add_config(p)
     p.add_argument("release", nargs="?", help="release name (see `proto4d releases`); default: the previous one")
-    p.add_argument("--reason", help="why, for the logs")
-    p.add_argument("--wait", action="store_true", help="follow the rollback to its end")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up following after SECONDS")
+    _add_follow(p, reason_help="why, for the logs",
+                wait_help="follow the rollback to its end")
 
     p = sub.add_parser("releases", help="list retained releases",
                        description="Retained releases (the backups): name, commit, age, outcome; the current "

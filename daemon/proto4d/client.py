@@ -28,60 +28,42 @@ from proto4d.paths import Paths
 from proto4d.textsafe import safe_text
 
 
-def cmd_update(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "update"}
-    if args.ref:
-        doc["ref"] = args.ref
-    if args.force:
+def _request(args: argparse.Namespace, action: str, *, force: bool = False) -> int:
+    """The request document of `action` from the options its command has (--ref, --force, --reason,
+    RELEASE, --allow-incompatible); `force`: the action never waits for a quiet moment."""
+    doc: dict[str, Any] = {"action": action}
+    if force or getattr(args, "force", False):
         doc["force"] = True
-    if args.reason:
-        doc["reason"] = args.reason
+    for key in ("ref", "release", "reason"):
+        if getattr(args, key, None):
+            doc[key] = getattr(args, key)
     if getattr(args, "allow_incompatible", False):
         doc["allow_incompatible"] = True
     return _submit(args, doc)
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    return _request(args, "update")
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "restart", "force": True}
-    if args.reason:
-        doc["reason"] = args.reason
-    return _submit(args, doc)
+    return _request(args, "restart", force=True)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "rollback", "force": True}
-    if args.release:
-        doc["release"] = args.release
-    if args.reason:
-        doc["reason"] = args.reason
-    return _submit(args, doc)
+    return _request(args, "rollback", force=True)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "stage"}
-    if args.ref:
-        doc["ref"] = args.ref
-    if args.reason:
-        doc["reason"] = args.reason
-    return _submit(args, doc)
+    return _request(args, "stage")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "promote"}
-    if args.force:
-        doc["force"] = True
-    if args.reason:
-        doc["reason"] = args.reason
-    if getattr(args, "allow_incompatible", False):
-        doc["allow_incompatible"] = True
-    return _submit(args, doc)
+    return _request(args, "promote")
 
 
 def cmd_discard(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = {"action": "discard", "force": True}
-    if args.reason:
-        doc["reason"] = args.reason
-    return _submit(args, doc)
+    return _request(args, "discard", force=True)
 
 
 def _submit(args: argparse.Namespace, doc: dict[str, Any]) -> int:
