@@ -230,6 +230,15 @@ class AppConfig:
         return dict(self.env)
 
 
+def probe_host(host: str) -> str:
+    """Where the daemon itself reaches what listens on `host`: a wildcard bind is probed on loopback."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     host: str = setting(NEXT_START, "0.0.0.0", read("ip_address", "0.0.0.0 or 127.0.0.1"),
@@ -240,12 +249,7 @@ class ListenConfig:
 
     @property
     def probe_host(self) -> str:
-        """Where the daemon itself reaches the app: a wildcard bind is probed on loopback."""
-        if self.host in ("0.0.0.0", ""):
-            return "127.0.0.1"
-        if self.host == "::":
-            return "::1"
-        return self.host
+        return probe_host(self.host)
 
 
 @dataclass(frozen=True)
@@ -347,11 +351,11 @@ class StageConfig:
 
     @property
     def probe_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
+        return probe_host(self.host)
 
     @property
     def url(self) -> str:
-        host = self.host if self.host not in ("0.0.0.0", "::", "") else self.probe_host
+        host = self.probe_host
         return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
 
 

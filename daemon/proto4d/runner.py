@@ -35,7 +35,7 @@ import psutil
 from proto4d import appenv, appuser, drain, envwatch, faults, log, procs, releases, states
 from proto4d.accesschannel import AccessChannel
 from proto4d.child import AppProcess, Backoff, LineHandler, RecordHandler
-from proto4d.config import Config
+from proto4d.config import Config, probe_host
 from proto4d.health import HealthReport, Prober
 from proto4d.listener import ListenError, free_port, open_listener, private_listener
 from proto4d.paths import Paths
@@ -632,7 +632,7 @@ class Runner:
         if stage is not None:
             host, port = stage
             sock = open_listener(host, port, 128) if cfg.app.uses_fd else None
-            probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+            probe = probe_host(host)
         else:
             host = probe = "127.0.0.1"
             sock = private_listener() if cfg.app.uses_fd else None

@@ -138,10 +138,9 @@ class StageBook:
         """End the staged release: its process, its copies of the data, its release directory (unless it
         is what serves), its record."""
         rec, self.record = self.record, None  # at once: nothing may promote it while it is being ended
-        if rec is None:
-            await self.runner.discard_staged()
-            return None
         await self.runner.discard_staged()
+        if rec is None:
+            return None
         await asyncio.to_thread(self._remove, rec)
         clear(self.paths)
         self.log.info("stage.discarded", release=rec.release, commit=rec.commit[:12], why=why)

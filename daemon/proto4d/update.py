@@ -1005,12 +1005,7 @@ class UpdateRun:
         why = await self._two_starts_because()
         try:
             if not why:
-                if self.data.databases():  # update.promote: live: as for the canary, a snapshot first
-                    await asyncio.to_thread(self.data.take_snapshot, self.new,
-                                            release_name=self.old.name if self.old else "")
-                    if self.data.snapshot:
-                        self.ulog.line(f"  update.promote is live: staged on production's data, snapshot "
-                                       f"{self.data.snapshot} taken first")
+                await self._snapshot_before_live_canary("staged")
                 report, died = await self.runner.canary(self.new, promote=True, stage=address)
             else:
                 self.ulog.line(f"  staged on copies of the data ({why}); a promotion starts it again")
@@ -1037,20 +1032,27 @@ class UpdateRun:
         self.ulog.line(f"  staged: {cfg.stage.url} (pid {staged.proc.pid}) until it is promoted, discarded or "
                        f"{policy.duration_words(cfg.stage.ttl_s)} pass (stage.ttl_s)")
 
+    async def _snapshot_before_live_canary(self, what: str) -> str:
+        """update.promote: live: a snapshot before a canary that may be promoted touches production's data
+        (its id, "" when there is no database)."""
+        assert self.new is not None
+        if not self.data.databases():
+            return ""
+        await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=self.old.name if self.old else "")
+        if self.data.snapshot:
+            self.journal.note(snapshot=self.data.snapshot)
+            self.ulog.line(f"  update.promote is live: {what} on production's data, snapshot {self.data.snapshot} "
+                           "taken first")
+        return self.data.snapshot or ""
+
     async def _canary_in_place(self) -> None:
         """The release itself on a private port, holding the shared socket unserved: kept once verified."""
         assert self.new is not None
         self.ulog.line("  canary: the release itself, on production's shared paths, on a private port, holding the "
                        "shared socket; once verified it is promoted in place (one start)")
-        on_live = ""
-        if self.data.databases():  # update.promote: live: a snapshot before the canary touches production's data
-            await asyncio.to_thread(self.data.take_snapshot, self.new, release_name=self.old.name if self.old else "")
-            if self.data.snapshot:
-                self.journal.note(snapshot=self.data.snapshot)
-                on_live = (f"; it ran on production's data (update.promote: live): snapshot {self.data.snapshot} was "
-                           "taken just before it (proto4d backups)")
-                self.ulog.line(f"  update.promote is live: the canary runs on production's data, snapshot "
-                               f"{self.data.snapshot} taken first")
+        snapshot = await self._snapshot_before_live_canary("the canary runs")
+        on_live = (f"; it ran on production's data (update.promote: live): snapshot {snapshot} was taken just "
+                   "before it (proto4d backups)") if snapshot else ""
         report, died = await self.runner.canary(self.new, promote=True)
         self.ulog.line(f"  canary checks: {report.summary()}")
         if not report.ok:
