@@ -4,6 +4,7 @@ of every process at every sample was a large share of the idle daemon's CPU). Re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -18,6 +19,24 @@ from harness import has_ipv6_loopback, wait_for
 from proto4d import activity
 from proto4d.activity import Sampler
 from proto4d.config import ActivityConfig, SafetyConfig
+
+
+@contextlib.contextmanager
+def connected(host: str, n: int) -> Iterator[tuple[int, list[socket.socket]]]:
+    """A listening socket on `host` with `n` clients connected and accepted: (its port, the accepted ends)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as server:
+        server.bind((host, 0))
+        server.listen()
+        port = server.getsockname()[1]
+        clients = [socket.create_connection((host, port), timeout=10) for _ in range(n)]
+        accepted = [server.accept()[0] for _ in clients]
+        try:
+            yield port, accepted
+        finally:
+            for c in clients + accepted:
+                c.close()
+
 
 # A parent that forks one child from its main thread and one from another thread (the kernel lists a
 # child under the thread that forked it), the first of which has a child of its own.
@@ -68,22 +87,13 @@ def test_connections_are_counted_from_the_listening_socket_s_own_table(host: str
     if host == "::1" and not has_ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as server:
-        server.bind((host, 0))
-        server.listen()
-        port = server.getsockname()[1]
-        clients = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
-        accepted = [server.accept()[0] for _ in clients]
-        try:
-            cfg = ActivityConfig(interval_s=5, window_s=300, ignore_paths=(), tunnel_process="",
-                                 history_max_bytes=1 << 20)
-            s = Sampler(cfg, SafetyConfig(yellow_max_users=2, quiet_for_s=120, red_rpm=600), port, "", set,
-                        host=host)
-            assert s.conn_kind == ("tcp6" if family == socket.AF_INET6 else "tcp4")
-            assert s.sample([os.getpid()], app_up=True)["connections"] == 3
-        finally:
-            for c in clients + accepted:
-                c.close()
+    with connected(host, 3) as (port, _accepted):
+        cfg = ActivityConfig(interval_s=5, window_s=300, ignore_paths=(), tunnel_process="",
+                             history_max_bytes=1 << 20)
+        s = Sampler(cfg, SafetyConfig(yellow_max_users=2, quiet_for_s=120, red_rpm=600), port, "", set,
+                    host=host)
+        assert s.conn_kind == ("tcp6" if family == socket.AF_INET6 else "tcp4")
+        assert s.sample([os.getpid()], app_up=True)["connections"] == 3
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag and /proc/<pid>/fd are Linux's")
@@ -95,26 +105,18 @@ def test_the_kernel_s_table_of_the_port_agrees_with_psutil(host: str):
         pytest.skip("no IPv6 loopback here")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kind = "tcp6" if family == socket.AF_INET6 else "tcp4"
-    with socket.socket(family) as server:
-        server.bind((host, 0))
-        server.listen()
-        port = server.getsockname()[1]
-        clients = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
-        accepted = [server.accept()[0] for _ in clients]
+    with connected(host, 3) as (port, accepted):
         accepted[0].close()  # closed by the app: no longer established
-        try:
-            table = activity.established_on_port(port, kind)
-            assert table is not None, "sock_diag refused here"
-            want = {(tuple(c.laddr), tuple(c.raddr)) for c in psutil.Process().net_connections(kind=kind)
-                    if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port}
-            assert set(table.values()) == want
-            assert len(table) == 2
-            mine = activity.socket_inodes([os.getpid()])
-            assert mine is not None and set(table) <= mine
-            assert activity.established_on_port(port, "tcp") == table  # both families asked
-        finally:
-            for c in clients + accepted:
-                c.close()
+        table = activity.established_on_port(port, kind)
+        assert table is not None, "sock_diag refused here"
+        want = {(tuple(c.laddr), tuple(c.raddr)) for c in psutil.Process().net_connections(kind=kind)
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port}
+        assert set(table.values()) == want
+        assert len(table) == 2
+        mine = activity.socket_inodes([os.getpid()])
+        assert mine is not None and set(table) <= mine
+        assert activity.established_on_port(port, "tcp") == table  # both families asked
+
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag and /proc/<pid>/fd are Linux's")

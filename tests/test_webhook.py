@@ -23,6 +23,14 @@ from proto4d import log, notices
 from proto4d.notices import Webhook
 
 
+def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> tuple[http.server.ThreadingHTTPServer, int]:
+    """`handler` on a loopback port, in a thread of its own: (server, port)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
 class Receiver:
     def __init__(self, behaviour: str) -> None:
         self.posts: list[str] = []
@@ -59,10 +67,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.port = serve(H)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -140,10 +145,7 @@ class Holding:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.port = serve(H)
 
     def close(self) -> None:
         self.released.set()
