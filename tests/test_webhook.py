@@ -120,6 +120,9 @@ class Holding:
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.seqs: list[int] = []
+        self.first_at = 0.0  # when the first POST arrived
+        self.last_at = 0.0  # when the last one was answered
         self.waiting = 0
         self.most = 0
         self.lock = threading.Lock()
@@ -132,12 +135,15 @@ class Holding:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 with owner.lock:
+                    owner.first_at = owner.first_at or time.monotonic()
                     owner.paths.append(body["event"])
+                    owner.seqs.append(body["seq"])
                     owner.waiting += 1
                     owner.most = max(owner.most, owner.waiting)
                 owner.released.wait(60)
                 with owner.lock:
                     owner.waiting -= 1
+                    owner.last_at = time.monotonic()
                 self.send_response(204)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -162,9 +168,10 @@ def helpers() -> list[psutil.Process]:
     return out
 
 
-def test_at_most_two_helpers_at_once_the_rest_wait_and_beyond_the_bound_are_dropped(tmp_path: Path) -> None:
-    """A burst of events: two helpers run, eight wait their turn, the eleventh is dropped with a log line;
-    the URL's token is in no helper's argv or environment."""
+def test_one_helper_at_a_time_events_arrive_in_order_and_beyond_the_bound_are_dropped(tmp_path: Path) -> None:
+    """A burst of events: one helper runs, eight wait their turn and arrive in the order sent, with `seq`
+    counting up; the tenth is dropped with a log line and its number is the gap; the URL's token is in no
+    helper's argv or environment."""
     rx = Holding()
     url = f"http://127.0.0.1:{rx.port}/hook/burst-token-4f2a"
     log.setup(tmp_path / "d.log", stderr=False)
@@ -181,6 +188,8 @@ def test_at_most_two_helpers_at_once_the_rest_wait_and_beyond_the_bound_are_drop
         seen["shown"] = [" ".join(p.cmdline()) + repr(p.environ()) for p in running]
         rx.released.set()
         await hook.flush(timeout=60)
+        hook.send("after", {"id": "u1"})  # the dropped event's number shows as a gap before this one
+        await hook.flush(timeout=60)
 
     try:
         asyncio.run(asyncio.wait_for(main(), 90))
@@ -191,14 +200,47 @@ def test_at_most_two_helpers_at_once_the_rest_wait_and_beyond_the_bound_are_drop
         rx.close()
     assert seen["helpers"] == notices.MAX_RUNNING, seen
     assert not [s for s in seen["shown"] if "burst-token" in s], seen["shown"]
-    assert rx.most == notices.MAX_RUNNING
-    assert sorted(rx.paths) == sorted(f"e{i}" for i in range(notices.MAX_RUNNING + notices.MAX_WAITING))
+    assert rx.most == notices.MAX_RUNNING == 1
+    assert rx.paths == [f"e{i}" for i in range(notices.MAX_RUNNING + notices.MAX_WAITING)] + ["after"]
+    first, sent = rx.seqs[0], notices.MAX_RUNNING + notices.MAX_WAITING
+    assert rx.seqs == [*range(first, first + sent), first + sent + 1], rx.seqs
     rows = [json.loads(x) for x in (tmp_path / "d.log").read_text().splitlines()]
     dropped = [r for r in rows if r["event"] == "webhook.dropped"]
     assert [r["event_name"] for r in dropped] == [f"e{notices.MAX_RUNNING + notices.MAX_WAITING}"], rows
     assert dropped[0]["url"] == f"http://127.0.0.1:{rx.port}/..."
     assert not [r for r in rows if r["event"] == "webhook.failed"], rows
     assert "burst-token" not in (tmp_path / "d.log").read_text()
+
+
+def test_a_reload_keeps_the_order_and_events_already_waiting_go_where_they_were_sent(tmp_path: Path) -> None:
+    """A SIGHUP that changes the URL while events wait: those go to the old URL, in order, before the
+    first event sent after the change reaches the new one (`configure`, not a second sender)."""
+    old, new = Holding(), Holding()
+    log.setup(tmp_path / "d.log", stderr=False)
+    arrived: list[str] = []
+
+    async def main() -> None:
+        hook = Webhook(f"http://127.0.0.1:{old.port}/old", 30)
+        for name in ("a", "b", "c"):
+            hook.send(name, {"id": "u1"})
+        while not old.paths:
+            await asyncio.sleep(0.05)
+        hook.configure(f"http://127.0.0.1:{new.port}/new", 30)
+        hook.send("d", {"id": "u1"})
+        new.released.set()  # the new URL answers at once: only the order can keep "d" behind "c"
+        old.released.set()
+        await hook.flush(timeout=60)
+        arrived.extend(old.paths + new.paths)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        log.setup(None, stderr=False)
+        old.close()
+        new.close()
+    assert old.paths == ["a", "b", "c"] and new.paths == ["d"], arrived
+    assert new.seqs[0] == old.seqs[-1] + 1, (old.seqs, new.seqs)
+    assert new.first_at >= old.last_at, "the event sent after the reload overtook those sent before it"
 
 
 SENDER = """

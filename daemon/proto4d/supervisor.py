@@ -493,7 +493,7 @@ class Daemon:
         self.history.max_bytes = new.activity.history_max_bytes
         self.mirror.url = new.app.repo
         self.mirror.branch = new.app.branch
-        self.webhook = Webhook(new.notify.webhook_url, new.notify.webhook_timeout_s)
+        self.webhook.configure(new.notify.webhook_url, new.notify.webhook_timeout_s)
         self.runner.configure()
         if self.app_log is not None:
             self.app_log.reconfigure(new.app.log_max_bytes, new.app.log_backups)
