@@ -266,7 +266,8 @@ def expect_rejected(d, case: BadRequest, cli: bool = True) -> dict[str, Any]:
         assert shown["update"]["last_rejected"]["reason"] == rejected["reason"]
     logged = [e for e in events(d, "request.rejected") if e.get("id") == rejected["id"]]
     assert len(logged) == 1 and case.needle in logged[0]["reason"], logged
-    assert answer(d, rejected["id"])["state"] == "rejected"
+    # status.json is written a moment before the answer file (both at the end of the run)
+    wait_for(lambda: answer(d, rejected["id"])["state"] == "rejected", 10, "the answer: rejected")
     # No update: the same process serves the same release; no release was added.
     assert (s["app"]["pid"], s["app"]["release"]) == (before["app"]["pid"], before["app"]["release"])
     assert sorted(p.name for p in (d.root / "releases").iterdir()) == releases
