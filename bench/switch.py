@@ -126,6 +126,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
     d = common.new_daemon(base, origin, **daemon_overrides(variant, args.watch_s))
     versions = Version(origin)
     updates: list[dict[str, Any]] = []
+    paired: list[tuple[float, float]] = []
     try:
         d.start(timeout=300)
         drain = d.status()["app"].get("drain", "")
@@ -153,6 +154,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
                 if old_pid and not common.wait_pid_gone(old_pid, 20):
                     log(f"  update {i + 1}: the old process {old_pid} is still there after 20 s")
                 time.sleep(args.gap_s)
+                paired.append(rest_piece(verified - t_trigger))
                 if (i + 1) % 10 == 0:
                     log(f"  {variant}/{mix}: {i + 1}/{args.updates} updates, {load.count():,} requests")
         finally:
@@ -161,7 +163,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
         extra = {"drain": drain,
                  "drain_s": [e.get("seconds") for e in drained],
                  "drain_killed": sum(1 for e in drained if e.get("killed"))}
-        return analyse(variant, mix, load, rest, updates, extra)
+        return analyse(variant, mix, load, rest, updates, extra, paired)
     finally:
         with contextlib.suppress(Exception):
             d.stop(60)
@@ -319,6 +321,7 @@ def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace,
     versions = Version(origin)
     updates: list[dict[str, Any]] = []
     n = args.updates if kind is Gunicorn else (args.old_way_updates or args.updates)
+    paired: list[tuple[float, float]] = []
     try:
         old.setup()
         old.start()
@@ -345,6 +348,7 @@ def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace,
                                 "final": verified, "switching": t_trigger,
                                 "steps": {k: round(v, 3) for k, v in steps.items()}})
                 time.sleep(args.gap_s)
+                paired.append(rest_piece(verified - t_trigger))
                 if (i + 1) % 10 == 0:
                     name = "gunicorn" if kind is Gunicorn else "old-way"
                     log(f"  {name}/{mix}: {i + 1}/{n} updates, {load.count():,} requests")
@@ -353,7 +357,7 @@ def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace,
         pip_s = [u["steps"].get("pip") for u in updates if u["steps"].get("pip") is not None]
         extra = {"pip_s": {"mean": round(sum(pip_s) / len(pip_s), 2) if pip_s else None,
                            "max": round(max(pip_s), 2) if pip_s else None}}
-        return analyse("gunicorn" if kind is Gunicorn else "old-way", mix, load, rest, updates, extra)
+        return analyse("gunicorn" if kind is Gunicorn else "old-way", mix, load, rest, updates, extra, paired)
     finally:
         old.stop()
         old.cleanup()
@@ -362,8 +366,16 @@ def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace,
 # --------------------------------------------------------------------------- analysis
 
 
+def rest_piece(length: float) -> tuple[float, float]:
+    """A stretch at rest as long as the update before it took, once that update is over and its old
+    process gone: the switch windows' own twin, at the same moments of the run (the host's load drifts)."""
+    a = time.time()
+    time.sleep(max(0.0, length))
+    return a, time.time()
+
+
 def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], updates: list[dict[str, Any]],
-            extra: dict[str, Any]) -> dict[str, Any]:
+            extra: dict[str, Any], paired: list[tuple[float, float]]) -> dict[str, Any]:
     results = load.results()
     duration = load.stopped - load.started
     windows = [(u["trigger"], u["verified"]) for u in updates]
@@ -373,6 +385,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
     fast_rest = [r.latency for r in results if r.ok and common.is_fast(r) and common.inside(r, *rest)]
     fast_switch = [r.latency for r in results if r.ok and common.is_fast(r) and common.overlaps(r, windows)]
     fast_handoff = [r.latency for r in results if r.ok and common.is_fast(r) and common.overlaps(r, handoffs)]
+    fast_paired = [r.latency for r in results if r.ok and common.is_fast(r) and common.overlaps(r, paired)]
 
     def excess(r: Any) -> float:
         return max(0.0, r.latency - (common.slow_ms(r.path) or 0) / 1000)
@@ -405,6 +418,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
     done = sum(1 for u in updates if u["outcome"] == "done")
     rest_s = lat_stats(fast_rest)
     sw_s = lat_stats(fast_switch)
+    pair_s = lat_stats(fast_paired)
     return {
         "variant": variant, "label": VARIANTS[variant][1], "mix": mix,
         "updates": len(updates), "updates_done": done,
@@ -423,6 +437,9 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
         "slow_excess": {"rest": lat_stats(slow_rest), "switch": lat_stats(slow_switch)},
         "ratio_max": round(sw_s["max"] / rest_s["max"], 2) if rest_s["max"] else None,
         "ratio_p99": round(sw_s["p99"] / rest_s["p99"], 2) if rest_s["p99"] else None,
+        "rest_paired": pair_s,
+        "ratio_max_paired": round(sw_s["max"] / pair_s["max"], 2) if pair_s["max"] else None,
+        "ratio_p99_paired": round(sw_s["p99"] / pair_s["p99"], 2) if pair_s["p99"] else None,
         "window_max_ms": {"switch_median": round(med_sw * 1000, 2) if med_sw is not None else None,
                           "rest_median": round(med_rest * 1000, 2) if med_rest is not None else None,
                           "rest_windows": len(chunk_max)},
@@ -495,7 +512,8 @@ def rest_chunk_maxima(results: list[Any], rest: tuple[float, float], length: flo
 HEADERS = ["uvicorn", "mix", "variant", "updates ok", "requests", "req/s rest", "ok req/s", "failed (GET/POST)",
            "failed/update",
            "outage s", "p50 rest", "p99 rest", "max rest", "p50 switch", "p99 switch", "max switch",
-           "max ratio", "p99 ratio", "window-max ratio", "trigger->verified s", "others' load (cores)"]
+           "max ratio", "p99 ratio", "window-max ratio", "p99 / max paired rest", "max ratio paired",
+           "trigger->verified s", "others' load (cores)"]
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -509,6 +527,7 @@ def table(runs: list[dict[str, Any]]) -> str:
             fmt(r["outage_s"]["mean"], 2), fmt(r["rest"]["p50"]), fmt(r["rest"]["p99"]), fmt(r["rest"]["max"]),
             fmt(r["switch"]["p50"]), fmt(r["switch"]["p99"]), fmt(r["switch"]["max"]),
             fmt(r["ratio_max"], 2), fmt(r["ratio_p99"], 2), fmt(r["ratio_window_max"], 2),
+            f"{fmt(r['rest_paired']['p99'])} / {fmt(r['rest_paired']['max'])}", fmt(r["ratio_max_paired"], 2),
             fmt(r["trigger_to_verified_s"]["mean"], 2),
             fmt(r["machine_load"]["others_cores"], 2)])
     return md_table(HEADERS, rows)
@@ -540,7 +559,8 @@ def targets(runs: list[dict[str, Any]]) -> list[Target]:
                           f"POST {r['failed_post']})"))
         out.append(Target(f"({key}) max latency switch / rest, {where}", r["ratio_max"], 1.1, "x",
                           f"max {fmt(r['switch']['max'])} ms during switches vs {fmt(r['rest']['max'])} ms at rest; "
-                          f"window-max ratio {fmt(r['ratio_window_max'], 2)}"))
+                          f"window-max ratio {fmt(r['ratio_window_max'], 2)}; against the paired rest "
+                          f"({fmt(r['rest_paired']['max'])} ms) {fmt(r['ratio_max_paired'], 2)}"))
     return out
 
 
@@ -601,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
           "a failure, so for (c) and (d) the failed count says how hard clients knocked on a closed port: "
           "outage s is the comparable figure. window-max ratio = median over updates of the worst latency in "
           "each switch window / median of the worst latency in rest pieces of the same length (like with like: "
-          "a max over more requests is larger by itself).")
+          "a max over more requests is larger by itself). paired rest = after each update is over and its old "
+          "process gone, a stretch as long as that update's window: as many seconds at rest as in switches, at "
+          "the same moments of the run.")
     print("\nWhere the switch latency comes from, (a) and (b): fast requests by the update phase they completed in "
           "(p99 / max ms, n):\n")
     print(phase_table([r for r in runs if r["variant"] in ("drain", "two-start", "handoff")]))
