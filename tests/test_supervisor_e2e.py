@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -26,6 +27,11 @@ def test_first_start_serves_the_branch_head_and_status_shows_it(make_daemon, ori
     assert s["app"]["healthy"] is True and s["app"]["restarts"] == 0
     assert d.get("/version")["version"] == "7"
     assert (d.root / "current").resolve().name == s["app"]["release"]
+    # The venv was compiled when it was built: no start of the app compiles its dependencies.
+    sources = list((d.root / "venvs").glob("*/lib/python3*/site-packages/uvicorn/*.py"))
+    assert sources, "no uvicorn in the release venv"
+    uncompiled = [p for p in sources if not os.path.exists(importlib.util.cache_from_source(str(p)))]
+    assert uncompiled == [], uncompiled
     r = d.cli("status", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
