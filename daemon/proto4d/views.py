@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proto4d import config as configmod
-from proto4d import configwait, fsutil, policy, releases
+from proto4d import fsutil, policy, releases
 from proto4d.paths import Paths
 from proto4d.textsafe import safe_text
 
@@ -216,6 +216,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError:
+        from proto4d import configwait  # only for a config in error: it brings logging, psutil and sdnotify
+
         waiting = configwait.waiting_daemon(args.config)
         if waiting:
             print(f"proto4d: {waiting}", file=sys.stderr)
