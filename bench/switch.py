@@ -19,7 +19,11 @@ body, 5 % slow 0.5-3 s calls) and stress (keep-alive clients with no think time,
 
 Latency figures are for the fast requests (GET / and POST /echo; /slow takes as long as it asks to):
 "rest" = requests inside a window before the first update; "switch" = requests overlapping any
-[trigger, verified] window. Every failed request of the run is counted, wherever it falls.
+[trigger, verified] window; "paired rest" = requests overlapping a stretch at rest after each update
+(its answer in, its old process gone), as long as that update's window. The latency target compares
+the switch windows with the paired rest: as many seconds each, at the same moments of the run, since
+a max grows with the time it is taken over and the shared host's load drifts. Every failed request of
+the run is counted, wherever it falls.
 """
 
 from __future__ import annotations
@@ -557,10 +561,14 @@ def targets(runs: list[dict[str, Any]]) -> list[Target]:
         out.append(Target(f"({key}) failed requests per 100 updates, {where}", round(per100, 2), 0, "",
                           f"{r['failed']} failed in {r['updates']} updates (GET {r['failed_get']}, "
                           f"POST {r['failed_post']})"))
-        out.append(Target(f"({key}) max latency switch / rest, {where}", r["ratio_max"], 1.1, "x",
-                          f"max {fmt(r['switch']['max'])} ms during switches vs {fmt(r['rest']['max'])} ms at rest; "
-                          f"window-max ratio {fmt(r['ratio_window_max'], 2)}; against the paired rest "
-                          f"({fmt(r['rest_paired']['max'])} ms) {fmt(r['ratio_max_paired'], 2)}"))
+        # Against the paired rest: as many seconds at rest as in switches, taken between the updates. A max
+        # grows with the time it is taken over, and the host's load drifts during a run: the window before
+        # the first update (10-60 s, minutes earlier) measured both, not the switch (its ratio is in the note).
+        out.append(Target(f"({key}) max latency switch / rest, {where}", r["ratio_max_paired"], 1.1, "x",
+                          f"max {fmt(r['switch']['max'])} ms during switches vs {fmt(r['rest_paired']['max'])} ms "
+                          f"in as many seconds at rest between them; against the {fmt(r['rest']['max'])} ms of the "
+                          f"window before the first update {fmt(r['ratio_max'], 2)}, window-max ratio "
+                          f"{fmt(r['ratio_window_max'], 2)}"))
     return out
 
 
