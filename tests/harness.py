@@ -120,6 +120,64 @@ class Origin:
         git(self.work, "push", "-q", "origin", name)
 
 
+VENV_CACHE = Path(os.environ.get("PROTO4D_TEST_CACHE") or Path.home() / ".cache" / "proto4d-tests") / "release-venvs"
+
+
+def seed_venv(root: Path, origin: Origin, cfg: dict[str, Any]) -> None:
+    """Put the venv a first start needs into `root/venvs/` before the daemon starts: built once per
+    session and requirements by the product's own `ensure_venv` (uv, then bytecode), then hard-linked.
+
+    Each end-to-end test's daemon otherwise built the same venv (uv from its cache, then the compile:
+    0.6 CPU-s for the sample app, ~5 for the SQLAlchemy app, in ~150 daemons). The daemon then takes
+    its "venv reused" path, the one every update with unchanged requirements takes; building is proven
+    by the tests that change requirements and by those that set `seed_venv = False`."""
+    from proto4d import releases
+    from proto4d.paths import Paths
+
+    app = cfg.get("app", {})
+    req_name = app.get("requirements") or "requirements.txt"
+    req_file = origin.app / req_name
+    python = cfg.get("python") or sys.executable
+    if app.get("subdir") != origin.subdir or not req_file.is_file() or cfg.get("update", {}).get("installer") == "pip":
+        return
+    try:
+        real, version = releases.python_identity(python)
+    except Exception:
+        return
+    key = releases.venv_key(req_file.read_bytes(), real, version)
+    dest = root / "venvs" / key
+    if dest.exists():
+        return
+    built = VENV_CACHE / "venvs" / key
+    if not (built / "venv.json").exists():
+        import fcntl
+
+        VENV_CACHE.mkdir(parents=True, exist_ok=True)
+        with open(VENV_CACHE / f".lock-{key}", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the workers' first tests start together: one builds, the rest wait
+            if not (built / "venv.json").exists():
+                staged = VENV_CACHE / f".req-{key}-{os.getpid()}"
+                staged.write_bytes(req_file.read_bytes())
+                try:
+                    releases.ensure_venv(Paths(VENV_CACHE), staged, python, "auto", progress=lambda line: None)
+                finally:
+                    staged.unlink(missing_ok=True)
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem (the fault tests' small disk): a copy, as a build would write
+            shutil.copy2(src, dst)
+
+    tmp = root / "venvs" / f".seed-{key}-{os.getpid()}"
+    old_umask = os.umask(0o022)  # a test may run under umask 000; these files are not the daemon's to judge
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(built, tmp, symlinks=True, copy_function=link_or_copy)
+        os.rename(tmp, dest)
+    finally:
+        os.umask(old_umask)
+
+
 class Daemon:
     """`proto4d run` as a real process, with its config, root and logs under one directory."""
 
@@ -149,6 +207,9 @@ class Daemon:
         self.env: dict[str, str] = {}
         # The interpreter that runs the daemon itself (the footprint bench uses a production install).
         self.daemon_python = sys.executable
+        # The release venv the first start needs, hard-linked from one the session built (see seed_venv);
+        # a test about building venvs sets this False.
+        self.seed_venv = os.environ.get("PROTO4D_TEST_SEED_VENV", "1") != "0"
         self.write_config()
         (self.root / "shared").mkdir(parents=True, exist_ok=True)
         (self.root / "shared" / ".env").write_text("TUTOR_SECRET=s3cr3t-value-for-tests\n")
@@ -164,6 +225,8 @@ class Daemon:
         return self.base / "daemon.stderr"
 
     def start(self, env: dict[str, str] | None = None, wait_healthy: bool = True, timeout: float = 90) -> Daemon:
+        if self.seed_venv:
+            seed_venv(self.root, self.origin, self.cfg)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("PROTO4D_CONFIG", None)
         self.env.pop("NOTIFY_SOCKET", None)

@@ -284,6 +284,7 @@ def world_writable(root: Path, skip: set[Path]) -> list[str]:
 @pytest.mark.e2e
 def test_nothing_the_daemon_creates_is_world_writable_even_under_umask_000(make_daemon, origin):
     d = make_daemon(update={"watch_s": 0.5})
+    d.seed_venv = False  # the daemon creates venvs/ and builds the venv itself, under umask 000
     d.write_config()
     made_by_the_test = {d.root / "shared" / ".env"}
     with umask(0):  # the daemon inherits it: whatever it creates without an explicit mode would be 0666/0777

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.e2e
 
 def test_first_start_serves_the_branch_head_and_status_shows_it(make_daemon, origin):
     sha = origin.commit("7")
-    d = make_daemon().start()
+    d = make_daemon()
+    d.seed_venv = False  # the daemon builds the venv itself here
+    d.start()
     s = d.status()
     assert s["app"]["commit"] == sha
     assert s["app"]["release"].startswith("proto4_") and s["app"]["release"].endswith(sha[:7])
