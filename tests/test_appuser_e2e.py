@@ -3,6 +3,7 @@ owns the app's data and nothing of the daemon's. Real processes, a real account 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import subprocess
@@ -72,11 +73,18 @@ class Uids:
 
 def test_the_app_and_its_canary_run_as_app_user_and_cannot_touch_the_daemons_files(make_daemon, origin):
     d = make_daemon(app={"user": "nobody"}, python=python_for_nobody())
+    d.seed_venv = False  # the daemon builds the venv, for an app that cannot write into it
     reachable(d.base)
     d.start()
     s = d.status()
     app = psutil.Process(s["app"]["pid"])
     assert app.uids().effective == NOBODY.pw_uid
+    # Its packages were compiled when the venv was built: no start of an app that cannot write
+    # __pycache__ there compiles its dependencies again.
+    sources = list((d.root / "venvs").glob("*/lib/python3*/site-packages/uvicorn/*.py"))
+    assert sources, "no uvicorn in the release venv"
+    uncompiled = [p for p in sources if not os.path.exists(importlib.util.cache_from_source(str(p)))]
+    assert uncompiled == [], uncompiled
     assert d.get("/env?key=USER")["value"] == "nobody"
     assert d.get("/file?name=.env")["text"].startswith("TUTOR_SECRET=")  # its own secrets, readable to it
     assert os.stat(d.root / "shared" / ".env").st_uid == NOBODY.pw_uid

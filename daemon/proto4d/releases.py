@@ -458,25 +458,35 @@ class VenvResult:
 
 
 def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, installer: str, *,
-                progress: Progress, cancel: Cancel | None = None, registry: PidRegistry | None = None) -> VenvResult:
-    """Return the venv for (requirements, python), building it in a temp dir if it is new."""
+                progress: Progress, cancel: Cancel | None = None, registry: PidRegistry | None = None,
+                bytecode: bool = False) -> VenvResult:
+    """Return the venv for (requirements, python), building it in a temp dir if it is new.
+
+    bytecode: the app cannot write into the venv (it runs as `app.user`): compile its packages here,
+    once, or every start of the app compiles what it imports again."""
     started = time.monotonic()
     req = requirements_file.read_bytes() if requirements_file is not None else b""
     real, version = python_identity(python)
     key = venv_key(req, real, version)
     final = paths.venvs / key
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "UV_PYTHON_DOWNLOADS": "never"}
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONHOME", None)
     if (final / "venv.json").exists():
-        progress(f"venv {key} reused (same requirements and Python {version})")
+        info = fsutil.read_json(final / "venv.json")
+        if bytecode and isinstance(info, dict) and not info.get("bytecode"):  # built before app.user was set
+            _compile_bytecode(final, {**env, "VIRTUAL_ENV": str(final)}, progress, cancel, registry)
+            fsutil.atomic_write_json(final / "venv.json", {**info, "bytecode": True})
+            progress(f"venv {key} reused, its packages compiled for app.user")
+        else:
+            progress(f"venv {key} reused (same requirements and Python {version})")
         return VenvResult(key, final, True, "reused", time.monotonic() - started)
     uv = find_uv() if installer in ("auto", "uv") else None
     tool = "uv" if uv else "pip"
     tmp = paths.venvs / f".build-{key}-{os.getpid()}"
     fsutil.remove_tree(tmp)
     progress(f"venv {key}: building with {tool} (Python {version}) ...")
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "UV_PYTHON_DOWNLOADS": "never",
-           "VIRTUAL_ENV": str(tmp)}
-    env.pop("PYTHONPATH", None)
-    env.pop("PYTHONHOME", None)
+    env["VIRTUAL_ENV"] = str(tmp)
 
     def out(line: str) -> None:
         if line.strip():
@@ -495,13 +505,15 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
             if req.strip():
                 run_cmd([str(venv_python(tmp)), "-m", "pip", "install", "--no-input", "-r", str(requirements_file)],
                         cancel=cancel, env=env, on_line=out, registry=registry, kind="build")
-        _compile_bytecode(tmp, env, progress, cancel, registry)
+        if bytecode:
+            _compile_bytecode(tmp, env, progress, cancel, registry)
         _fix_scripts(tmp, final)
         _stabilise_venv(tmp)
         _no_world_write(tmp)
         faults.point_sync("venv", cancel)
         info = {"key": key, "python": real, "python_version": version, "installer": tool,
-                "created_at": time.time(), "requirements_sha256": hashlib.sha256(req).hexdigest()}
+                "created_at": time.time(), "requirements_sha256": hashlib.sha256(req).hexdigest(),
+                "bytecode": bytecode}
         fsutil.atomic_write_json(tmp / "venv.json", info)
         try:
             os.rename(tmp, final)
@@ -538,13 +550,15 @@ def _last_error(tail: str) -> str:
 
 def _compile_bytecode(venv: Path, env: dict[str, str], progress: Progress, cancel: Cancel | None,
                       registry: PidRegistry | None) -> None:
-    """Compile the venv's packages once, at build time, so no start of the app compiles them.
+    """Compile the venv's packages once, so no start of an app running as `app.user` compiles them.
 
-    uv installs no bytecode; an app that runs as `app.user` cannot write into the daemon's venv, and
-    one under PYTHONDONTWRITEBYTECODE never caches it: every start (the canary, the one start of a
-    release, a crash restart) compiled its dependencies from source, about half of a small app's start
-    CPU (sample app: 0.30 -> 0.15 s). Built in the temp dir and renamed, the .pyc stay valid: Python
-    checks a source's mtime and size, and sets the code's file name from where it imported it.
+    uv installs no bytecode, and an app that runs as `app.user` cannot write it into the daemon's venv:
+    every start (the canary, the one start of a release, a crash restart) compiled its dependencies
+    from source, about half of the start's CPU (Proto4's imports 3.3-3.6 -> 1.6-1.9 s; the sample app
+    0.30 -> 0.15 s). Not done otherwise: an app running as the daemon's user writes the bytecode of what
+    it imports at its first start, far less than all of a venv (Proto4's: 7 s of CPU, which would put
+    its venv build over 5 s). Built in the temp dir and renamed, the .pyc stay valid: Python checks a
+    source's mtime and size, and sets the code's file name from where it imported it.
     A file that does not compile (a package's Python 2 test data) is left to compile at import, if
     it is ever imported; a compile killed (the file size limit, a cancel) fails the build like any step."""
     try:
@@ -846,7 +860,7 @@ def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: st
                 raise ReleaseError(f"app.requirements {cfg.app.requirements!r} is not in the release "
                                    f"(commit {sha[:7]})")
         venv = ensure_venv(paths, req_file, cfg.python, cfg.update.installer, progress=progress, cancel=cancel,
-                           registry=registry)
+                           registry=registry, bytecode=bool(cfg.app.user))
         timings["venv"] = time.monotonic() - t
         if cancel is not None:
             cancel.check()
@@ -991,7 +1005,8 @@ def repair_venv(cfg: Config, paths: Paths, release: Release, *, progress: Progre
         fsutil.remove_tree(aside)
         os.rename(broken, aside)
     result = ensure_venv(paths, req if req is not None and req.is_file() else None, cfg.python,
-                         cfg.update.installer, progress=progress, cancel=cancel, registry=registry)
+                         cfg.update.installer, progress=progress, cancel=cancel, registry=registry,
+                         bytecode=bool(cfg.app.user))
     problem = venv_problem(result.path)
     if problem is not None:
         raise ReleaseError(f"the rebuilt venv of {release.name} cannot run either: {problem}")
