@@ -562,8 +562,8 @@ def targets(runs: list[dict[str, Any]]) -> list[Target]:
                           f"{r['failed']} failed in {r['updates']} updates (GET {r['failed_get']}, "
                           f"POST {r['failed_post']})"))
         # Against the paired rest: as many seconds at rest as in switches, taken between the updates. A max
-        # grows with the time it is taken over, and the host's load drifts during a run: the window before
-        # the first update (10-60 s, minutes earlier) measured both, not the switch (its ratio is in the note).
+        # grows with the time it is taken over, and the host's load drifts during a run: a ratio against the
+        # window before the first update (10-60 s, minutes earlier) moves with both (it is in the note).
         out.append(Target(f"({key}) max latency switch / rest, {where}", r["ratio_max_paired"], 1.1, "x",
                           f"max {fmt(r['switch']['max'])} ms during switches vs {fmt(r['rest_paired']['max'])} ms "
                           f"in as many seconds at rest between them; against the {fmt(r['rest']['max'])} ms of the "

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import rows
+from harness import TEST_CACHE, rows
 from proto4d import drain
 from proto4d.drain import SHIM_DIR, DrainPlan, plan
 
@@ -188,7 +188,7 @@ def _uv() -> str:
 
 def _build_venv(reqs: tuple[str, ...]) -> Path:
     """A cached venv holding `reqs`, built in a temp dir and renamed into place."""
-    root = Path(os.environ.get("PROTO4D_TEST_CACHE") or Path.home() / ".cache" / "proto4d-tests") / "venvs"
+    root = TEST_CACHE / "venvs"
     ident = {"requirements": sorted(reqs), "python": sys.version,
              "executable": os.path.realpath(sys.executable)}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

@@ -31,14 +31,26 @@ def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> tuple[http.serve
     return server, server.server_address[1]
 
 
+class Quiet(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1, no request logging, and the empty 204 every receiver here answers with."""
+
+    protocol_version = "HTTP/1.1"
+
+    def no_content(self) -> None:
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 class Receiver:
     def __init__(self, behaviour: str) -> None:
         self.posts: list[str] = []
         owner = self
 
-        class H(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class H(Quiet):
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(n)
@@ -60,12 +72,7 @@ class Receiver:
                             return
                         time.sleep(0.2)
                 else:
-                    self.send_response(204)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
+                    self.no_content()
 
         self.server, self.port = serve(H)
 
@@ -129,9 +136,7 @@ class Holding:
         self.released = threading.Event()
         owner = self
 
-        class H(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class H(Quiet):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 with owner.lock:
@@ -144,12 +149,7 @@ class Holding:
                 with owner.lock:
                     owner.waiting -= 1
                     owner.last_at = time.monotonic()
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
+                self.no_content()
 
         self.server, self.port = serve(H)
 

@@ -469,13 +469,10 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
     real, version = python_identity(python)
     key = venv_key(req, real, version)
     final = paths.venvs / key
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "UV_PYTHON_DOWNLOADS": "never"}
-    env.pop("PYTHONPATH", None)
-    env.pop("PYTHONHOME", None)
     if (final / "venv.json").exists():
-        info = fsutil.read_json(final / "venv.json")
-        if bytecode and isinstance(info, dict) and not info.get("bytecode"):  # built before app.user was set
-            _compile_bytecode(final, {**env, "VIRTUAL_ENV": str(final)}, progress, cancel, registry)
+        info = fsutil.read_json(final / "venv.json") if bytecode else None
+        if isinstance(info, dict) and not info.get("bytecode"):  # built before app.user was set
+            _compile_bytecode(final, _build_env(final), progress, cancel, registry)
             fsutil.atomic_write_json(final / "venv.json", {**info, "bytecode": True})
             progress(f"venv {key} reused, its packages compiled for app.user")
         else:
@@ -486,7 +483,7 @@ def ensure_venv(paths: Paths, requirements_file: Path | None, python: str, insta
     tmp = paths.venvs / f".build-{key}-{os.getpid()}"
     fsutil.remove_tree(tmp)
     progress(f"venv {key}: building with {tool} (Python {version}) ...")
-    env["VIRTUAL_ENV"] = str(tmp)
+    env = _build_env(tmp)
 
     def out(line: str) -> None:
         if line.strip():
@@ -546,6 +543,16 @@ def _last_error(tail: str) -> str:
     # ("error: No solution found ..." then "Because <package> was not found ...").
     pick = [lines[i] for i in marks[-2:]] + lines[marks[-1] + 1:marks[-1] + 4] if marks else lines[-2:]
     return " / ".join(pick)[-600:]
+
+
+def _build_env(venv: Path) -> dict[str, str]:
+    """The environment of the installers and the compile: the daemon's, without what would point them
+    at another interpreter's packages, and never prompting."""
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "UV_PYTHON_DOWNLOADS": "never",
+           "VIRTUAL_ENV": str(venv)}
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONHOME", None)
+    return env
 
 
 def _compile_bytecode(venv: Path, env: dict[str, str], progress: Progress, cancel: Cancel | None,
