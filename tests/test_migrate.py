@@ -82,7 +82,7 @@ def test_migrations_run_on_the_canary_copy_only(tmp_path: Path, venv_python: Pat
 def test_a_missing_interpreter_is_a_failed_migration_not_a_crash(tmp_path: Path) -> None:
     m = migrate.run(UPGRADE, python=tmp_path / "gone" / "python", release=tmp_path, workdir=tmp_path, env={},
                     timeout=10)
-    assert not m.ok and "FileNotFoundError" in m.output
+    assert not m.ok and "not found" in m.output and str(tmp_path / "gone" / "python") in m.output
 
 
 def test_schema_revision_of_a_non_database_is_none(tmp_path: Path) -> None:

@@ -87,6 +87,51 @@ def test_a_failed_exec_is_reported_not_raised(tmp_path: Path):
     assert e.value.code == 127 and "not found" in e.value.tail
 
 
+# A command and the child it forks report their scheduling class and nice value, from the first
+# instruction they run (what `git fetch` forks at once, upload-pack, must be in the class too).
+_SCHED = ("import os, subprocess, sys; print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)); "
+          "sys.stdout.flush(); subprocess.run([sys.executable, '-c', "
+          "'import os; print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))'])")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's background class")
+@pytest.mark.parametrize("held", [True, False])
+def test_preparation_runs_in_the_background_class_from_its_first_instruction(tmp_path: Path, held: bool):
+    reg = PidRegistry(tmp_path / "app.pids") if held else None
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    out = procs.run([sys.executable, "-c", _SCHED], registry=reg).split()
+    assert out == [str(os.SCHED_IDLE), str(base)] * 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's scheduling class")
+def test_a_migration_keeps_its_class_at_a_lower_priority(tmp_path: Path):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    want = [str(os.SCHED_OTHER), str(min(19, base + procs.BACKGROUND_NICE))] * 2
+    assert procs.run([sys.executable, "-c", _SCHED], registry=PidRegistry(tmp_path / "app.pids"),
+                     background=False).split() == want
+
+
+def test_the_background_class_per_platform(monkeypatch: pytest.MonkeyPatch):
+    """The macOS branch cannot run here: what it asks the kernel for, and the fallback where a platform
+    has no background class or refuses it."""
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, prio: calls.append((which, who, prio)))
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 0)
+    assert procs.to_background(4242, platform="darwin") == "darwin-bg"
+    assert calls == [(procs.PRIO_DARWIN_PROCESS, 4242, procs.PRIO_DARWIN_BG)]
+    calls.clear()
+    assert procs.to_background(4242, platform="freebsd14") == "nice"
+    assert calls == [(os.PRIO_PROCESS, 4242, procs.BACKGROUND_NICE)]
+
+    def refuse(*a: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse, raising=False)
+    calls.clear()
+    assert procs.to_background(4242, platform="linux") == "nice"
+    assert calls == [(os.PRIO_PROCESS, 4242, procs.BACKGROUND_NICE)]
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     r = tmp_path / "root"

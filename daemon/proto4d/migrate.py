@@ -44,7 +44,7 @@ def run(template: Sequence[str], *, python: Path, release: Path, workdir: Path, 
         return Migration(False, 0.0, tuple(argv), problem)
     try:
         procs.run(argv, cwd=workdir, env={**env, **(user.env() if user else {})}, timeout=timeout, cancel=cancel,
-                  registry=registry, kind="migrate", user=user.popen() if user else None)
+                  registry=registry, kind="migrate", user=user.popen() if user else None, background=False)
         return Migration(True, time.monotonic() - t, tuple(argv), "")
     except procs.CommandFailed as e:
         return Migration(False, time.monotonic() - t, tuple(argv), e.tail)

@@ -422,17 +422,16 @@ def venv_problem(venv: Path, timeout: float = 30) -> str | None:
     python = venv_python(venv)
     if not (venv / "venv.json").is_file():
         return f"{venv.name}: no venv.json (removed or never finished)"
-    try:
-        r = subprocess.run([str(python), "-c", "import sys, encodings"], capture_output=True, text=True,
-                           timeout=timeout)
-    except FileNotFoundError:
+    if not python.exists():  # follows the link to the interpreter the venv was built from
         target = os.readlink(python) if python.is_symlink() else ""
         return (f"{python} -> {target}: the interpreter it was built from is gone (upgraded or removed)"
                 if target else f"{python} is missing")
-    except (OSError, subprocess.SubprocessError) as e:
+    try:  # asked at every update, during the switch's preparation: in the background class like the rest
+        run_cmd([str(python), "-c", "import sys, encodings"], timeout=timeout)
+    except CommandFailed as e:
+        return f"{python} exits {e.code}: {e.tail.strip()[-300:]}"
+    except OSError as e:
         return f"{python} cannot run: {e}"
-    if r.returncode != 0:
-        return f"{python} exits {r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}"
     return None
 
 
