@@ -1,0 +1,141 @@
+"""The serving app's latency while an update's preparation runs beside it, by the class that work runs in.
+
+An update's preparation (the `git fetch` of the new commit, the export helper, the venv's check) runs in
+processes the daemon starts through `procs.run`. This bench runs exactly that work, through the
+product's own Mirror and venv check, against the bundled sample app served by a real daemon under the
+normal load mix, in rounds whose class is drawn in a shuffled order:
+
+  normal      no change: the work competes with the app at the same priority
+  nice        nice +10 (`procs.lower_priority`, what every helper got before)
+  background  the OS's background class (`procs.to_background`: SCHED_IDLE on Linux, the darwin
+              background band on macOS), what fetch, export, venv builds and checks get now
+
+After each burst, a stretch at rest as long as it: the burst's own baseline, at the same moments of the
+run. Reported per class: fast requests (GET /, POST /echo) overlapping the bursts and overlapping the
+rest stretches, p50 / p99 / max, and the ratio burst / rest. A new commit is pushed to the origin before
+each round and the round starts only after a settle, so the bench's own git work is in no window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+from common import LoadSet, fmt, lat_stats, log, md_table
+from proto4d import procs, releases
+
+CLASSES = ("normal", "nice", "background")
+SETTLE_S = 0.5
+
+
+def apply_class(name: str) -> None:
+    """Make every `procs.run` of the next burst use `name` (procs.run looks the function up at each call)."""
+    real = _REAL_TO_BACKGROUND
+    procs.to_background = {"normal": lambda pid, platform=sys.platform: "normal",  # type: ignore[assignment]
+                           "nice": lambda pid, platform=sys.platform: (procs.lower_priority(pid), "nice")[1],
+                           "background": real}[name]
+
+
+_REAL_TO_BACKGROUND = procs.to_background
+
+
+def burst(mirror: releases.Mirror, branch: str, venv: Path, scratch: Path, n: int) -> None:
+    """What an update does between the request and the canary's start, minus the daemon's own bookkeeping."""
+    mirror.fetch(branch=branch)
+    sha = mirror.branch_head(branch)
+    assert sha is not None
+    dest = scratch / f"export-{n}"
+    dest.mkdir()
+    mirror.export(sha, "", dest)
+    problem = releases.venv_problem(venv)
+    if problem:
+        raise RuntimeError(problem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="./dev bench background", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=60, help="rounds per class (default 60)")
+    p.add_argument("--rest-s", type=float, default=1.0, help="at least this much rest between rounds (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="the shuffle's seed (printed when not given)")
+    common.add_run_args(p, "the run")
+    args = p.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    rng = random.Random(seed)
+    base = Path(tempfile.mkdtemp(prefix="proto4d-bench-background-"))
+    log(f"background bench: {args.rounds} rounds x {CLASSES}, seed {seed}; scratch {base}")
+    origin = common.Origin(base)
+    origin.commit("1")
+    d = common.new_daemon(base / "daemon", origin)
+    order = [c for c in CLASSES for _ in range(args.rounds)]
+    rng.shuffle(order)
+    windows: dict[str, list[tuple[float, float]]] = {c: [] for c in CLASSES}
+    rests: dict[str, list[tuple[float, float]]] = {c: [] for c in CLASSES}
+    try:
+        d.start(timeout=300)
+        venv = next(p for p in (d.root / "venvs").iterdir() if (p / "venv.json").is_file())
+        mirror = releases.Mirror(base / "mirror.git", str(origin.bare))
+        mirror.fetch(branch="main")
+        scratch = base / "exports"
+        scratch.mkdir()
+        load = LoadSet(d.port, common.MIXES["normal"]).start()
+        try:
+            time.sleep(2)
+            for i, cls in enumerate(order):
+                origin.commit(str(i + 2))
+                time.sleep(SETTLE_S)
+                apply_class(cls)
+                a = time.time()
+                burst(mirror, "main", venv, scratch, i)
+                b = time.time()
+                apply_class("background")
+                windows[cls].append((a, b))
+                time.sleep(0.2)  # the burst's processes reaped, its last requests answered
+                r0 = time.time()
+                time.sleep(b - a)
+                rests[cls].append((r0, time.time()))
+                time.sleep(max(0.0, args.rest_s - (b - a)))
+                if (i + 1) % 30 == 0:
+                    log(f"  {i + 1}/{len(order)} rounds, {load.count():,} requests")
+        finally:
+            load.stop()
+        results = [r for r in load.results() if r.ok and common.is_fast(r)]
+        failed = sum(1 for r in load.results() if not r.ok)
+    finally:
+        apply_class("background")
+        with contextlib.suppress(Exception):
+            d.stop(60)
+        if not args.keep:
+            d.cleanup()
+
+    rows, out = [], {}
+    for cls in CLASSES:
+        ws, rs = sorted(windows[cls]), sorted(rests[cls])
+        during = lat_stats([r.latency for r in results if common.overlaps(r, ws)])
+        rest = lat_stats([r.latency for r in results if common.overlaps(r, rs)])
+        burst_ms = 1000 * sum(b - a for a, b in ws) / len(ws) if ws else 0.0
+        out[cls] = {"burst": during, "rest": rest, "burst_ms_mean": round(burst_ms, 1)}
+        rows.append([cls, fmt(burst_ms), during["n"], f"{fmt(during['p50'])} / {fmt(rest['p50'])}",
+                     f"{fmt(during['p99'])} / {fmt(rest['p99'])}", f"{fmt(during['max'])} / {fmt(rest['max'])}",
+                     fmt(during["p99"] / rest["p99"], 2) if rest["p99"] else "-",
+                     fmt(during["max"] / rest["max"], 2) if rest["max"] else "-"])
+    print(f"\n## Latency beside an update's preparation, by class ({args.rounds} rounds each, seed {seed})\n")
+    print(f"Command: `./dev bench background --rounds {args.rounds} --seed {seed}`; {failed} failed requests.\n")
+    print(md_table(["class", "burst ms (mean)", "requests in bursts", "p50 burst / rest", "p99 burst / rest",
+                    "max burst / rest", "p99 ratio", "max ratio"], rows))
+    print("\nms, fast requests overlapping the bursts / overlapping a stretch at rest as long as each burst, "
+          "right after it.")
+    path = common.write_json("background", {"seed": seed, "rounds": args.rounds, "failed": failed, "classes": out,
+                                            "machine": common.machine()})
+    print(f"\nJSON: {path.relative_to(common.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
