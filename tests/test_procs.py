@@ -132,6 +132,59 @@ def test_the_background_class_per_platform(monkeypatch: pytest.MonkeyPatch):
     assert calls == [(os.PRIO_PROCESS, 4242, procs.BACKGROUND_NICE)]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux schedules threads, each in its class")
+def test_a_process_leaves_the_background_class_with_every_thread_it_started_there(tmp_path: Path):
+    code = ("import threading, time; [threading.Thread(target=time.sleep, args=(60,), daemon=True).start() "
+            "for _ in range(3)]; print('up', flush=True); time.sleep(60)")
+    hold = Hold()
+    p = subprocess.Popen(hold.wrap([sys.executable, "-c", code]), stdin=hold.read_fd, stdout=subprocess.PIPE)
+    try:
+        hold.spawned()
+        assert procs.to_background(p.pid, fallback=False) == "idle"
+        hold.release()
+        assert p.stdout is not None and p.stdout.readline().strip() == b"up"
+
+        def classes() -> list[int]:
+            return [os.sched_getscheduler(t.id) for t in psutil.Process(p.pid).threads()]
+
+        assert classes() == [os.SCHED_IDLE] * 4  # born in it: the main thread and the three it started
+        assert procs.to_foreground(p.pid) is None
+        assert classes() == [os.SCHED_OTHER] * 4
+    finally:
+        p.kill()
+        p.wait()
+    assert procs.to_foreground(p.pid) == "the process is gone"
+
+
+def test_who_can_take_a_canary_out_of_the_background_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A canary goes into the background class only where the daemon can take it out again: an
+    unprivileged Linux daemon needs RLIMIT_NICE (systemd's LimitNICE=20); macOS lets the same user."""
+    import resource
+
+    limit = [0]
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 0)
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (limit[0], limit[0]))
+    status = tmp_path / "status"
+    status.write_text("Name:\tproto4d\nCapEff:\t0000000000000000\n")  # a user's daemon: no capabilities
+    assert not procs.can_leave_background("linux", status)
+    status.write_text("Name:\tproto4d\nCapEff:\t00000000a80425fb\n")  # a container's root: no CAP_SYS_NICE
+    assert not procs.can_leave_background("linux", status)
+    status.write_text("Name:\tproto4d\nCapEff:\t000001ffffffffff\n")  # root
+    assert procs.can_leave_background("linux", status)
+    status.write_text("Name:\tproto4d\nCapEff:\t0000000000000000\n")
+    limit[0] = 20  # LimitNICE=20
+    assert procs.can_leave_background("linux", status)
+    assert procs.can_leave_background("darwin") and not procs.can_leave_background("freebsd14")
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, prio: calls.append((which, who, prio)))
+    assert procs.to_foreground(4242, platform="darwin") is None
+    assert calls == [(procs.PRIO_DARWIN_PROCESS, 4242, 0)]
+    # Where the class cannot be set, a process that may become production is left as it is: a nice
+    # value an unprivileged daemon could never take back would follow it into production.
+    calls.clear()
+    assert procs.to_background(4242, platform="freebsd14", fallback=False) == "none" and calls == []
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     r = tmp_path / "root"

@@ -47,6 +47,14 @@ def staged(d) -> dict | None:
     return d.status().get("stage")
 
 
+def classes(pid: int) -> set[int]:
+    """The scheduling classes of every thread of `pid` (Linux schedules threads, each with its own)."""
+    return {os.sched_getscheduler(t.id) for t in psutil.Process(pid).threads()}
+
+
+LINUX = hasattr(os, "SCHED_IDLE")
+
+
 def test_stage_try_promote_in_place_discard_expire_and_an_update_of_the_same_commit(make_daemon, origin):
     stage_port = free_port()
     d = make_daemon(stage={"listen": {"host": "127.0.0.1", "port": stage_port}}).start()
@@ -72,6 +80,8 @@ def test_stage_try_promote_in_place_discard_expire_and_an_update_of_the_same_com
     assert f"staged   {st['release']}" in d.cli("status").stdout
     assert (d.root / "state" / "stage.json").exists()
     staged_pid = st["pid"]
+    if LINUX:  # waiting to be promoted, it takes no CPU from production's requests; production keeps its class
+        assert classes(staged_pid) == {os.SCHED_IDLE} and classes(prod["pid"]) == {os.SCHED_OTHER}
 
     # Promote under load: the process the teacher tried becomes production, no request fails.
     with Load("127.0.0.1", d.port, users=4, mix=Mix(slow_ms=(10, 150))) as load:
@@ -84,6 +94,8 @@ def test_stage_try_promote_in_place_discard_expire_and_an_update_of_the_same_com
     s = d.status()
     assert s["app"]["commit"] == sha2 and s["app"]["pid"] == staged_pid, "promoted in place: one start"
     assert d.get()["version"] == "2"
+    if LINUX:  # production's class again, every thread of it, before it served anyone
+        assert classes(staged_pid) == {os.SCHED_OTHER}
     assert s["stage"] is None and not (d.root / "state" / "stage.json").exists()
     wait_for(lambda: not answers_at(stage_port), 10, "the preview address closed once promoted")
     assert "promoted in place" in r.stdout, r.stdout

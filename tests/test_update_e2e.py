@@ -53,6 +53,25 @@ def test_update_under_keepalive_load_drops_no_request(make_daemon, origin):
     assert f"canary[{s['app']['pid']}]" in app_log and "proto4d-drain: promoted" in app_log
 
 
+def test_a_canary_whose_start_drags_on_in_the_background_class_gets_the_normal_one(make_daemon, origin):
+    """The canary starts in the background class; a start still unfinished at a third of
+    health.start_timeout_s (a saturated machine starving it) finishes in the normal class, and the
+    promoted process serves in it."""
+    d = make_daemon(health={"start_timeout_s": 9}).start()
+    origin.commit("2", mode="slow_start 4.5")
+    r = d.update("--force", "--wait", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    moved = [e for e in d.log_events() if e.get("event") == "canary.foreground"]
+    assert len(moved) == 1 and moved[0]["after_s"] == 3.0 and "error" not in moved[0], moved
+    s = d.status()
+    promoted = [e for e in d.log_events() if e.get("event") == "switch.promoted"]
+    assert promoted[-1]["pid"] == moved[0]["pid"] == s["app"]["pid"]
+    if hasattr(os, "SCHED_IDLE"):
+        import psutil
+
+        assert {os.sched_getscheduler(t.id) for t in psutil.Process(s["app"]["pid"]).threads()} == {os.SCHED_OTHER}
+
+
 def test_version_that_cannot_start_is_aborted_and_the_old_keeps_serving(make_daemon, origin):
     d = make_daemon().start()
     before = d.status()["app"]

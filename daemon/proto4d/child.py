@@ -24,7 +24,7 @@ from proto4d.accesslog import AccessRecord
 from proto4d.appuser import AppUser
 from proto4d.fsutil import private_opener
 from proto4d.log import scrub
-from proto4d.procs import HELD_EXIT, Hold, PidRegistry, kill_group
+from proto4d.procs import HELD_EXIT, Hold, PidRegistry, kill_group, to_background
 
 LineHandler = Callable[[str, "AppProcess"], None]
 RecordHandler = Callable[[AccessRecord, "AppProcess"], None]
@@ -141,6 +141,9 @@ class AppProcess:
         self._access_reader: asyncio.Task[None] | None = None
         self.user = user  # app.user: the process runs as that user from its first instruction (the held shell too)
         self.blocked = blocked  # known before the start: why it cannot run (e.g. app.user cannot reach the python)
+        # Started in the OS's background class (a canary that may be promoted: procs.to_foreground gives
+        # it the normal class back before it serves production, or when its start drags on).
+        self.background = False
 
     @property
     def access_channel(self) -> bool:
@@ -173,6 +176,8 @@ class AppProcess:
             return
         hold.spawned()
         self.pid = self.proc.pid
+        if self.background:  # before the app's first instruction, so its threads are born in the class
+            self.background = to_background(self.pid, fallback=False) != "none"
         if self.access is not None:
             self.access.spawned()  # the child holds the write end now; the pipe ends when the app does
             on_record = self.on_record or (lambda rec, proc: None)

@@ -88,14 +88,15 @@ PRIO_DARWIN_PROCESS = 4
 PRIO_DARWIN_BG = 0x1000
 
 
-def to_background(pid: int, platform: str = sys.platform) -> str:
+def to_background(pid: int, platform: str = sys.platform, fallback: bool = True) -> str:
     """Preparation work (the fetch, the export, venv builds and their compile) in the OS's background
     class, so that it gives the CPU back the instant the serving app wakes: a lower nice value only
     shares it more unevenly, and on two cores a request then waits behind `git` or `uv` for a
     scheduler slice (the fetch phase's p99 was 2-3x the rest's). Linux: SCHED_IDLE; macOS: the
     darwin background band. Returns the class it got ("nice" when neither is possible). With a
     single-process app the other cores stay free, so the work is slower only on a saturated machine,
-    where the update's own timeouts bound it."""
+    where the update's own timeouts bound it. `fallback` False: "none" instead of a nice value, which
+    an unprivileged daemon could never take back (for a process that may become production)."""
     try:
         if platform.startswith("linux"):
             os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
@@ -105,8 +106,63 @@ def to_background(pid: int, platform: str = sys.platform) -> str:
             return "darwin-bg"
     except (OSError, AttributeError):
         pass
+    if not fallback:
+        return "none"
     lower_priority(pid)
     return "nice"
+
+
+def can_leave_background(platform: str = sys.platform, status: Path = Path("/proc/self/status")) -> bool:
+    """Whether a process this daemon put in the background class can be given the normal one back.
+
+    macOS: the same user may clear the darwin background band. Linux (sched(7)): leaving SCHED_IDLE
+    needs CAP_SYS_NICE (root has it, a container's root may not) or an RLIMIT_NICE that allows the
+    daemon's own nice value (LimitNICE=20 in the shipped systemd unit); without either, a canary put
+    there could not become production."""
+    if platform == "darwin":
+        return True
+    if not platform.startswith("linux"):
+        return False
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= 20 - os.getpriority(os.PRIO_PROCESS, 0):
+        return True
+    try:
+        caps = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("CapEff:"))
+        return bool(int(caps, 16) >> CAP_SYS_NICE & 1)
+    except (OSError, StopIteration, IndexError, ValueError):
+        return False
+
+
+CAP_SYS_NICE = 23  # linux/capability.h
+
+
+def to_foreground(pid: int, platform: str = sys.platform) -> str | None:
+    """Give a process `to_background` put in the background class the normal one again, every
+    thread of it (Linux schedules threads: each has its own class). None when done, else why not."""
+    try:
+        if platform == "darwin":
+            os.setpriority(PRIO_DARWIN_PROCESS, pid, 0)
+            return None
+        if not platform.startswith("linux"):
+            return "no background class on this platform"
+        for _ in range(3):  # a thread started while the others were moved inherits the old class: again
+            moved = 0
+            for t in psutil.Process(pid).threads():
+                try:
+                    if os.sched_getscheduler(t.id) == os.SCHED_IDLE:
+                        os.sched_setscheduler(t.id, os.SCHED_OTHER, os.sched_param(0))
+                        moved += 1
+                except ProcessLookupError:  # that thread ended meanwhile
+                    continue
+            if not moved:
+                return None
+        return "its threads keep entering SCHED_IDLE"
+    except psutil.NoSuchProcess:
+        return "the process is gone"
+    except (OSError, psutil.Error) as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def kill_group(pid: int, sig: int) -> None:

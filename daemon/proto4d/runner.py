@@ -39,7 +39,7 @@ from proto4d.config import Config, probe_host
 from proto4d.health import HealthReport, Prober
 from proto4d.listener import ListenError, free_port, open_listener, private_listener
 from proto4d.paths import Paths
-from proto4d.procs import PidRegistry, lower_priority
+from proto4d.procs import PidRegistry, can_leave_background, lower_priority, to_foreground
 from proto4d.releases import Release, python_for
 from proto4d.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING
 
@@ -505,6 +505,13 @@ class Runner:
             await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
             raise PromotionFailed("the listening address changed since the canary started (a reload): the release "
                                   "starts on the new one")
+        if cand.proc.background:  # the normal class before it serves anyone
+            problem = await asyncio.to_thread(to_foreground, cand.proc.pid)
+            if problem is not None:
+                cand.close()
+                await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
+                raise PromotionFailed(f"the canary could not leave the background class: {problem}")
+            cand.proc.background = False
         t = time.monotonic()
         answer = await cand.ask_promote(min(10.0, self.cfg.health.start_timeout_s))
         cand.close()
@@ -651,10 +658,18 @@ class Runner:
         proc, plan = self.build(release, "canary", sock, port, host=host, promote=pair)
         promotable = pair is not None and plan.kind == "shim"
         keep = False
+        # A process that may become production starts in the background class (its imports are the
+        # update's largest burst of CPU, beside the app serving on the same cores) and gets the normal
+        # class back before it serves production; one that will not is only niced (it never comes back).
+        proc.background = promotable and can_leave_background()
+        escape: asyncio.TimerHandle | None = None
         try:
             await proc.start()
-            if not promotable:  # a process that may become production keeps production's priority
+            if not promotable:
                 lower_priority(proc.pid)
+            elif proc.background:  # a start starved by a saturated machine finishes at the normal class
+                escape = asyncio.get_running_loop().call_later(self.canary_foreground_after_s(),
+                                                               self._canary_to_foreground, proc)
             report = await self.wait_healthy(alive=lambda: proc.alive, host=probe, port=port)
             died = "" if proc.alive else f"{proc.exit_description()}: {proc.last_lines()}"
             if report.ok and proc.alive and (promotable or stage is not None):
@@ -667,6 +682,8 @@ class Runner:
                 keep = True
             return report, died
         finally:
+            if escape is not None:
+                escape.cancel()
             if pair is not None:
                 with contextlib.suppress(OSError):
                     pair[1].close()  # the child has its own copy
@@ -678,6 +695,22 @@ class Runner:
                 await proc.stop(5)
             if sock is not None:
                 sock.close()
+
+    def canary_foreground_after_s(self) -> float:
+        """How long a canary's start may take in the background class before it gets the normal one:
+        a third of health.start_timeout_s (at least 2 s), so a start that only needed the CPU still
+        has the rest of the timeout to finish."""
+        return max(2.0, self.cfg.health.start_timeout_s / 3)
+
+    def _canary_to_foreground(self, proc: AppProcess) -> None:
+        if not proc.background or not proc.alive:
+            return
+        problem = to_foreground(proc.pid)
+        if problem is None:
+            proc.background = False
+        said = {"error": problem} if problem else {}
+        self.log.info("canary.foreground", pid=proc.pid, after_s=round(self.canary_foreground_after_s(), 1),
+                      reason="not healthy yet in the background class", **said)
 
     # -- stopping
 

@@ -30,6 +30,8 @@ if MODE == "crash_at_start":
     sys.exit(3)
 if MODE == "hang_at_start":
     time.sleep(3600)
+if MODE == "slow_start":  # a start that takes ARG seconds, then serves
+    time.sleep(float(ARG or "3"))
 if MODE == "crash_after":
     def _crash() -> None:
         time.sleep(float(ARG or "3"))
