@@ -36,10 +36,14 @@ SETTLE_S = 0.5
 
 def apply_class(name: str) -> None:
     """Make every `procs.run` of the next burst use `name` (procs.run looks the function up at each call)."""
-    real = _REAL_TO_BACKGROUND
-    procs.to_background = {"normal": lambda pid, platform=sys.platform: "normal",  # type: ignore[assignment]
-                           "nice": lambda pid, platform=sys.platform: (procs.lower_priority(pid), "nice")[1],
-                           "background": real}[name]
+    def normal(pid: int, platform: str = sys.platform, fallback: bool = True) -> str:
+        return "normal"
+
+    def nice(pid: int, platform: str = sys.platform, fallback: bool = True) -> str:
+        procs.lower_priority(pid)
+        return "nice"
+
+    procs.to_background = {"normal": normal, "nice": nice, "background": _REAL_TO_BACKGROUND}[name]  # type: ignore[assignment]
 
 
 _REAL_TO_BACKGROUND = procs.to_background

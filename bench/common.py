@@ -184,15 +184,15 @@ def trigger_update(d: Any, reason: str = "bench", force: bool = True, wake: bool
             os.unlink(tmp)
 
 
+def answer_of(d: Any, req_id: str) -> dict[str, Any] | None:
+    """The final answer to update `req_id`, None while there is none (one look: wait_answer's poll)."""
+    d.assert_alive()
+    data = json.loads((d.root / "state" / "answers" / f"{req_id}.json").read_text())
+    return data if data.get("final") else None
+
+
 def wait_answer(d: Any, req_id: str, timeout: float = 180) -> dict[str, Any]:
-    path = d.root / "state" / "answers" / f"{req_id}.json"
-
-    def final() -> dict[str, Any] | None:
-        d.assert_alive()
-        data = json.loads(path.read_text())
-        return data if data.get("final") else None
-
-    return wait_for(final, timeout, f"the answer to update {req_id}", interval=0.02)
+    return wait_for(lambda: answer_of(d, req_id), timeout, f"the answer to update {req_id}", interval=0.02)
 
 
 def journal_for(d: Any, req_id: str) -> dict[str, Any]:

@@ -20,7 +20,8 @@ body, 5 % slow 0.5-3 s calls) and stress (keep-alive clients with no think time,
 Latency figures are for the fast requests (GET / and POST /echo; /slow takes as long as it asks to):
 "rest" = requests inside a window before the first update; "switch" = requests overlapping any
 [trigger, verified] window; "paired rest" = requests overlapping a stretch at rest after each update
-(its answer in, its old process gone), as long as that update's window. The latency target compares
+(its answer in, its old process gone), as long as that update's window, with the bench polling the
+answer file as it does during a switch (its load runs in the same process). The latency target compares
 the switch windows with the paired rest: as many seconds each, at the same moments of the run, since
 a max grows with the time it is taken over and the shared host's load drifts. Every failed request of
 the run is counted, wherever it falls.
@@ -32,6 +33,7 @@ import argparse
 import bisect
 import collections
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -40,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +168,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
                 if old_pid and not common.wait_pid_gone(old_pid, 20):
                     log(f"  update {i + 1}: the old process {old_pid} is still there after 20 s")
                 time.sleep(args.gap_s)
-                paired.append(rest_piece(verified - t_trigger))
+                paired.append(rest_piece(verified - t_trigger, poll=functools.partial(common.answer_of, d, req_id)))
                 if (i + 1) % 10 == 0:
                     log(f"  {variant}/{mix}: {i + 1}/{args.updates} updates, {load.count():,} requests")
         finally:
@@ -378,11 +381,20 @@ def run_old_way(mix: str, origin: Any, base: Path, args: argparse.Namespace,
 # --------------------------------------------------------------------------- analysis
 
 
-def rest_piece(length: float) -> tuple[float, float]:
+def rest_piece(length: float, poll: Callable[[], object] | None = None) -> tuple[float, float]:
     """A stretch at rest as long as the update before it took, once that update is over and its old
-    process gone: the switch windows' own twin, at the same moments of the run (the host's load drifts)."""
+    process gone: the switch windows' own twin, at the same moments of the run (the host's load drifts).
+
+    `poll`: what the bench itself does during a switch window (reading the answer file every 20 ms,
+    in the process whose threads are the load), done here too, so that its own share of the GIL and
+    the CPU is on both sides of the ratio."""
     a = time.time()
-    time.sleep(max(0.0, length))
+    end = a + max(0.0, length)
+    while poll is not None and time.time() < end:
+        with contextlib.suppress(Exception):
+            poll()
+        time.sleep(0.02)
+    time.sleep(max(0.0, end - time.time()))
     return a, time.time()
 
 
