@@ -114,6 +114,28 @@ def make_release(tmp_path: Path) -> tuple[config.Config, Paths, releases.Release
     return cfg, paths, rel
 
 
+def test_a_venv_that_ran_is_not_started_again_until_its_interpreter_changes(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    """Every update checks its venv runs; one interpreter start per venv, not per update, while nothing
+    it proved has changed. A link now pointing at an interpreter that cannot run is asked again."""
+    _cfg, paths, rel = make_release(tmp_path)
+    venv = paths.venvs / rel.venv
+    started: list[list[str]] = []
+    real_run = releases.run_cmd
+    monkeypatch.setattr(releases, "run_cmd", lambda argv, **kw: (started.append(list(argv)), real_run(argv, **kw))[1])
+    assert releases.venv_problem(venv) is None and releases.venv_problem(venv) is None
+    assert len(started) <= 1  # asked once (or not at all: the venv ran when make_release built it)
+    n = len(started)
+    py = releases.venv_python(venv)
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    py.unlink()
+    py.symlink_to(broken)
+    problem = releases.venv_problem(venv)
+    assert len(started) == n + 1 and problem is not None and "exits 1" in problem and "init_fs_encoding" in problem
+
+
 def test_a_dangling_venv_interpreter_is_found_and_rebuilt(tmp_path: Path):
     cfg, paths, rel = make_release(tmp_path)
     venv = paths.venvs / rel.venv

@@ -416,9 +416,18 @@ def _stabilise_venv(venv: Path) -> None:
         cfg.write_text("\n".join(lines) + "\n")
 
 
+# Venvs whose interpreter ran, with the stamps of what that proved: (venv, interpreter) -> stamps.
+_VENV_RAN: dict[tuple[str, str], tuple[object, ...]] = {}
+
+
 def venv_problem(venv: Path, timeout: float = 30) -> str | None:
     """Why the venv's interpreter cannot run (None when it runs): checked before starting or switching
-    to a release, so a venv left dangling by an interpreter upgrade is rebuilt, not exec'd."""
+    to a release, so a venv left dangling by an interpreter upgrade is rebuilt, not exec'd.
+
+    Running the interpreter costs a start of it at every update, during the switch's preparation; a
+    venv that ran is not asked again while its interpreter file, the link to it and venv.json are
+    unchanged (an upgrade in place or a rebuild changes one of them). The run is in the background
+    class like the rest of the preparation."""
     python = venv_python(venv)
     if not (venv / "venv.json").is_file():
         return f"{venv.name}: no venv.json (removed or never finished)"
@@ -426,13 +435,31 @@ def venv_problem(venv: Path, timeout: float = 30) -> str | None:
         target = os.readlink(python) if python.is_symlink() else ""
         return (f"{python} -> {target}: the interpreter it was built from is gone (upgraded or removed)"
                 if target else f"{python} is missing")
-    try:  # asked at every update, during the switch's preparation: in the background class like the rest
+    real = os.path.realpath(python)
+    stamps = (_file_stamp(real), _link_stamp(python), _file_stamp(str(venv / "venv.json")),
+              _file_stamp(str(venv / "pyvenv.cfg")))
+    key = (str(venv), real)
+    if None not in stamps and _VENV_RAN.get(key) == stamps:
+        return None
+    try:
         run_cmd([str(python), "-c", "import sys, encodings"], timeout=timeout)
     except CommandFailed as e:
         return f"{python} exits {e.code}: {e.tail.strip()[-300:]}"
     except OSError as e:
         return f"{python} cannot run: {e}"
+    if None not in stamps:
+        if len(_VENV_RAN) > 32:
+            _VENV_RAN.clear()
+        _VENV_RAN[key] = stamps
     return None
+
+
+def _link_stamp(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def venv_key(requirements: bytes, python_real: str, python_version: str) -> str:
