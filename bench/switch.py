@@ -36,6 +36,7 @@ import contextlib
 import functools
 import http.client
 import json
+import math
 import os
 import signal
 import statistics
@@ -436,6 +437,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
                 "error": r.error or f"HTTP {r.status}"} for r in failed[:25]]
     t2v = [u["verified"] - u["trigger"] for u in updates]
     phases, per_window = phase_latency(results, updates)
+    twins = paired_windows(results, per_window, paired)
     chunk_max = rest_chunk_maxima(results, rest, sum(t2v) / len(t2v) if t2v else 0.0)
     med_sw = statistics.median(per_window) if per_window else None
     med_rest = statistics.median(chunk_max) if chunk_max else None
@@ -468,6 +470,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
                           "rest_median": round(med_rest * 1000, 2) if med_rest is not None else None,
                           "rest_windows": len(chunk_max)},
         "ratio_window_max": round(med_sw / med_rest, 2) if med_sw and med_rest else None,
+        "twins": twins,
         "phases": phases,
         "trigger_to_verified_s": {"mean": round(sum(t2v) / len(t2v), 2) if t2v else None,
                                   "max": round(max(t2v), 2) if t2v else None},
@@ -511,6 +514,32 @@ def phase_latency(results: list[Any], updates: list[dict[str, Any]]) -> tuple[di
         per_window.append(worst)
     order = [n for n, _, _ in PHASES] + ["stop-start", "other"]
     return {n: lat_stats(by_phase[n]) for n in order if by_phase.get(n)}, per_window
+
+
+def window_max(fast: list[Any], starts: list[float], a: float, b: float) -> float:
+    """The worst latency of the fast requests overlapping [a, b] (`fast` sorted by start, `starts` theirs)."""
+    worst = 0.0
+    for r in fast[bisect.bisect_left(starts, a - 30):bisect.bisect_right(starts, b)]:
+        if r.at < b and r.at + r.latency > a:
+            worst = max(worst, r.latency)
+    return worst
+
+
+def paired_windows(results: list[Any], per_window: list[float], paired: list[tuple[float, float]]) -> dict[str, Any]:
+    """Each switch window against its own twin at rest (as long, right after that update): in how many
+    updates the switch's worst request was worse, and the sign test's two-sided p for "no effect" (then
+    about half are worse, whatever the host's noise does to the maxima themselves)."""
+    fast = [r for r in results if r.ok and common.is_fast(r)]
+    starts = [r.at for r in fast]
+    pairs = [(sw, window_max(fast, starts, a, b)) for sw, (a, b) in zip(per_window, paired, strict=False)]
+    pairs = [(sw, rest) for sw, rest in pairs if sw > 0 and rest > 0]
+    n = sum(1 for sw, rest in pairs if sw != rest)  # a tie says nothing either way
+    worse = sum(1 for sw, rest in pairs if sw > rest)
+    tail = min(worse, n - worse)
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(tail + 1)) / 2 ** n) if n else None
+    ratios = [sw / rest for sw, rest in pairs]
+    return {"n": n, "worse": worse, "p_sign": round(p, 4) if p is not None else None,
+            "median_ratio": round(statistics.median(ratios), 2) if ratios else None}
 
 
 def rest_chunk_maxima(results: list[Any], rest: tuple[float, float], length: float) -> list[float]:
@@ -570,6 +599,13 @@ def phase_table(runs: list[dict[str, Any]]) -> str:
     return md_table(["uvicorn", "mix", "variant", "rest", *names], rows)
 
 
+def twins_note(t: dict[str, Any] | None) -> str:
+    if not t or not t.get("n"):
+        return "no switch window with a twin at rest"
+    return (f"worst request worse than in its twin at rest in {t['worse']} of {t['n']} updates (sign test "
+            f"p {fmt(t['p_sign'], 3)}), median ratio {fmt(t['median_ratio'], 2)}")
+
+
 def targets(runs: list[dict[str, Any]]) -> list[Target]:
     out = []
     for r in runs:
@@ -588,7 +624,7 @@ def targets(runs: list[dict[str, Any]]) -> list[Target]:
                           f"max {fmt(r['switch']['max'])} ms during switches vs {fmt(r['rest_paired']['max'])} ms "
                           f"in as many seconds at rest between them; against the {fmt(r['rest']['max'])} ms of the "
                           f"window before the first update {fmt(r['ratio_max'], 2)}, window-max ratio "
-                          f"{fmt(r['ratio_window_max'], 2)}"))
+                          f"{fmt(r['ratio_window_max'], 2)}; {twins_note(r.get('twins'))}"))
     return out
 
 
