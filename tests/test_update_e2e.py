@@ -49,6 +49,9 @@ def test_update_under_keepalive_load_drops_no_request(make_daemon, origin):
     assert "promoted in place" in story and "two starts" not in story, story
     promoted = [e for e in d.log_events() if e.get("event") == "switch.promoted"]
     assert promoted and promoted[-1]["pid"] == s["app"]["pid"], promoted
+    if hasattr(os, "SCHED_IDLE") and os.geteuid() == 0:  # the log says where canaries start, once
+        said = [e["canary_start"] for e in d.log_events() if e.get("event") == "daemon.starting"]
+        assert said == ["background class"], said
     app_log = (d.root / "logs" / "app.log").read_text()
     assert f"canary[{s['app']['pid']}]" in app_log and "proto4d-drain: promoted" in app_log
 
