@@ -152,6 +152,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
             rest = (rest[0], time.time())
             for i in range(args.updates):
                 versions.next()
+                pushed = time.time()
                 time.sleep(COMMIT_SETTLE_S)
                 old_pid = d.status()["app"]["pid"]
                 req_id, t_trigger = common.trigger_update(d, reason=f"bench {variant} {mix} {i + 1}")
@@ -160,7 +161,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
                 steps = common.step_times(common.journal_for(d, req_id))
                 verified = steps.get("watching", answer.get("at", t_final))
                 updates.append({
-                    "i": i + 1, "id": req_id, "outcome": answer.get("state"), "trigger": t_trigger,
+                    "i": i + 1, "id": req_id, "outcome": answer.get("state"), "trigger": t_trigger, "pushed": pushed,
                     "verified": verified, "final": t_final, "switching": steps.get("switching", t_trigger),
                     "steps": {k: round(v - t_trigger, 3) for k, v in steps.items()},
                     "message": answer.get("message", "")[:200]})
@@ -471,6 +472,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
                           "rest_windows": len(chunk_max)},
         "ratio_window_max": round(med_sw / med_rest, 2) if med_sw and med_rest else None,
         "twins": twins,
+        "worst_in_switches": list(WORST),
         "phases": phases,
         "trigger_to_verified_s": {"mean": round(sum(t2v) / len(t2v), 2) if t2v else None,
                                   "max": round(max(t2v), 2) if t2v else None},
@@ -486,12 +488,16 @@ PHASES = (("pickup", None, "requested"), ("fetch", "requested", "preparing"), ("
           ("canary", "canary", "switching"), ("handoff", "switching", "verifying"), ("verify", "verifying", "watching"))
 
 
+WORST: list[dict[str, Any]] = []  # the last phase_latency's worst requests, for the JSON
+
+
 def phase_latency(results: list[Any], updates: list[dict[str, Any]]) -> tuple[dict[str, Any], list[float]]:
     """Fast-request latency by the update phase each request completed in, and each window's max.
 
     The phases come from the daemon's journal (for (d) there are none: the whole window is "stop-start")."""
     by_phase: dict[str, list[float]] = collections.defaultdict(list)
     per_window: list[float] = []
+    worst_all: list[tuple[float, int, float, float, str]] = []
     fast = [r for r in results if r.ok and common.is_fast(r)]
     starts = [r.at for r in fast]
     for u in updates:
@@ -511,7 +517,11 @@ def phase_latency(results: list[Any], updates: list[dict[str, Any]]) -> tuple[di
             t = min(max(end, a), b)
             name = next((n for n, lo, hi in bounds if lo <= t < hi), "stop-start" if not bounds else "other")
             by_phase[name].append(r.latency)
+            worst_all.append((r.latency, u["i"], r.at - a, end - a, name))
         per_window.append(worst)
+    WORST[:] = [{"update": i, "latency_ms": round(lat * 1000, 2), "started_after_trigger_s": round(st, 3),
+                 "ended_after_trigger_s": round(en, 3), "phase": name}
+                for lat, i, st, en, name in sorted(worst_all, reverse=True)[:15]]
     order = [n for n, _, _ in PHASES] + ["stop-start", "other"]
     return {n: lat_stats(by_phase[n]) for n in order if by_phase.get(n)}, per_window
 
