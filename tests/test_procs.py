@@ -133,9 +133,10 @@ def test_the_background_class_per_platform(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux schedules threads, each in its class")
-def test_a_process_leaves_the_background_class_with_every_thread_it_started_there(tmp_path: Path):
-    code = ("import threading, time; [threading.Thread(target=time.sleep, args=(60,), daemon=True).start() "
-            "for _ in range(3)]; print('up', flush=True); time.sleep(60)")
+def test_a_process_leaves_the_background_class_with_every_thread_and_child_it_started_there(tmp_path: Path):
+    code = ("import subprocess, sys, threading, time; [threading.Thread(target=time.sleep, args=(60,), daemon=True)"
+            ".start() for _ in range(3)]; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print('up', flush=True); time.sleep(60)")
     hold = Hold()
     p = subprocess.Popen(hold.wrap([sys.executable, "-c", code]), stdin=hold.read_fd, stdout=subprocess.PIPE)
     try:
@@ -145,12 +146,16 @@ def test_a_process_leaves_the_background_class_with_every_thread_it_started_ther
         assert p.stdout is not None and p.stdout.readline().strip() == b"up"
 
         def classes() -> list[int]:
-            return [os.sched_getscheduler(t.id) for t in psutil.Process(p.pid).threads()]
+            ours = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+            return [os.sched_getscheduler(t.id) for q in ours for t in q.threads()]
 
-        assert classes() == [os.SCHED_IDLE] * 4  # born in it: the main thread and the three it started
+        # born in it: the main thread, the three it started, and the process it started
+        assert classes() == [os.SCHED_IDLE] * 5
         assert procs.to_foreground(p.pid) is None
-        assert classes() == [os.SCHED_OTHER] * 4
+        assert classes() == [os.SCHED_OTHER] * 5
     finally:
+        for q in psutil.Process(p.pid).children(recursive=True):
+            q.kill()
         p.kill()
         p.wait()
     assert procs.to_foreground(p.pid) == "the process is gone"

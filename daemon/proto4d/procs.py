@@ -139,23 +139,35 @@ CAP_SYS_NICE = 23  # linux/capability.h
 
 
 def to_foreground(pid: int, platform: str = sys.platform) -> str | None:
-    """Give a process `to_background` put in the background class the normal one again, every
-    thread of it (Linux schedules threads: each has its own class). None when done, else why not."""
+    """Give a process `to_background` put in the background class the normal one again: every thread of
+    it (Linux schedules threads, each with its own class) and of the processes it started meanwhile (a
+    worker the app forks at start would otherwise stay in the class in production). None when done,
+    else why not."""
     try:
         if platform == "darwin":
             os.setpriority(PRIO_DARWIN_PROCESS, pid, 0)
+            for child in _children(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.setpriority(PRIO_DARWIN_PROCESS, child.pid, 0)
             return None
         if not platform.startswith("linux"):
             return "no background class on this platform"
-        for _ in range(3):  # a thread started while the others were moved inherits the old class: again
+        for _ in range(3):  # a thread or child started while the others were moved inherits the old class: again
             moved = 0
-            for t in psutil.Process(pid).threads():
+            for p in [psutil.Process(pid), *_children(pid)]:
                 try:
-                    if os.sched_getscheduler(t.id) == os.SCHED_IDLE:
-                        os.sched_setscheduler(t.id, os.SCHED_OTHER, os.sched_param(0))
-                        moved += 1
-                except ProcessLookupError:  # that thread ended meanwhile
-                    continue
+                    threads = p.threads()
+                except psutil.NoSuchProcess:
+                    if p.pid == pid:
+                        raise
+                    continue  # a child that ended meanwhile
+                for t in threads:
+                    try:
+                        if os.sched_getscheduler(t.id) == os.SCHED_IDLE:
+                            os.sched_setscheduler(t.id, os.SCHED_OTHER, os.sched_param(0))
+                            moved += 1
+                    except ProcessLookupError:  # that thread ended meanwhile
+                        continue
             if not moved:
                 return None
         return "its threads keep entering SCHED_IDLE"
@@ -163,6 +175,13 @@ def to_foreground(pid: int, platform: str = sys.platform) -> str | None:
         return "the process is gone"
     except (OSError, psutil.Error) as e:
         return f"{type(e).__name__}: {e}"
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def kill_group(pid: int, sig: int) -> None:
