@@ -342,9 +342,9 @@ def stable_interpreter(path: str) -> str:
 _IDENTITY: dict[tuple[str, tuple[int, int, int, int]], tuple[str, str]] = {}
 
 
-def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
+def _file_stamp(path: str, follow: bool = True) -> tuple[int, int, int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=follow)
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
@@ -436,7 +436,7 @@ def venv_problem(venv: Path, timeout: float = 30) -> str | None:
         return (f"{python} -> {target}: the interpreter it was built from is gone (upgraded or removed)"
                 if target else f"{python} is missing")
     real = os.path.realpath(python)
-    stamps = (_file_stamp(real), _link_stamp(python), _file_stamp(str(venv / "venv.json")),
+    stamps = (_file_stamp(real), _file_stamp(str(python), follow=False), _file_stamp(str(venv / "venv.json")),
               _file_stamp(str(venv / "pyvenv.cfg")))
     key = (str(venv), real)
     if None not in stamps and _VENV_RAN.get(key) == stamps:
@@ -453,13 +453,6 @@ def venv_problem(venv: Path, timeout: float = 30) -> str | None:
         _VENV_RAN[key] = stamps
     return None
 
-
-def _link_stamp(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def venv_key(requirements: bytes, python_real: str, python_version: str) -> str:
