@@ -454,7 +454,6 @@ def venv_problem(venv: Path, timeout: float = 30) -> str | None:
     return None
 
 
-
 def venv_key(requirements: bytes, python_real: str, python_version: str) -> str:
     h = hashlib.sha256()
     for part in (VENV_FORMAT.encode(), python_real.encode(), python_version.encode(), requirements):
