@@ -437,7 +437,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
                 "method": r.method, "path": r.path, "kind": load.kind_of.get(r.user, "?"),
                 "error": r.error or f"HTTP {r.status}"} for r in failed[:25]]
     t2v = [u["verified"] - u["trigger"] for u in updates]
-    phases, per_window = phase_latency(results, updates)
+    phases, per_window, worst = phase_latency(results, updates)
     twins = paired_windows(results, per_window, paired)
     chunk_max = rest_chunk_maxima(results, rest, sum(t2v) / len(t2v) if t2v else 0.0)
     med_sw = statistics.median(per_window) if per_window else None
@@ -472,7 +472,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
                           "rest_windows": len(chunk_max)},
         "ratio_window_max": round(med_sw / med_rest, 2) if med_sw and med_rest else None,
         "twins": twins,
-        "worst_in_switches": list(WORST),
+        "worst_in_switches": worst,
         "phases": phases,
         "trigger_to_verified_s": {"mean": round(sum(t2v) / len(t2v), 2) if t2v else None,
                                   "max": round(max(t2v), 2) if t2v else None},
@@ -488,11 +488,10 @@ PHASES = (("pickup", None, "requested"), ("fetch", "requested", "preparing"), ("
           ("canary", "canary", "switching"), ("handoff", "switching", "verifying"), ("verify", "verifying", "watching"))
 
 
-WORST: list[dict[str, Any]] = []  # the last phase_latency's worst requests, for the JSON
-
-
-def phase_latency(results: list[Any], updates: list[dict[str, Any]]) -> tuple[dict[str, Any], list[float]]:
-    """Fast-request latency by the update phase each request completed in, and each window's max.
+def phase_latency(results: list[Any], updates: list[dict[str, Any]]
+                  ) -> tuple[dict[str, Any], list[float], list[dict[str, Any]]]:
+    """Fast-request latency by the update phase each request completed in, each window's max, and the
+    worst requests of all the windows (which update, when, in which phase).
 
     The phases come from the daemon's journal (for (d) there are none: the whole window is "stop-start")."""
     by_phase: dict[str, list[float]] = collections.defaultdict(list)
@@ -519,11 +518,11 @@ def phase_latency(results: list[Any], updates: list[dict[str, Any]]) -> tuple[di
             by_phase[name].append(r.latency)
             worst_all.append((r.latency, u["i"], r.at - a, end - a, name))
         per_window.append(worst)
-    WORST[:] = [{"update": i, "latency_ms": round(lat * 1000, 2), "started_after_trigger_s": round(st, 3),
-                 "ended_after_trigger_s": round(en, 3), "phase": name}
-                for lat, i, st, en, name in sorted(worst_all, reverse=True)[:15]]
+    worst_list = [{"update": i, "latency_ms": round(lat * 1000, 2), "started_after_trigger_s": round(st, 3),
+                   "ended_after_trigger_s": round(en, 3), "phase": name}
+                  for lat, i, st, en, name in sorted(worst_all, reverse=True)[:15]]
     order = [n for n, _, _ in PHASES] + ["stop-start", "other"]
-    return {n: lat_stats(by_phase[n]) for n in order if by_phase.get(n)}, per_window
+    return {n: lat_stats(by_phase[n]) for n in order if by_phase.get(n)}, per_window, worst_list
 
 
 def window_max(fast: list[Any], starts: list[float], a: float, b: float) -> float:

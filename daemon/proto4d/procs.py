@@ -86,6 +86,7 @@ def lower_priority(pid: int) -> None:
 # Time Machine and Spotlight run in. Python 3.11 has no names for them (3.12's os.PRIO_DARWIN_*).
 PRIO_DARWIN_PROCESS = 4
 PRIO_DARWIN_BG = 0x1000
+CAP_SYS_NICE = 23  # linux/capability.h: what lets a process leave SCHED_IDLE whatever its RLIMIT_NICE
 
 
 def to_background(pid: int, platform: str = sys.platform, fallback: bool = True) -> str:
@@ -135,7 +136,14 @@ def can_leave_background(platform: str = sys.platform, status: Path = Path("/pro
         return False
 
 
-CAP_SYS_NICE = 23  # linux/capability.h
+def background_note(platform: str = sys.platform) -> str:
+    """Where this daemon's canaries start, and why not in the background class when they cannot
+    (said once at start, for whoever wonders why a canary's start competes with the app)."""
+    if can_leave_background(platform):
+        return "background class"
+    if platform.startswith("linux"):
+        return "normal priority (no CAP_SYS_NICE, and RLIMIT_NICE below 20: systemd's LimitNICE=20 allows it)"
+    return "normal priority (no background class on this platform)"
 
 
 def to_foreground(pid: int, platform: str = sys.platform) -> str | None:
@@ -154,20 +162,11 @@ def to_foreground(pid: int, platform: str = sys.platform) -> str | None:
             return "no background class on this platform"
         for _ in range(3):  # a thread or child started while the others were moved inherits the old class: again
             moved = 0
-            for p in [psutil.Process(pid), *_children(pid)]:
-                try:
-                    threads = p.threads()
-                except psutil.NoSuchProcess:
-                    if p.pid == pid:
-                        raise
-                    continue  # a child that ended meanwhile
-                for t in threads:
-                    try:
-                        if os.sched_getscheduler(t.id) == os.SCHED_IDLE:
-                            os.sched_setscheduler(t.id, os.SCHED_OTHER, os.sched_param(0))
-                            moved += 1
-                    except ProcessLookupError:  # that thread ended meanwhile
-                        continue
+            for tid in _threads(pid):
+                with contextlib.suppress(ProcessLookupError):  # that thread ended meanwhile
+                    if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                        moved += 1
             if not moved:
                 return None
         return "its threads keep entering SCHED_IDLE"
@@ -182,6 +181,16 @@ def _children(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+
+
+def _threads(pid: int) -> list[int]:
+    """The thread ids of `pid` and of its descendants (one that ended meanwhile is skipped; NoSuchProcess
+    when `pid` itself is gone)."""
+    tids = [t.id for t in psutil.Process(pid).threads()]
+    for child in _children(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tids.extend(t.id for t in child.threads())
+    return tids
 
 
 def kill_group(pid: int, sig: int) -> None:

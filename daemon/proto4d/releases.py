@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proto4d import exporttree, faults, fsutil, log
 from proto4d.config import Config, find_uv
@@ -342,6 +343,14 @@ def stable_interpreter(path: str) -> str:
 _IDENTITY: dict[tuple[str, tuple[int, int, int, int]], tuple[str, str]] = {}
 
 
+def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int = 32) -> None:
+    """Keep an answer in one of this module's caches of the daemon's life, emptied past `limit` entries
+    (a long-lived daemon meets a few interpreters and venvs, not thousands)."""
+    if len(cache) > limit:
+        cache.clear()
+    cache[key] = value
+
+
 def _file_stamp(path: str, follow: bool = True) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path, follow_symlinks=follow)
@@ -373,9 +382,7 @@ def python_identity(python: str) -> tuple[str, str]:
         raise ReleaseError(f"python: cannot run {python!r}: {e}") from None
     executable, version = out[0].strip() or exe, out[1].strip()
     if key is not None and version and os.path.realpath(executable) == real:
-        if len(_IDENTITY) > 16:
-            _IDENTITY.clear()
-        _IDENTITY[key] = (executable, version)
+        _remember(_IDENTITY, key, (executable, version), limit=16)
     return stable_interpreter(executable), version
 
 
@@ -416,8 +423,8 @@ def _stabilise_venv(venv: Path) -> None:
         cfg.write_text("\n".join(lines) + "\n")
 
 
-# Venvs whose interpreter ran, with the stamps of what that proved: (venv, interpreter) -> stamps.
-_VENV_RAN: dict[tuple[str, str], tuple[object, ...]] = {}
+# Venvs whose interpreter ran, with the stamps of what that proved: venv -> stamps.
+_VENV_RAN: dict[str, tuple[object, ...]] = {}
 
 
 def venv_problem(venv: Path, timeout: float = 30) -> str | None:
@@ -435,11 +442,10 @@ def venv_problem(venv: Path, timeout: float = 30) -> str | None:
         target = os.readlink(python) if python.is_symlink() else ""
         return (f"{python} -> {target}: the interpreter it was built from is gone (upgraded or removed)"
                 if target else f"{python} is missing")
-    real = os.path.realpath(python)
-    stamps = (_file_stamp(real), _file_stamp(str(python), follow=False), _file_stamp(str(venv / "venv.json")),
+    # The interpreter the link leads to, the link itself, and the venv's own records.
+    stamps = (_file_stamp(str(python)), _file_stamp(str(python), follow=False), _file_stamp(str(venv / "venv.json")),
               _file_stamp(str(venv / "pyvenv.cfg")))
-    key = (str(venv), real)
-    if None not in stamps and _VENV_RAN.get(key) == stamps:
+    if None not in stamps and _VENV_RAN.get(str(venv)) == stamps:
         return None
     try:
         run_cmd([str(python), "-c", "import sys, encodings"], timeout=timeout)
@@ -448,9 +454,7 @@ def venv_problem(venv: Path, timeout: float = 30) -> str | None:
     except OSError as e:
         return f"{python} cannot run: {e}"
     if None not in stamps:
-        if len(_VENV_RAN) > 32:
-            _VENV_RAN.clear()
-        _VENV_RAN[key] = stamps
+        _remember(_VENV_RAN, str(venv), stamps)
     return None
 
 
@@ -661,9 +665,7 @@ def check_installed(venv: Path, requirements_file: Path | None) -> list[str]:
     # distribution on another path of its sys.path), so reading the files can make nothing "missing".
     found = _installed_names(stamp)
     if found is not None and all(_canonical(n) in found for n in names):
-        if len(_INSTALLED) > 32:
-            _INSTALLED.clear()
-        _INSTALLED[key] = stamp
+        _remember(_INSTALLED, key, stamp)
         return []
     script = ("import sys, importlib.metadata as m\n"
               "for n in sys.argv[1:]:\n"
@@ -676,9 +678,7 @@ def check_installed(venv: Path, requirements_file: Path | None) -> list[str]:
         return [f"(cannot run the venv's python: {e})"]
     missing = [n for n in out.split() if n]
     if not missing and stamp:
-        if len(_INSTALLED) > 32:
-            _INSTALLED.clear()
-        _INSTALLED[key] = stamp
+        _remember(_INSTALLED, key, stamp)
     return missing
 
 

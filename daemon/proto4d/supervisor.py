@@ -31,7 +31,7 @@ from proto4d.inbox import Request, RequestRejected, claim, new_id, parse, prune_
 from proto4d.notices import Webhook
 from proto4d.notifier import Notifier
 from proto4d.paths import Paths
-from proto4d.procs import Cancel, Cancelled, PidRegistry, can_leave_background
+from proto4d.procs import Cancel, Cancelled, PidRegistry, background_note
 from proto4d.runner import Runner, RunnerDeps
 from proto4d.update import UpdateDeps, UpdateManager
 
@@ -115,12 +115,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR2, self._on_usr2)
         self.app_log = RotatingLog(self.paths.app_log, self.cfg.app.log_max_bytes, self.cfg.app.log_backups)
         faults.configure(self.paths.state)
-        # Said once, for whoever wonders why a canary's start competes with the app (runner.canary).
-        canary = ("background class" if can_leave_background() else
-                  "normal priority (no CAP_SYS_NICE, and RLIMIT_NICE below 20: systemd's LimitNICE=20 allows it)"
-                  if sys.platform.startswith("linux") else "normal priority (no background class on this platform)")
         self.log.info("daemon.starting", pid=os.getpid(), version=__version__, root=str(self.cfg.root),
-                      config=self.cfg.source, python=sys.version.split()[0], canary_start=canary)
+                      config=self.cfg.source, python=sys.version.split()[0], canary_start=background_note())
         try:
             # The first start can take minutes (a venv build): a stop signal must not wait for it.
             startup = asyncio.create_task(self._startup(), name="startup")
