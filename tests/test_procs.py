@@ -278,3 +278,40 @@ def test_an_app_process_that_cannot_start_is_dead_with_its_reason_not_an_excepti
     no_python = asyncio.run(go(tmp_path, str(tmp_path / "venvs/x/bin/python")))
     assert no_python.returncode == 127 and "could not execute" in no_python.exit_description()
     assert "not found" in no_python.last_lines()
+
+
+def test_holds_socket_sees_the_handed_out_socket_on_any_other_descriptor_until_it_is_let_go(tmp_path: Path):
+    """The handoff's look at the old process: the socket it was given, by inode, on a descriptor other
+    than the inherited one; gone once the drain shim points that descriptor at /dev/null."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    other = socket.create_server(("127.0.0.1", 0))
+    inode = os.fstat(listener.fileno()).st_ino
+    fd = listener.fileno()
+    script = textwrap.dedent(f"""
+        import os, sys
+        dup = os.dup({fd})                      # what uvicorn serves on
+        print(dup, flush=True)
+        sys.stdin.readline()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, dup)                       # what the drain shim does on SIGTERM
+        print("let go", flush=True)
+        sys.stdin.readline()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         pass_fds=(fd, other.fileno()))
+    try:
+        dup = int(p.stdout.readline())
+        assert procs.holds_socket(p.pid, {inode}, {fd}) is True
+        assert procs.holds_socket(p.pid, {inode}, {fd, dup}) is False  # only the inherited descriptors
+        assert procs.holds_socket(p.pid, {os.fstat(other.fileno()).st_ino}, {other.fileno()}) is False
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "let go"
+        assert procs.holds_socket(p.pid, {inode}, {fd}) is False
+    finally:
+        p.kill()
+        p.wait()
+        listener.close()
+        other.close()
+    assert procs.holds_socket(p.pid, {inode}, set()) is False  # gone
+    assert procs.holds_socket(p.pid, {inode}, set(), proc_root=tmp_path) is None  # no procfs: ask psutil

@@ -602,14 +602,19 @@ class Runner:
         answered by it. Wait (briefly) until it no longer listens.
 
         uvicorn dups the inherited fd and serves on the dup, leaving the inherited fd open until it
-        exits: only a listening socket on another fd means "still accepting". psutil runs in a thread
-        so a slow /proc read never stalls the loop.
+        exits: only the socket on another fd means "still accepting". Where /proc is readable that is
+        a look at the old process's descriptors for the sockets this daemon handed out (the drain shim
+        lets go of it at its loop's next turn, so the first looks come after 2, 4, 8 ms); elsewhere
+        psutil's list of its listening sockets on the port, in a thread (it reads every TCP socket of
+        the host).
         """
         deadline = time.monotonic() + timeout
         port = self.production_port
         inherited = set(old.pass_fds)
+        inodes = {os.fstat(s.fileno()).st_ino for s in (self.listener, *self._retired_listeners)
+                  if s is not None and s.fileno() >= 0}
 
-        def accepting() -> bool:
+        def listening() -> bool:
             try:
                 return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
                            and c.fd not in inherited
@@ -617,10 +622,15 @@ class Runner:
             except psutil.Error:
                 return False
 
+        pause = 0.002
         while old.alive and time.monotonic() < deadline:
-            if not await asyncio.to_thread(accepting):
+            held = procs.holds_socket(old.pid, inodes, inherited) if inodes else None
+            if held is None:
+                held = await asyncio.to_thread(listening)
+            if not held:
                 return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(pause)
+            pause = min(0.02, pause * 2)
 
     # -- canary
 
