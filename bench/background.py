@@ -10,6 +10,13 @@ normal load mix, in rounds whose class is drawn in a shuffled order:
   background  the OS's background class (`procs.to_background`: SCHED_IDLE on Linux, the darwin
               background band on macOS), what fetch, export, venv builds and checks get now
 
+`--floor`: what the background class cannot take away on this machine, with other rounds instead:
+
+  none        nothing at all (the burst is a sleep of 0.25 s): the bench's own noise
+  idle-spin   a busy loop in SCHED_IDLE / the background band (user space only)
+  idle-start  the sample app's interpreter importing what its start imports (uvicorn, the app's
+              main module), in the background class: a canary's start without the serving
+
 After each burst, a stretch at rest as long as it: the burst's own baseline, at the same moments of the
 run. Reported per class: fast requests (GET /, POST /echo) overlapping the bursts and overlapping the
 rest stretches, p50 / p99 / max, and the ratio burst / rest. A new commit is pushed to the origin before
@@ -25,13 +32,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import common
-from common import LoadSet, fmt, lat_stats, log, md_table
+from common import LoadSet, fmt, lat_stats, log, md_table, sign_test
 from proto4d import procs, releases
 
 CLASSES = ("normal", "nice", "background")
+FLOOR = ("none", "background", "idle-spin", "idle-start")
 SETTLE_S = 0.5
+SPIN_S = 0.25  # about a canary's start at the sample app's size
 
 
 def apply_class(name: str) -> None:
@@ -62,30 +72,49 @@ def burst(mirror: releases.Mirror, branch: str, venv: Path, scratch: Path, n: in
         raise RuntimeError(problem)
 
 
+def floor_burst(kind: str, python: Path, app_dir: Path) -> None:
+    """A round of --floor: what runs in the background class instead of an update's preparation."""
+    if kind == "none":
+        time.sleep(SPIN_S)
+        return
+    spin = f"import time\ne = time.monotonic() + {SPIN_S!r}\nwhile time.monotonic() < e: pass"
+    code = spin if kind == "idle-spin" else "import sys; sys.path.insert(0, '.'); import uvicorn.main, main"
+    procs.run([str(python), "-c", code], cwd=app_dir, timeout=60, background=True)
+
+
+def window_max(results: list[Any], a: float, b: float) -> float:
+    return max((r.latency for r in results if r.at < b and r.at + r.latency > a), default=0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="./dev bench background", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=60, help="rounds per class (default 60)")
     p.add_argument("--rest-s", type=float, default=1.0, help="at least this much rest between rounds (default 1)")
+    p.add_argument("--floor", action="store_true",
+                   help="rounds of none / background / idle-spin / idle-start instead (see above)")
     p.add_argument("--seed", type=int, default=None, help="the shuffle's seed (printed when not given)")
     common.add_run_args(p, "the run")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     rng = random.Random(seed)
     base = Path(tempfile.mkdtemp(prefix="proto4d-bench-background-"))
-    log(f"background bench: {args.rounds} rounds x {CLASSES}, seed {seed}; scratch {base}")
+    classes = FLOOR if args.floor else CLASSES
+    log(f"background bench: {args.rounds} rounds x {classes}, seed {seed}; scratch {base}")
     origin = common.Origin(base)
     origin.commit("1")
     d = common.new_daemon(base / "daemon", origin)
-    order = [c for c in CLASSES for _ in range(args.rounds)]
+    order = [c for c in classes for _ in range(args.rounds)]
     rng.shuffle(order)
-    windows: dict[str, list[tuple[float, float]]] = {c: [] for c in CLASSES}
-    rests: dict[str, list[tuple[float, float]]] = {c: [] for c in CLASSES}
+    windows: dict[str, list[tuple[float, float]]] = {c: [] for c in classes}
+    rests: dict[str, list[tuple[float, float]]] = {c: [] for c in classes}
     try:
         d.start(timeout=300)
         venv = next(p for p in (d.root / "venvs").iterdir() if (p / "venv.json").is_file())
         mirror = releases.Mirror(base / "mirror.git", str(origin.bare))
         mirror.fetch(branch="main")
+        python = venv / "bin" / "python"
+        app_dir = d.root / "current"
         scratch = base / "exports"
         scratch.mkdir()
         load = LoadSet(d.port, common.MIXES["normal"]).start()
@@ -94,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             for i, cls in enumerate(order):
                 origin.commit(str(i + 2))
                 time.sleep(SETTLE_S)
-                apply_class(cls)
+                apply_class(cls if cls in CLASSES else "background")
                 a = time.time()
-                burst(mirror, "main", venv, scratch, i)
+                if cls in CLASSES:
+                    burst(mirror, "main", venv, scratch, i)
+                else:
+                    floor_burst(cls, python, app_dir)
                 b = time.time()
                 apply_class("background")
                 windows[cls].append((a, b))
@@ -119,23 +151,30 @@ def main(argv: list[str] | None = None) -> int:
             d.cleanup()
 
     rows, out = [], {}
-    for cls in CLASSES:
+    for cls in classes:
         ws, rs = sorted(windows[cls]), sorted(rests[cls])
         during = lat_stats([r.latency for r in results if common.overlaps(r, ws)])
         rest = lat_stats([r.latency for r in results if common.overlaps(r, rs)])
         burst_ms = 1000 * sum(b - a for a, b in ws) / len(ws) if ws else 0.0
-        out[cls] = {"burst": during, "rest": rest, "burst_ms_mean": round(burst_ms, 1)}
+        pairs = [(window_max(results, a, b), window_max(results, c, d)) for (a, b), (c, d) in
+                 zip(windows[cls], rests[cls], strict=True)]
+        twins = sign_test([(x, y) for x, y in pairs if x > 0 and y > 0])
+        out[cls] = {"burst": during, "rest": rest, "burst_ms_mean": round(burst_ms, 1), "twins": twins}
         rows.append([cls, fmt(burst_ms), during["n"], f"{fmt(during['p50'])} / {fmt(rest['p50'])}",
                      f"{fmt(during['p99'])} / {fmt(rest['p99'])}", f"{fmt(during['max'])} / {fmt(rest['max'])}",
                      fmt(during["p99"] / rest["p99"], 2) if rest["p99"] else "-",
-                     fmt(during["max"] / rest["max"], 2) if rest["max"] else "-"])
+                     fmt(during["max"] / rest["max"], 2) if rest["max"] else "-",
+                     f"{twins['worse']}/{twins['n']} (p {fmt(twins['p_sign'], 3)}), {fmt(twins['median_ratio'], 2)}"])
     print(f"\n## Latency beside an update's preparation, by class ({args.rounds} rounds each, seed {seed})\n")
-    print(f"Command: `./dev bench background --rounds {args.rounds} --seed {seed}`; {failed} failed requests.\n")
+    print(f"Command: `./dev bench background --rounds {args.rounds} --seed {seed}{' --floor' if args.floor else ''}`; "
+          f"{failed} failed requests.\n")
     print(md_table(["class", "burst ms (mean)", "requests in bursts", "p50 burst / rest", "p99 burst / rest",
-                    "max burst / rest", "p99 ratio", "max ratio"], rows))
+                    "max burst / rest", "p99 ratio", "max ratio",
+                    "rounds worse than their rest (sign test), median ratio"], rows))
     print("\nms, fast requests overlapping the bursts / overlapping a stretch at rest as long as each burst, "
-          "right after it.")
-    path = common.write_json("background", {"seed": seed, "rounds": args.rounds, "failed": failed, "classes": out,
+          "right after it. The last column compares each round's worst request with its own rest stretch's.")
+    path = common.write_json("background", {"seed": seed, "rounds": args.rounds, "floor": args.floor,
+                                            "failed": failed, "classes": out,
                                             "machine": common.machine()})
     print(f"\nJSON: {path.relative_to(common.ROOT)}")
     return 0

@@ -13,11 +13,13 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -357,6 +359,18 @@ def slow_ms(path: str) -> int | None:
         return None
     m = re.search(r"ms=(\d+)", path)
     return int(m.group(1)) if m else 500
+
+
+def sign_test(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """(worse, better) pairs: in how many the first was worse, the sign test's two-sided p for "no
+    effect", and the median ratio."""
+    n = sum(1 for sw, rest in pairs if sw != rest)  # a tie says nothing either way
+    worse = sum(1 for sw, rest in pairs if sw > rest)
+    tail = min(worse, n - worse)
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(tail + 1)) / 2 ** n) if n else None
+    ratios = [sw / rest for sw, rest in pairs]
+    return {"n": n, "worse": worse, "p_sign": round(p, 4) if p is not None else None,
+            "median_ratio": round(statistics.median(ratios), 2) if ratios else None}
 
 
 def is_fast(r: Result) -> bool:

@@ -11,6 +11,9 @@
   (e) gunicorn    the peer users would pick instead: gunicorn with uvicorn workers
                   (`-k uvicorn.workers.UvicornWorker -w 2`), updated by git pull and SIGHUP to the master,
                   its documented graceful reload (new workers start, old ones finish their requests)
+  (0) null        not run unless named: (a)'s daemon and cycle (commit, push, settle, a "switch window"
+                  of --null-window-s, its twin at rest) with no update triggered. What the latency
+                  comparisons say when a switch changes nothing: the bench's own noise floor.
 
 Each variant gets N updates alternating two healthy versions, under each load mix (see common.MIXES):
 normal (~70-90 req/s, users with think time, keep-alive and fresh connections, GET and POST with a
@@ -34,10 +37,11 @@ import bisect
 import collections
 import contextlib
 import functools
+import gzip
 import http.client
 import json
-import math
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -48,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import common
-from common import LoadSet, Target, fmt, lat_stats, log, md_table
+from common import LoadSet, Target, fmt, lat_stats, log, md_table, percentile, sign_test
 
 VARIANTS: dict[str, tuple[str, str]] = {
     "drain": ("a", "promotion in place + drain shim (as shipped)"),
@@ -57,6 +61,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "stop-start": ("c", "stop-then-start (no {fd})"),
     "old-way": ("d", "old way: stop, pip install --upgrade, start"),
     "gunicorn": ("e", "gunicorn + UvicornWorker, git pull + SIGHUP"),
+    "null": ("0", "no update: the bench's cycle (commit, push, wait) with nothing triggered"),
 }
 STOP_START_COMMAND = ["{python}", "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", "{port}"]
 
@@ -70,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=20, help="updates per variant and mix (default 20)")
     p.add_argument("--old-way-updates", type=int, metavar="N",
                    help="updates for (d) only (default: --updates; each costs a pip run of a few seconds)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "null"),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--mixes", default="normal,stress", help="comma-separated subset of normal,stress")
     p.add_argument("--uvicorn", default="0.54", choices=["0.54", "0.24", "both"],
@@ -80,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--watch-s", type=float, default=0.5, help="update.watch_s for the daemons (default 0.5)")
     p.add_argument("--gap-s", type=float, default=0.5,
                    help="pause after the old process has exited and before the next update (default 0.5)")
+    p.add_argument("--null-window-s", type=float, default=1.0,
+                   help="(0) null: the length of each window that stands in for an update (default 1.0)")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 100 --uvicorn both --rest-s 60")
     common.add_run_args(p, "each run")
     args = p.parse_args(argv)
@@ -104,6 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- (a)-(c): through proto4d
+
+
+def null_update(d: Any, window_s: float) -> tuple[str, float, dict[str, Any]]:
+    """(0): a window of `window_s` with the bench doing what it does during a switch (polling an answer
+    file every 20 ms) and no update: (id, trigger, answer)."""
+    req_id = f"null-{os.urandom(3).hex()}"
+    t = time.time()
+    rest_piece(window_s, poll=functools.partial(common.answer_of, d, req_id))  # no such answer: the same reads
+    return req_id, t, {"state": "done", "at": time.time()}
 
 
 def daemon_overrides(variant: str, watch_s: float) -> dict[str, Any]:
@@ -155,10 +171,14 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
                 pushed = time.time()
                 time.sleep(COMMIT_SETTLE_S)
                 old_pid = d.status()["app"]["pid"]
-                req_id, t_trigger = common.trigger_update(d, reason=f"bench {variant} {mix} {i + 1}")
-                answer = common.wait_answer(d, req_id, timeout=180)
+                if variant == "null":
+                    old_pid = None
+                    req_id, t_trigger, answer = null_update(d, args.null_window_s)
+                else:
+                    req_id, t_trigger = common.trigger_update(d, reason=f"bench {variant} {mix} {i + 1}")
+                    answer = common.wait_answer(d, req_id, timeout=180)
                 t_final = time.time()
-                steps = common.step_times(common.journal_for(d, req_id))
+                steps = {} if variant == "null" else common.step_times(common.journal_for(d, req_id))
                 verified = steps.get("watching", answer.get("at", t_final))
                 updates.append({
                     "i": i + 1, "id": req_id, "outcome": answer.get("state"), "trigger": t_trigger, "pushed": pushed,
@@ -404,6 +424,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
             extra: dict[str, Any], paired: list[tuple[float, float]]) -> dict[str, Any]:
     results = load.results()
     duration = load.stopped - load.started
+    raw = dump_raw(variant, mix, results, updates, paired, rest)
     windows = [(u["trigger"], u["verified"]) for u in updates]
     handoffs = [(u["switching"], u["verified"]) for u in updates]
     triggers = [u["trigger"] for u in updates] + [float("inf")]
@@ -439,6 +460,7 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
     t2v = [u["verified"] - u["trigger"] for u in updates]
     phases, per_window, worst = phase_latency(results, updates)
     twins = paired_windows(results, per_window, paired)
+    twins["phases"] = phase_twins(results, updates, paired)
     chunk_max = rest_chunk_maxima(results, rest, sum(t2v) / len(t2v) if t2v else 0.0)
     med_sw = statistics.median(per_window) if per_window else None
     med_rest = statistics.median(chunk_max) if chunk_max else None
@@ -479,9 +501,24 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
         "outage_s": {"mean": round(sum(outages) / len(outages), 2) if outages else 0.0,
                      "max": round(max(outages), 2) if outages else 0.0},
         "rest_window": [rest[0], rest[1]],
+        "raw": str(raw),
         "update_list": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in u.items()} for u in updates],
         **extra,
     }
+
+
+def dump_raw(variant: str, mix: str, results: list[Any], updates: list[dict[str, Any]],
+             paired: list[tuple[float, float]], rest: tuple[float, float]) -> Path:
+    """Every request's start, latency and outcome beside the run's windows (gzip JSON, git-ignored with
+    the results): a question the tables did not ask can be answered without another hour of load."""
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    path = common.RESULTS / f"switch-{time.strftime('%Y%m%d-%H%M%S')}-{variant}-{mix}-raw.json.gz"
+    doc = {"fields": ["at", "latency", "ok", "fast", "method"],
+           "requests": [[round(r.at, 6), round(r.latency, 6), r.ok, common.is_fast(r), r.method] for r in results],
+           "updates": updates, "paired": paired, "rest": rest}
+    with gzip.open(path, "wt") as f:
+        json.dump(doc, f)
+    return path
 
 
 PHASES = (("pickup", None, "requested"), ("fetch", "requested", "preparing"), ("prepare", "preparing", "canary"),
@@ -542,13 +579,50 @@ def paired_windows(results: list[Any], per_window: list[float], paired: list[tup
     starts = [r.at for r in fast]
     pairs = [(sw, window_max(fast, starts, a, b)) for sw, (a, b) in zip(per_window, paired, strict=False)]
     pairs = [(sw, rest) for sw, rest in pairs if sw > 0 and rest > 0]
-    n = sum(1 for sw, rest in pairs if sw != rest)  # a tie says nothing either way
-    worse = sum(1 for sw, rest in pairs if sw > rest)
-    tail = min(worse, n - worse)
-    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(tail + 1)) / 2 ** n) if n else None
-    ratios = [sw / rest for sw, rest in pairs]
-    return {"n": n, "worse": worse, "p_sign": round(p, 4) if p is not None else None,
-            "median_ratio": round(statistics.median(ratios), 2) if ratios else None}
+    return {**sign_test(pairs), **max_ratio_null(pairs)}
+
+
+def max_ratio_null(pairs: list[tuple[float, float]], shuffles: int = 4000, limit: float = 1.1) -> dict[str, Any]:
+    """What the target's statistic (the max over all switch windows / the max over all their twins) does
+    when a switch changes nothing: each pair's two windows swapped at random (a paired permutation). How
+    often it still comes out at or under `limit`, and where the observed ratio falls among the shuffles.
+    A max of a few thousand requests is one request: this says how much of a verdict it can carry."""
+    if not pairs:
+        return {}
+    rng = random.Random(12)  # fixed: the same data gives the same figures
+    observed = max(sw for sw, _ in pairs) / max(r for _, r in pairs)
+    ratios = []
+    for _ in range(shuffles):
+        a = b = 0.0
+        for sw, rest in pairs:
+            if rng.random() < 0.5:
+                sw, rest = rest, sw
+            a, b = max(a, sw), max(b, rest)
+        ratios.append(a / b)
+    return {"null_under_limit": round(sum(1 for x in ratios if x <= limit) / shuffles, 3),
+            "null_p90": round(percentile(ratios, 90), 2),
+            "observed_rank": round(sum(1 for x in ratios if x < observed) / shuffles, 3)}
+
+
+def phase_twins(results: list[Any], updates: list[dict[str, Any]], paired: list[tuple[float, float]]
+                ) -> dict[str, Any]:
+    """Each phase of each update against the same stretch of its twin at rest (the same offsets from the
+    twin's start): which phase, if any, makes a switch window worse than its twin."""
+    fast = [r for r in results if r.ok and common.is_fast(r)]
+    starts = [r.at for r in fast]
+    pairs: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for u, (p0, _) in zip(updates, paired, strict=False):
+        a, steps = u["trigger"], u.get("steps", {})
+        for name, lo, hi in PHASES:
+            if hi not in steps or (lo is not None and lo not in steps):
+                continue
+            x, y = (steps[lo] if lo else 0.0), steps[hi]
+            if y <= x:
+                continue
+            sw, rest = window_max(fast, starts, a + x, a + y), window_max(fast, starts, p0 + x, p0 + y)
+            if sw > 0 and rest > 0:
+                pairs[name].append((sw, rest))
+    return {name: sign_test(pairs[name]) for name, _, _ in PHASES if pairs.get(name)}
 
 
 def rest_chunk_maxima(results: list[Any], rest: tuple[float, float], length: float) -> list[float]:
@@ -611,14 +685,23 @@ def phase_table(runs: list[dict[str, Any]]) -> str:
 def twins_note(t: dict[str, Any] | None) -> str:
     if not t or not t.get("n"):
         return "no switch window with a twin at rest"
-    return (f"worst request worse than in its twin at rest in {t['worse']} of {t['n']} updates (sign test "
+    note = (f"worst request worse than in its twin at rest in {t['worse']} of {t['n']} updates (sign test "
             f"p {fmt(t['p_sign'], 3)}), median ratio {fmt(t['median_ratio'], 2)}")
+    if "null_under_limit" in t:
+        note += (f"; with each update's two windows swapped at random the ratio is <= 1.1 in "
+                 f"{t['null_under_limit'] * 100:.0f}% of shuffles (90th percentile {fmt(t['null_p90'], 2)}x), "
+                 f"the observed one above {t['observed_rank'] * 100:.0f}% of them")
+    by_phase = t.get("phases") or {}
+    if by_phase:
+        note += "; by phase, worse than the twin's same stretch: " + ", ".join(
+            f"{name} {v['worse']}/{v['n']} (p {fmt(v['p_sign'], 3)})" for name, v in by_phase.items())
+    return note
 
 
 def targets(runs: list[dict[str, Any]]) -> list[Target]:
     out = []
     for r in runs:
-        if r["variant"] not in ("drain", "two-start"):
+        if r["variant"] not in ("drain", "two-start", "null"):
             continue
         key = VARIANTS[r["variant"]][0]
         where = f"{r['mix']}, uvicorn {r['uvicorn']}"
