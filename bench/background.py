@@ -16,6 +16,12 @@ normal load mix, in rounds whose class is drawn in a shuffled order:
   idle-spin   a busy loop in SCHED_IDLE / the background band (user space only)
   idle-start  the sample app's interpreter importing what its start imports (uvicorn, the app's
               main module), in the background class: a canary's start without the serving
+  idle-fsync  20 small files written and fsynced one by one, in the background class: the I/O an
+              update's journal, release.json and symlinks cause (the kernel's journal and block
+              threads that carry it out are not in the class)
+
+The preparation's own Python (what the daemon does between its commands) runs in a worker process at
+the normal class, as in the daemon: not in this process, whose threads are the load.
 
 After each burst, a stretch at rest as long as it: the burst's own baseline, at the same moments of the
 run. Reported per class: fast requests (GET /, POST /echo) overlapping the bursts and overlapping the
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +46,7 @@ from common import LoadSet, fmt, lat_stats, log, md_table, sign_test
 from proto4d import procs, releases
 
 CLASSES = ("normal", "nice", "background")
-FLOOR = ("none", "background", "idle-spin", "idle-start")
+FLOOR = ("none", "background", "idle-spin", "idle-start", "idle-fsync")
 SETTLE_S = 0.5
 SPIN_S = 0.25  # about a canary's start at the sample app's size
 
@@ -77,9 +84,31 @@ def floor_burst(kind: str, python: Path, app_dir: Path) -> None:
     if kind == "none":
         time.sleep(SPIN_S)
         return
-    spin = f"import time\ne = time.monotonic() + {SPIN_S!r}\nwhile time.monotonic() < e: pass"
-    code = spin if kind == "idle-spin" else "import sys; sys.path.insert(0, '.'); import uvicorn.main, main"
+    code = {
+        "idle-spin": f"import time\ne = time.monotonic() + {SPIN_S!r}\nwhile time.monotonic() < e: pass",
+        "idle-start": "import sys; sys.path.insert(0, '.'); import uvicorn.main, main",
+        "idle-fsync": ("import os, tempfile\nd = tempfile.mkdtemp()\nfor i in range(20):\n"
+                       "    with open(os.path.join(d, str(i)), 'wb') as f:\n"
+                       "        f.write(os.urandom(2048)); f.flush(); os.fsync(f.fileno())\n"
+                       "fd = os.open(d, os.O_RDONLY); os.fsync(fd); os.close(fd)"),
+    }[kind]
     procs.run([str(python), "-c", code], cwd=app_dir, timeout=60, background=True)
+
+
+def worker(argv: list[str]) -> int:
+    """`background.py --worker MIRROR ORIGIN VENV SCRATCH`: runs a burst for each `CLASS N` line on
+    stdin and answers `ok` (or `error ...`); the bench's side of a round is one line each way."""
+    mirror_path, origin, venv, scratch = argv
+    mirror = releases.Mirror(Path(mirror_path), origin)
+    for line in sys.stdin:
+        cls, n = line.split()
+        apply_class(cls)
+        try:
+            burst(mirror, "main", Path(venv), Path(scratch), int(n))
+            print("ok", flush=True)
+        except Exception as e:  # the bench stops on it, with the reason
+            print(f"error {type(e).__name__}: {e}", flush=True)
+    return 0
 
 
 def window_max(results: list[Any], a: float, b: float) -> float:
@@ -92,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=60, help="rounds per class (default 60)")
     p.add_argument("--rest-s", type=float, default=1.0, help="at least this much rest between rounds (default 1)")
     p.add_argument("--floor", action="store_true",
-                   help="rounds of none / background / idle-spin / idle-start instead (see above)")
+                   help="rounds of none / background / idle-spin / idle-start / idle-fsync instead (see above)")
     p.add_argument("--seed", type=int, default=None, help="the shuffle's seed (printed when not given)")
     common.add_run_args(p, "the run")
     args = p.parse_args(argv)
@@ -117,20 +146,29 @@ def main(argv: list[str] | None = None) -> int:
         app_dir = d.root / "current"
         scratch = base / "exports"
         scratch.mkdir()
+        work = subprocess.Popen([sys.executable, __file__, "--worker", str(base / "mirror.git"), str(origin.bare),
+                                 str(venv), str(scratch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert work.stdin is not None and work.stdout is not None
+
+        def run_burst(cls: str, n: int) -> None:
+            work.stdin.write(f"{cls} {n}\n")
+            work.stdin.flush()
+            answer = work.stdout.readline().strip()
+            if answer != "ok":
+                raise RuntimeError(f"the burst worker: {answer or 'exited'}")
+
         load = LoadSet(d.port, common.MIXES["normal"]).start()
         try:
             time.sleep(2)
             for i, cls in enumerate(order):
                 origin.commit(str(i + 2))
                 time.sleep(SETTLE_S)
-                apply_class(cls if cls in CLASSES else "background")
                 a = time.time()
                 if cls in CLASSES:
-                    burst(mirror, "main", venv, scratch, i)
+                    run_burst(cls, i)
                 else:
                     floor_burst(cls, python, app_dir)
                 b = time.time()
-                apply_class("background")
                 windows[cls].append((a, b))
                 time.sleep(0.2)  # the burst's processes reaped, its last requests answered
                 r0 = time.time()
@@ -143,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             load.stop()
         results = [r for r in load.results() if r.ok and common.is_fast(r)]
         failed = sum(1 for r in load.results() if not r.ok)
+        work.stdin.close()
+        work.wait(30)
     finally:
-        apply_class("background")
         with contextlib.suppress(Exception):
             d.stop(60)
         if not args.keep:
@@ -181,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(worker(sys.argv[2:]) if sys.argv[1:2] == ["--worker"] else main())
