@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import common
 from common import LoadSet, fmt, lat_stats, log, md_table, sign_test
@@ -109,10 +108,6 @@ def worker(argv: list[str]) -> int:
         except Exception as e:  # the bench stops on it, with the reason
             print(f"error {type(e).__name__}: {e}", flush=True)
     return 0
-
-
-def window_max(results: list[Any], a: float, b: float) -> float:
-    return max((r.latency for r in results if r.at < b and r.at + r.latency > a), default=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             d.cleanup()
 
     rows, out = [], {}
+    starts = [r.at for r in results]  # results: fast ones, sorted by start
     for cls in classes:
         ws, rs = sorted(windows[cls]), sorted(rests[cls])
         during = lat_stats([r.latency for r in results if common.overlaps(r, ws)])
         rest = lat_stats([r.latency for r in results if common.overlaps(r, rs)])
         burst_ms = 1000 * sum(b - a for a, b in ws) / len(ws) if ws else 0.0
-        pairs = [(window_max(results, a, b), window_max(results, c, d)) for (a, b), (c, d) in
-                 zip(windows[cls], rests[cls], strict=True)]
+        pairs = [(common.window_max(results, starts, a, b), common.window_max(results, starts, c, d))
+                 for (a, b), (c, d) in zip(windows[cls], rests[cls], strict=True)]
         twins = sign_test([(x, y) for x, y in pairs if x > 0 and y > 0])
         out[cls] = {"burst": during, "rest": rest, "burst_ms_mean": round(burst_ms, 1), "twins": twins}
         rows.append([cls, fmt(burst_ms), during["n"], f"{fmt(during['p50'])} / {fmt(rest['p50'])}",

@@ -361,6 +361,15 @@ def slow_ms(path: str) -> int | None:
     return int(m.group(1)) if m else 500
 
 
+def window_max(fast: list[Any], starts: list[float], a: float, b: float) -> float:
+    """The worst latency of the fast requests overlapping [a, b] (`fast` sorted by start, `starts` theirs)."""
+    worst = 0.0
+    for r in fast[bisect.bisect_left(starts, a - 30):bisect.bisect_right(starts, b)]:
+        if r.at < b and r.at + r.latency > a:
+            worst = max(worst, r.latency)
+    return worst
+
+
 def sign_test(pairs: list[tuple[float, float]]) -> dict[str, Any]:
     """(worse, better) pairs: in how many the first was worse, the sign test's two-sided p for "no
     effect", and the median ratio."""

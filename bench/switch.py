@@ -458,9 +458,11 @@ def analyse(variant: str, mix: str, load: LoadSet, rest: tuple[float, float], up
                 "method": r.method, "path": r.path, "kind": load.kind_of.get(r.user, "?"),
                 "error": r.error or f"HTTP {r.status}"} for r in failed[:25]]
     t2v = [u["verified"] - u["trigger"] for u in updates]
-    phases, per_window, worst = phase_latency(results, updates)
-    twins = paired_windows(results, per_window, paired)
-    twins["phases"] = phase_twins(results, updates, paired)
+    fast = [r for r in results if r.ok and common.is_fast(r)]  # sorted by start, as results are
+    starts = [r.at for r in fast]
+    phases, per_window, worst = phase_latency(fast, starts, updates)
+    twins = paired_windows(fast, starts, per_window, paired)
+    twins["phases"] = phase_twins(fast, starts, updates, paired)
     chunk_max = rest_chunk_maxima(results, rest, sum(t2v) / len(t2v) if t2v else 0.0)
     med_sw = statistics.median(per_window) if per_window else None
     med_rest = statistics.median(chunk_max) if chunk_max else None
@@ -525,7 +527,7 @@ PHASES = (("pickup", None, "requested"), ("fetch", "requested", "preparing"), ("
           ("canary", "canary", "switching"), ("handoff", "switching", "verifying"), ("verify", "verifying", "watching"))
 
 
-def phase_latency(results: list[Any], updates: list[dict[str, Any]]
+def phase_latency(fast: list[Any], starts: list[float], updates: list[dict[str, Any]]
                   ) -> tuple[dict[str, Any], list[float], list[dict[str, Any]]]:
     """Fast-request latency by the update phase each request completed in, each window's max, and the
     worst requests of all the windows (which update, when, in which phase).
@@ -534,8 +536,6 @@ def phase_latency(results: list[Any], updates: list[dict[str, Any]]
     by_phase: dict[str, list[float]] = collections.defaultdict(list)
     per_window: list[float] = []
     worst_all: list[tuple[float, int, float, float, str]] = []
-    fast = [r for r in results if r.ok and common.is_fast(r)]
-    starts = [r.at for r in fast]
     for u in updates:
         a, b = u["trigger"], u["verified"]
         steps = u.get("steps", {})
@@ -562,22 +562,12 @@ def phase_latency(results: list[Any], updates: list[dict[str, Any]]
     return {n: lat_stats(by_phase[n]) for n in order if by_phase.get(n)}, per_window, worst_list
 
 
-def window_max(fast: list[Any], starts: list[float], a: float, b: float) -> float:
-    """The worst latency of the fast requests overlapping [a, b] (`fast` sorted by start, `starts` theirs)."""
-    worst = 0.0
-    for r in fast[bisect.bisect_left(starts, a - 30):bisect.bisect_right(starts, b)]:
-        if r.at < b and r.at + r.latency > a:
-            worst = max(worst, r.latency)
-    return worst
-
-
-def paired_windows(results: list[Any], per_window: list[float], paired: list[tuple[float, float]]) -> dict[str, Any]:
+def paired_windows(fast: list[Any], starts: list[float], per_window: list[float],
+                   paired: list[tuple[float, float]]) -> dict[str, Any]:
     """Each switch window against its own twin at rest (as long, right after that update): in how many
     updates the switch's worst request was worse, and the sign test's two-sided p for "no effect" (then
     about half are worse, whatever the host's noise does to the maxima themselves)."""
-    fast = [r for r in results if r.ok and common.is_fast(r)]
-    starts = [r.at for r in fast]
-    pairs = [(sw, window_max(fast, starts, a, b)) for sw, (a, b) in zip(per_window, paired, strict=False)]
+    pairs = [(sw, common.window_max(fast, starts, a, b)) for sw, (a, b) in zip(per_window, paired, strict=False)]
     pairs = [(sw, rest) for sw, rest in pairs if sw > 0 and rest > 0]
     return {**sign_test(pairs), **max_ratio_null(pairs)}
 
@@ -604,12 +594,10 @@ def max_ratio_null(pairs: list[tuple[float, float]], shuffles: int = 4000, limit
             "observed_rank": round(sum(1 for x in ratios if x < observed) / shuffles, 3)}
 
 
-def phase_twins(results: list[Any], updates: list[dict[str, Any]], paired: list[tuple[float, float]]
-                ) -> dict[str, Any]:
+def phase_twins(fast: list[Any], starts: list[float], updates: list[dict[str, Any]],
+                paired: list[tuple[float, float]]) -> dict[str, Any]:
     """Each phase of each update against the same stretch of its twin at rest (the same offsets from the
     twin's start): which phase, if any, makes a switch window worse than its twin."""
-    fast = [r for r in results if r.ok and common.is_fast(r)]
-    starts = [r.at for r in fast]
     pairs: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for u, (p0, _) in zip(updates, paired, strict=False):
         a, steps = u["trigger"], u.get("steps", {})
@@ -619,7 +607,7 @@ def phase_twins(results: list[Any], updates: list[dict[str, Any]], paired: list[
             x, y = (steps[lo] if lo else 0.0), steps[hi]
             if y <= x:
                 continue
-            sw, rest = window_max(fast, starts, a + x, a + y), window_max(fast, starts, p0 + x, p0 + y)
+            sw, rest = common.window_max(fast, starts, a + x, a + y), common.window_max(fast, starts, p0 + x, p0 + y)
             if sw > 0 and rest > 0:
                 pairs[name].append((sw, rest))
     return {name: sign_test(pairs[name]) for name, _, _ in PHASES if pairs.get(name)}

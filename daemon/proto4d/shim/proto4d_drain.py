@@ -628,7 +628,7 @@ def _prompt_exit():
 
     async def startup(self, *args, **kwargs):
         await original_startup(self, *args, **kwargs)
-        _freeze_startup_heap()
+        _freeze_startup_heap()  # here: the one startup wrapper every shim run installs
         if getattr(getattr(self, "config", None), "fd", None) is None:
             return
         # A wake-up descriptor, unless one is set already (asyncio's add_signal_handler sets its own):
