@@ -460,6 +460,8 @@ class _Promoter:
                 self.task = loop.create_task(self._promote())
             elif line.strip() == b"promote":
                 _say(self.control_fd, "promoted" if self.done else "refused a promotion is in progress")
+            elif line.strip() == b"modules":  # what a spare may import ahead of the next release
+                _answer_modules(self.control_fd)
 
     def _factory(self):
         """The protocol factory uvicorn's startup() builds (uvicorn 0.2x to 0.5x: keyword arguments)."""
@@ -664,10 +666,184 @@ def _prompt_exit():
 _wakeup = []  # the wake-up socket pair, once set
 
 
+SPARE_FD_ENV = "PROTO4D_SPARE_FD"
+SPARE_FLAG = "--proto4d-spare"
+_MAX_MESSAGE = 8 << 20  # a module list of a large app is ~100 KB; anything near this is not ours
+_MAX_FDS = 8
+
+
+def _module_list():
+    """What this process imported from its interpreter's library and its venv, in import order: what a
+    spare may import ahead of the next release. Never the app's own code (the working directory, any
+    path a .pth or an editable install adds), never this shim or __main__."""
+    here = os.path.realpath(os.getcwd())
+    roots = []
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
+        real = os.path.realpath(prefix)
+        if real != "/" and not (here + os.sep).startswith(real + os.sep):
+            roots.append(real + os.sep)
+    names = []
+    for name, module in list(sys.modules.items()):
+        if name in ("__main__", "proto4d_drain") or module is None:
+            continue
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str):
+            continue
+        real = os.path.realpath(path)
+        if real.startswith(here + os.sep) or not any(real.startswith(r) for r in roots):
+            continue
+        names.append(name)
+    return names
+
+
+def _answer_modules(fd):
+    """`modules` on the control socket: the list, as one JSON line (written whole, however long)."""
+    data = ("modules " + json.dumps(_module_list(), separators=(",", ":")) + "\n").encode("utf-8", "replace")
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.setblocking(True)
+        sock.settimeout(10)
+        sock.sendall(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, False)
+
+
+class _SpareGone(Exception):
+    """The daemon closed its end (or broke the protocol): the spare ends quietly."""
+
+
+def _spare_line(sock, buf):
+    while b"\n" not in buf:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise _SpareGone("the daemon closed the spare's socket")
+        buf += chunk
+        if len(buf) > _MAX_MESSAGE:
+            raise _SpareGone("a message longer than any the daemon sends")
+    line, _, rest = buf.partition(b"\n")
+    return line.decode("utf-8", "replace"), rest
+
+
+def _spare_send(sock, text):
+    sock.sendall((text.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+
+
+def _shadowed(cwd):
+    """A module already imported here that the release's own tree would shadow at a cold start
+    (its directory comes first on sys.path there): then this process would run different code."""
+    import importlib.machinery
+
+    suffixes = (".py", ".pyc", *importlib.machinery.EXTENSION_SUFFIXES)
+    try:
+        entries = set(os.listdir(cwd))
+    except OSError as exc:
+        return f"cannot list {cwd} ({exc})"
+    for name in {n.partition(".")[0] for n in list(sys.modules)}:
+        if not name or name == "__main__":
+            continue
+        if name in entries and os.path.isdir(os.path.join(cwd, name)):
+            return f"the release's {name}/ would shadow the imported module {name}"
+        for suffix in suffixes:
+            if name + suffix in entries:
+                return f"the release's {name}{suffix} would shadow the imported module {name}"
+    return ""
+
+
+def _spare():
+    """`python -m proto4d_drain --proto4d-spare`: an interpreter that imports ahead what the app's
+    last process imported from its venv and library, then waits, costing no CPU, to become the next
+    release's canary (proto4d's runner; the protocol, one exchange at a time on PROTO4D_SPARE_FD):
+
+        daemon: preload <JSON list of module names>     spare: warm <imported> <failed> <seconds>
+        daemon: one byte carrying the descriptors        spare: fds <n> <n> ...   (their numbers here)
+        daemon: become <JSON {"argv", "cwd", "env"}>     spare: became | refused <why>
+
+    `become` gives what a cold start would get: the working directory, the whole environment, the
+    uvicorn arguments naming the descriptors by their numbers here; this process then runs main()
+    as if started so. It refuses when the release's tree would shadow a module already imported;
+    the daemon then starts the release cold. The daemon gone at any step: it exits, status 0."""
+    import array
+    import gc
+    import time
+
+    raw = os.environ.pop(SPARE_FD_ENV, "")
+    try:
+        sock = socket.socket(fileno=int(raw))
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"proto4d-spare: no control socket ({SPARE_FD_ENV}={raw!r}: {exc})") from None
+    sock.setblocking(True)
+    start_dir = os.getcwd()
+    try:
+        line, buf = _spare_line(sock, b"")
+        verb, _, rest = line.partition(" ")
+        if verb != "preload":
+            raise _SpareGone(f"expected preload, got {verb[:40]!r}")
+        names = json.loads(rest)
+        t0 = time.monotonic()
+        imported = failed = 0
+        for name in names if isinstance(names, list) else ():
+            if not isinstance(name, str) or name in sys.modules or name in ("__main__", "proto4d_drain"):
+                continue
+            try:
+                importlib.import_module(name)
+                imported += 1
+            except (Exception, SystemExit):  # what the app imported may need its own state: it imports it then
+                failed += 1
+        if hasattr(gc, "freeze"):  # what the spare built lives as long as the release's process
+            gc.collect()
+            gc.freeze()
+        _spare_send(sock, f"warm {imported} {failed} {time.monotonic() - t0:.3f}")
+        if buf:
+            raise _SpareGone("the daemon sent before the answer")
+        fds = array.array("i")
+        msg, ancdata, _flags, _addr = sock.recvmsg(1, socket.CMSG_LEN(_MAX_FDS * fds.itemsize))
+        if not msg:
+            raise _SpareGone("the daemon closed the spare's socket")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        _spare_send(sock, "fds " + " ".join(str(fd) for fd in fds))
+        line, buf = _spare_line(sock, b"")
+        verb, _, rest = line.partition(" ")
+        if verb != "become":
+            raise _SpareGone(f"expected become, got {verb[:40]!r}")
+        order = json.loads(rest)
+        argv, cwd, env = order["argv"], order["cwd"], order["env"]
+        why = _shadowed(cwd)
+        if why:
+            _spare_send(sock, "refused " + why)
+            raise _SpareGone(why)
+        os.chdir(cwd)
+    except _SpareGone as exc:
+        sys.stderr.write(f"proto4d-spare: ended ({exc})\n")
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.stderr.write(f"proto4d-spare: ended ({type(exc).__name__}: {exc})\n")
+        with contextlib.suppress(OSError):
+            _spare_send(sock, f"refused {type(exc).__name__}: {exc}")
+        return 0
+    # As a cold start of the release would be: its environment, its directory first on sys.path.
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    if sys.path and sys.path[0] == start_dir:
+        sys.path[0] = cwd
+    sys.argv[1:] = list(argv)
+    with contextlib.suppress(OSError):
+        _spare_send(sock, "became")
+    sock.close()
+    return main(list(argv))
+
+
 def main(argv=None):
     """`python -m proto4d_drain ARGS`: uvicorn's command line with the drain classes."""
     if argv is None:
         argv = sys.argv[1:]
+    if list(argv[:1]) == [SPARE_FLAG]:
+        return _spare()
     import uvicorn
     import uvicorn.config
 
