@@ -17,7 +17,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("infrastructure", {"fsutil", "paths", "procs", "log", "listener", "health", "notices", "child", "activity",
                         "faults", "inbox", "notifier", "host", "snapshots", "migrate", "envwatch", "exporttree", "lean",
                         "accesschannel", "appuser", "outbound"}),
-    ("releases and the app process", {"releases", "runner", "prune", "canarydata", "datasteps", "staging"}),
+    ("releases and the app process", {"releases", "runner", "prune", "canarydata", "datasteps", "staging",
+                                      "spare"}),
     ("the update", {"update"}),
     ("the daemon", {"supervisor", "service", "configwait"}),
     # demo/ (proto4d demo, the load generator) and web/ (the status page, a process of its own) are

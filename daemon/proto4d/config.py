@@ -213,6 +213,9 @@ class AppConfig:
     migrate: tuple[str, ...] = setting(NEXT_UPDATE, [], read("migrate"),
                                        "argv run in the release's venv and workdir: on the canary's copy, "
                                        "then live at the switch")
+    spare: bool = setting(NOW, False, read("boolean"),
+                          "keep one spare interpreter with the venv's imports done, warmed while nobody is on, "
+                          "that becomes the next release's canary (its start then imports only the app's code)")
     user: str = setting(NEXT_START, "", read("app_user"),
                         "run the app, its canary and its migrations as this user (needs a daemon run as root; "
                         "\"\" = the daemon's user)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from proto4d import appenv, appuser, drain, envwatch, faults, log, procs, releases, states
+from proto4d import appenv, appuser, drain, envwatch, faults, log, procs, releases, spare, states
 from proto4d.accesschannel import AccessChannel
 from proto4d.child import AppProcess, Backoff, LineHandler, RecordHandler
 from proto4d.config import Config, probe_host
@@ -41,9 +42,16 @@ from proto4d.listener import ListenError, free_port, open_listener, private_list
 from proto4d.paths import Paths
 from proto4d.procs import PidRegistry, can_leave_background, lower_priority, to_foreground
 from proto4d.releases import Release, python_for
+from proto4d.spare import Spare, SpareError
 from proto4d.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, STOPPING
 
 FATAL_RETRY_S = 60.0  # after giving up on fast failures: try again this often (SIGHUP tries at once)
+
+
+# A spare warms only once the serving process has run for this many samples (not in the wake of a
+# start or a switch), and after a failed one not again for SPARE_RETRY_S.
+SPARE_AFTER_SAMPLES = 2
+SPARE_RETRY_S = 600.0
 
 
 class SwitchFailed(Exception):
@@ -68,28 +76,32 @@ class Candidate:
     async def ask_promote(self, timeout: float) -> str:
         """Send `promote`; return the shim's answer line (`promoted`, `refused ...`, `unavailable ...`) or
         why there was none."""
+        return (await self.ask("promote", timeout))[:400]
+
+    async def ask(self, what: str, timeout: float, limit: int = 4096) -> str:
+        """One line to the shim, its one-line answer (or why there was none)."""
         loop = asyncio.get_running_loop()
         self.control.setblocking(False)
         try:
-            await loop.sock_sendall(self.control, b"promote\n")
+            await loop.sock_sendall(self.control, what.encode() + b"\n")
         except OSError as e:
             return f"the control socket is closed ({e.strerror or e})"
         buf = b""
         deadline = loop.time() + timeout
         while b"\n" not in buf:
             left = deadline - loop.time()
-            if left <= 0:
-                return f"no answer to promote within {timeout:g} s"
+            if left <= 0 or len(buf) > limit:
+                return f"no answer to {what} within {timeout:g} s"
             try:
-                chunk = await asyncio.wait_for(loop.sock_recv(self.control, 4096), left)
+                chunk = await asyncio.wait_for(loop.sock_recv(self.control, 1 << 16), left)
             except TimeoutError:
-                return f"no answer to promote within {timeout:g} s"
+                return f"no answer to {what} within {timeout:g} s"
             except OSError as e:
                 return f"the control socket failed ({e.strerror or e})"
             if not chunk:
                 return f"the control socket closed ({self.proc.exit_description()})"
             buf += chunk
-        return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()[:400]
+        return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -148,6 +160,11 @@ class Runner:
         self.backoff = Backoff()
         self._restart: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # app.spare: an interpreter with the venv's imports done, that becomes the next canary (spare.py)
+        self.spare: Spare | None = None
+        self._spare_task: asyncio.Task[None] | None = None
+        self._spare_retry_at = 0.0  # monotonic: a spare that failed to warm is not tried again before
+        self.modules = spare.ModuleBook(deps.paths.spare_modules)
         self.configure()
 
     @property
@@ -183,9 +200,15 @@ class Runner:
 
     def build(self, release: Release, role: str, sock: socket.socket | None = None,
               port: int | None = None, host: str | None = None,
-              promote: tuple[socket.socket, socket.socket] | None = None) -> tuple[AppProcess, drain.DrainPlan]:
+              promote: tuple[socket.socket, socket.socket] | None = None, *,
+              spare_fds: list[int] | None = None, access: AccessChannel | None = None,
+              ) -> tuple[AppProcess, drain.DrainPlan]:
         """One app process of `release`. `promote` (the shared listening socket, the shim's end of the
-        control pair) makes a canary that can be promoted in place, when the drain shim runs it."""
+        control pair) makes a canary that can be promoted in place, when the drain shim runs it.
+        For a spare that becomes it: `spare_fds`, the numbers in the spare of sock, the shared socket
+        and the control end (in that order), and `access`, the spare's own record channel."""
+        number = dict(zip((s.fileno() for s in (sock, *(promote or ())) if s is not None), spare_fds or (),
+                          strict=False))
         cfg = self.cfg
         for rel in cfg.app.shared:  # what the app may print from its .env is masked (read now: it may have changed)
             if Path(rel).name.startswith(".env"):
@@ -193,7 +216,8 @@ class Runner:
         python = python_for(self.deps.paths, release)
         if sock is not None:
             port = int(sock.getsockname()[1])
-        values = {"python": str(python), "fd": str(sock.fileno()) if sock is not None else "",
+        fd = str(number.get(sock.fileno(), sock.fileno())) if sock is not None else ""
+        values = {"python": str(python), "fd": fd,
                   "port": str(port if port is not None else cfg.listen.port),
                   "host": host or cfg.listen.host, "release": str(release.path)}
         argv = [arg.format(**values) for arg in cfg.app.command]
@@ -209,12 +233,14 @@ class Runner:
         fds = [sock.fileno()] if sock is not None else []
         if promote is not None and plan.kind == "shim":
             shared, control = promote
-            env.update({drain.SHARED_ENV: str(shared.fileno()), drain.CONTROL_ENV: str(control.fileno())})
+            env.update({drain.SHARED_ENV: str(number.get(shared.fileno(), shared.fileno())),
+                        drain.CONTROL_ENV: str(number.get(control.fileno(), control.fileno()))})
             fds += [shared.fileno(), control.fileno()]
         else:
             promote = None
         # records the app cannot forge (a canary that may be promoted has its channel from the start)
-        access = AccessChannel() if plan.kind == "shim" and (role == "app" or promote is not None) else None
+        if access is None and plan.kind == "shim" and (role in ("app", "spare") or promote is not None):
+            access = AccessChannel()
         if access is not None:
             env.update(access.env)
         proc = AppProcess(release=release.name, role=role, argv=plan.argv, cwd=cwd,
@@ -665,16 +691,21 @@ class Runner:
                     mine, theirs = socket.socketpair()
                     pair = (shared, theirs)
         env_started = self.env_now()
-        proc, plan = self.build(release, "canary", sock, port, host=host, promote=pair)
+        became = await self._spare_becomes(release, sock, port, host, pair) \
+            if pair is not None and sock is not None else None
+        proc, plan = became or self.build(release, "canary", sock, port, host=host, promote=pair)
         promotable = pair is not None and plan.kind == "shim"
         keep = False
         # A process that may become production starts in the background class (its imports are the
         # update's largest burst of CPU, beside the app serving on the same cores) and gets the normal
         # class back before it serves production; one that will not is only niced (it never comes back).
-        proc.background = promotable and can_leave_background()
+        # A spare that became the canary is in that class already.
+        if became is None:
+            proc.background = promotable and can_leave_background()
         escape: asyncio.TimerHandle | None = None
         try:
-            await proc.start()
+            if became is None:
+                await proc.start()
             if not promotable:
                 lower_priority(proc.pid)
             elif proc.background:  # a start starved by a saturated machine finishes at the normal class
@@ -685,6 +716,8 @@ class Runner:
             if report.ok and proc.alive and (promotable or stage is not None):
                 cand = Candidate(proc, plan, release, mine, env_started, pair[0]) \
                     if promotable and pair is not None else None
+                if cand is not None and cfg.app.spare:
+                    await self._learn_modules(cand)
                 if stage is not None:
                     self.staged = Staged(proc, release, cand, (probe, port))
                 else:
@@ -705,6 +738,149 @@ class Runner:
                 await proc.stop(5)
             if sock is not None:
                 sock.close()
+
+    # -- the spare (app.spare; spare.py)
+
+    async def _spare_becomes(self, release: Release, sock: socket.socket, port: int, host: str,
+                             pair: tuple[socket.socket, socket.socket]) -> tuple[AppProcess, drain.DrainPlan] | None:
+        """The warm spare becomes `release`'s canary, as build() + start() would have made it; None
+        (the spare stopped, the log saying why) when there is none or it cannot stand in."""
+        sp, self.spare = self.spare, None
+        if sp is None:
+            return None
+        t = time.monotonic()
+        why = ""
+        if not sp.proc.alive:
+            why = f"the spare {sp.proc.exit_description()}"
+        elif sp.state != "warm":
+            why = "the spare is still importing"
+        plan: drain.DrainPlan | None = None
+        proc: AppProcess | None = None
+        numbers: list[int] = []
+        try:
+            if not why:
+                numbers = await sp.send_fds([sock.fileno(), pair[0].fileno(), pair[1].fileno()])
+                proc, plan = self.build(release, "canary", sock, port, host=host, promote=pair,
+                                        spare_fds=numbers, access=sp.proc.access)
+                if plan.kind != "shim":
+                    why = "the command does not run through the drain shim"
+                elif list(plan.argv[1:3]) != ["-m", drain.SHIM_MODULE]:
+                    why = "the command gives the interpreter options before -m"
+                else:
+                    why = proc.blocked or spare.mismatch(sp.key, spare.Key.of(plan.argv[0], self.cfg.app.user,
+                                                                              proc.env))
+                if not why:
+                    why = await sp.become(plan.argv[3:], proc.cwd, proc.env)
+        except SpareError as e:
+            why = str(e)
+        if why or proc is None or plan is None:
+            self.log.info("spare.unused", release=release.name, pid=sp.proc.pid, why=why, then="a cold start")
+            await self._end_spare(sp)
+            return None
+        became = sp.proc
+        became.release, became.role, became.argv = release.name, "canary", list(plan.argv)
+        became.cwd, became.env, became.ready_re = proc.cwd, proc.env, proc.ready_re
+        # What it holds as inherited, as a cold start's pass_fds: the handoff skips these descriptors
+        # when it asks whether the process still accepts (wait_stopped_accepting).
+        became.pass_fds = tuple(numbers)
+        became.started_at, became.started_mono = time.time(), time.monotonic()  # its run starts now
+        sp.close()
+        with contextlib.suppress(OSError):
+            self.deps.registry.add(became.pid, "canary", release=release.name)
+        self.log.info("spare.became", release=release.name, pid=became.pid, seconds=round(time.monotonic() - t, 3),
+                      imported=sp.imported)
+        return became, plan
+
+    async def _learn_modules(self, cand: Candidate) -> None:
+        """What the verified canary imported from its venv: what the next spare imports ahead."""
+        answer = await cand.ask("modules", 5.0, limit=spare.MAX_LINE)
+        verb, _, rest = answer.partition(" ")
+        try:
+            modules = spare.clean_modules(json.loads(rest)) if verb == "modules" else []
+        except ValueError:
+            modules = []
+        if not modules:
+            self.log.warning("spare.no_modules", release=cand.release.name, answer=answer[:200])
+            return
+        try:
+            await asyncio.to_thread(self.modules.put, cand.release.venv, modules)
+        except OSError as e:
+            self.log.warning("spare.book_failed", path=str(self.modules.path), error=str(e))
+
+    def spare_tick(self, *, green: bool, updating: bool) -> None:
+        """Called every sample: end a spare that no longer fits; warm one while nobody is on."""
+        sp = self.spare
+        cfg = self.cfg
+        rel = self.release
+        if sp is not None and sp.state != "used":
+            why = ("app.spare is off" if not cfg.app.spare else
+                   f"it {sp.proc.exit_description()}" if not sp.proc.alive else
+                   "the serving release has another venv" if rel is None or rel.venv != sp.venv else "")
+            if why:
+                self.spare = None
+                if sp.proc.alive:
+                    self.log.info("spare.ended", pid=sp.proc.pid, why=why)
+                else:
+                    self.log.warning("spare.exited", pid=sp.proc.pid, how=sp.proc.exit_description(),
+                                     last_output=sp.proc.last_lines())
+                    self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
+                task = asyncio.create_task(self._end_spare(sp), name=f"spare-end-{sp.proc.pid}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if (not cfg.app.spare or not green or updating or self.hold or self.spare is not None or rel is None
+                or self.state != RUNNING or self.proc is None or not self.proc.alive
+                or self.proc.ran_for < SPARE_AFTER_SAMPLES * cfg.activity.interval_s
+                or self.candidate is not None or self.staged is not None
+                or time.monotonic() < self._spare_retry_at or self.deps.stopping()
+                or (self._spare_task is not None and not self._spare_task.done())):
+            return
+        modules = self.modules.get(rel.venv)
+        if not modules:
+            return
+        self._spare_task = asyncio.create_task(self._warm_spare(rel, modules), name="spare-warm")
+
+    async def _warm_spare(self, release: Release, modules: list[str]) -> None:
+        cfg = self.cfg
+        python = python_for(self.deps.paths, release)
+        proc, plan = self.build(release, "spare")
+        if plan.kind != "shim":
+            self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
+            return
+        mine, theirs = socket.socketpair()
+        proc.argv = [str(python), "-m", drain.SHIM_MODULE, spare.FLAG]
+        proc.cwd = python.parent.parent  # its venv: the release's tree may be pruned while it waits
+        proc.env = {**proc.env, spare.ENV: str(theirs.fileno())}
+        proc.pass_fds = (*proc.pass_fds, theirs.fileno())
+        proc.background = can_leave_background()
+        sp = Spare(proc, mine, spare.Key.of(python, cfg.app.user, proc.env), release.venv)
+        self.spare = sp
+        self.log.info("spare.starting", venv=release.venv, modules=len(modules))
+        try:
+            await proc.start()
+            theirs.close()
+            if not proc.background:
+                lower_priority(proc.pid)
+            await sp.warm(modules, max(30.0, cfg.health.start_timeout_s))
+        except SpareError as e:
+            self.log.warning("spare.failed", pid=proc.pid, error=str(e))
+            self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
+            if self.spare is sp:
+                self.spare = None
+            await self._end_spare(sp)
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                theirs.close()
+        self.log.info("spare.warm", pid=proc.pid, venv=release.venv, imported=sp.imported, failed=sp.failed,
+                      seconds=sp.warm_s)
+
+    async def _end_spare(self, sp: Spare) -> None:
+        sp.close()
+        await sp.proc.stop(5)
+
+    def spare_status(self) -> dict[str, object] | None:
+        sp = self.spare
+        return sp.status() if sp is not None and sp.proc.alive else None
 
     def canary_foreground_after_s(self) -> float:
         """How long a canary's start may take in the background class before it gets the normal one:
@@ -733,10 +909,16 @@ class Runner:
         for cand in (self.candidate, self.staged.candidate if self.staged else None):
             if cand is not None:
                 cand.close()
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+        if self.spare is not None:
+            self.spare.close()
         procs = [p for p in {self.proc, *self.draining, self.candidate.proc if self.candidate else None,
-                             self.staged.proc if self.staged else None} if p is not None]
+                             self.staged.proc if self.staged else None,
+                             self.spare.proc if self.spare else None} if p is not None]
         self.candidate = None
         self.staged = None
+        self.spare = None
         await asyncio.gather(*(p.stop(timeout) for p in procs), return_exceptions=True)
         for s in [self.listener, *self._retired_listeners]:
             if s is not None:

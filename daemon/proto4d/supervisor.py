@@ -329,6 +329,7 @@ class Daemon:
                 self.green_since = time.time()
         else:
             self.green_since = None
+        runner.spare_tick(green=act["verdict"] == "green", updating=self.updates.run is not None)
         with contextlib.suppress(OSError):
             self.history.append(act)
         self.write_status()
@@ -536,7 +537,8 @@ class Daemon:
                     # where users and 5xx come from: only the shim's channel is out of the app's reach
                     "access_records": "the drain shim's channel" if proc is not None and proc.access_channel
                     else "parsed from the app's output",
-                    "port": runner.production_port, "env_changed": self._env_changes()},
+                    "port": runner.production_port, "env_changed": self._env_changes(),
+                    "spare": runner.spare_status()},
             "activity": self.sampler.last or {"verdict": "red", "reasons": ["not sampled yet"], "users": 0,
                                               "requests_window": 0, "connections": 0, "last_request": None,
                                               "tunnel": None, "cpu_percent": 0.0, "rss_bytes": 0,
