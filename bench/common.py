@@ -343,6 +343,14 @@ class LoadSet:
             load.stop()
         self.stopped = time.time()
 
+    def pause(self) -> None:
+        for load in self.loads:
+            load.pause()
+
+    def resume(self) -> None:
+        for load in self.loads:
+            load.resume()
+
     def count(self) -> int:
         return sum(len(load.results) for load in self.loads)  # len() of a list is atomic enough here
 

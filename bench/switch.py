@@ -2,6 +2,9 @@
 
   (a) drain       proto4d as shipped: the verified canary is promoted in place onto the shared socket
                   (one start per release), the old process drains through the drain shim
+  (a3) spare      (a) with app.spare: the canary is the spare interpreter, warmed with the venv's imports
+                  while nobody was on; needs class breaks (--breaks, implied), since it warms only on a
+                  green sample
   (a2) two-start  the same with update.promote: never: the release starts again on the shared socket
                   after its canary (the handoff of every release before issue 12)
   (b) handoff     the same handoff with stock uvicorn shutdown (app.drain: sigterm)
@@ -56,6 +59,7 @@ from common import LoadSet, Target, fmt, lat_stats, log, md_table, percentile, s
 
 VARIANTS: dict[str, tuple[str, str]] = {
     "drain": ("a", "promotion in place + drain shim (as shipped)"),
+    "spare": ("a3", "promotion in place + drain shim + app.spare (warmed in each class break)"),
     "two-start": ("a2", "handoff + drain shim, two starts (update.promote: never)"),
     "handoff": ("b", "plain handoff (app.drain: sigterm)"),
     "stop-start": ("c", "stop-then-start (no {fd})"),
@@ -87,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pause after the old process has exited and before the next update (default 0.5)")
     p.add_argument("--null-window-s", type=float, default=1.0,
                    help="(0) null: the length of each window that stands in for an update (default 1.0)")
+    p.add_argument("--breaks", action="store_true",
+                   help="before each update a class break: every user leaves (the load pauses) until the daemon's "
+                        "verdict is green (and, for (a3), its spare is warm), then the load resumes and settles for "
+                        f"{BREAK_SETTLE_S:g} s; activity sampled every {BREAK_ACTIVITY['interval_s']:g} s over "
+                        f"{BREAK_ACTIVITY['window_s']:g} s. Implied for (a3); give it to compare (a) the same way")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 100 --uvicorn both --rest-s 60")
     common.add_run_args(p, "each run")
     args = p.parse_args(argv)
@@ -122,9 +131,18 @@ def null_update(d: Any, window_s: float) -> tuple[str, float, dict[str, Any]]:
     return req_id, t, {"state": "done", "at": time.time()}
 
 
-def daemon_overrides(variant: str, watch_s: float) -> dict[str, Any]:
+# Class breaks (--breaks): the daemon must see nobody on soon after the users leave.
+BREAK_ACTIVITY = {"interval_s": 1.0, "window_s": 2.0}
+BREAK_SETTLE_S = 2.0
+
+
+def daemon_overrides(variant: str, watch_s: float, breaks: bool = False) -> dict[str, Any]:
     over: dict[str, Any] = {"update": {"watch_s": watch_s}}
-    if variant == "two-start":
+    if breaks or variant == "spare":
+        over["activity"] = dict(BREAK_ACTIVITY)
+    if variant == "spare":
+        over["app"] = {"spare": True}
+    elif variant == "two-start":
         over["update"]["promote"] = "never"
     elif variant == "handoff":
         over["app"] = {"drain": "sigterm"}
@@ -153,12 +171,17 @@ class Version:
 
 
 def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.Namespace) -> dict[str, Any]:
-    d = common.new_daemon(base, origin, **daemon_overrides(variant, args.watch_s))
+    breaks = args.breaks or variant == "spare"
+    d = common.new_daemon(base, origin, **daemon_overrides(variant, args.watch_s, breaks))
     versions = Version(origin)
     updates: list[dict[str, Any]] = []
     paired: list[tuple[float, float]] = []
     try:
         d.start(timeout=300)
+        if breaks:  # one update before the load, not measured: its canary tells the daemon what the app imports
+            versions.next()
+            req_id, _ = common.trigger_update(d, reason=f"bench {variant} {mix} priming")
+            common.wait_answer(d, req_id, timeout=180)
         drain = d.status()["app"].get("drain", "")
         load = LoadSet(d.port, common.MIXES[mix]).start()
         try:
@@ -166,7 +189,10 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
             rest = (time.time(), 0.0)
             time.sleep(args.rest_s)
             rest = (rest[0], time.time())
+            break_s: list[float] = []
             for i in range(args.updates):
+                if breaks:
+                    break_s.append(class_break(d, load, want_spare=variant == "spare"))
                 versions.next()
                 pushed = time.time()
                 time.sleep(COMMIT_SETTLE_S)
@@ -199,11 +225,35 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
         extra = {"drain": drain,
                  "drain_s": [e.get("seconds") for e in drained],
                  "drain_killed": sum(1 for e in drained if e.get("killed"))}
+        if breaks:
+            events = d.log_events()
+            extra["breaks"] = {"n": len(break_s), "mean_s": round(statistics.mean(break_s), 2) if break_s else None,
+                               "max_s": round(max(break_s), 2) if break_s else None,
+                               "spare_became": sum(1 for e in events if e.get("event") == "spare.became"),
+                               "spare_unused": [e.get("why") for e in events if e.get("event") == "spare.unused"][:5]}
         return analyse(variant, mix, load, rest, updates, extra, paired)
     finally:
         with contextlib.suppress(Exception):
             d.stop(60)
         d.cleanup()
+
+
+def class_break(d: Any, load: LoadSet, want_spare: bool, timeout: float = 90.0) -> float:
+    """Every user leaves until the daemon sees nobody on (and has its spare warm, for (a3)); then they
+    come back and the load settles. Returns how long the users were away."""
+    t = time.time()
+    load.pause()
+    try:
+        def ready(s: dict[str, Any]) -> bool:
+            if (s.get("activity") or {}).get("verdict") != "green":
+                return False
+            return not want_spare or ((s.get("app") or {}).get("spare") or {}).get("state") == "warm"
+        d.wait_status(ready, timeout, "a green verdict" + (" and a warm spare" if want_spare else ""))
+    finally:
+        load.resume()
+    away = time.time() - t
+    time.sleep(BREAK_SETTLE_S)
+    return away
 
 
 # --------------------------------------------------------------------------- (d): the old way, without proto4d
@@ -689,7 +739,7 @@ def twins_note(t: dict[str, Any] | None) -> str:
 def targets(runs: list[dict[str, Any]]) -> list[Target]:
     out = []
     for r in runs:
-        if r["variant"] not in ("drain", "two-start", "null"):
+        if r["variant"] not in ("drain", "spare", "two-start", "null"):
             continue
         key = VARIANTS[r["variant"]][0]
         where = f"{r['mix']}, uvicorn {r['uvicorn']}"
@@ -768,9 +818,16 @@ def main(argv: list[str] | None = None) -> int:
           "a max over more requests is larger by itself). paired rest = after each update is over and its old "
           "process gone, a stretch as long as that update's window: as many seconds at rest as in switches, at "
           "the same moments of the run.")
+    for r in runs:
+        br = r.get("breaks")
+        if br:
+            print(f"\nClass breaks, ({VARIANTS[r['variant']][0]}) {r['mix']}: {br['n']}, the users away "
+                  f"{fmt(br['mean_s'])} s on average (at most {fmt(br['max_s'])} s); the spare became the canary in "
+                  f"{br['spare_became']} updates" + (f"; not used: {'; '.join(br['spare_unused'])}"
+                                                     if br["spare_unused"] else ""))
     print("\nWhere the switch latency comes from, (a) and (b): fast requests by the update phase they completed in "
           "(p99 / max ms, n):\n")
-    print(phase_table([r for r in runs if r["variant"] in ("drain", "two-start", "handoff")]))
+    print(phase_table([r for r in runs if r["variant"] in ("drain", "spare", "two-start", "handoff")]))
     common.print_targets(tgts, path)
     return 0
 

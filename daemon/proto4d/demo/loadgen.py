@@ -55,6 +55,8 @@ class Load:
         self.results: list[Result] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._on = threading.Event()  # cleared by pause(): the users leave until resume()
+        self._on.set()
         self._threads: list[threading.Thread] = []
         self._active = 0
 
@@ -67,9 +69,17 @@ class Load:
 
     def stop(self, timeout: float = 35.0) -> None:
         self._stop.set()
+        self._on.set()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
+
+    def pause(self) -> None:
+        """Every user finishes the request it is in, closes its connection and waits (a class break)."""
+        self._on.clear()
+
+    def resume(self) -> None:
+        self._on.set()
 
     def __enter__(self) -> Load:
         return self.start()
@@ -105,6 +115,12 @@ class Load:
         conn: http.client.HTTPConnection | None = None
         body = json.dumps({"user": address, "text": "x" * self.mix.body_bytes}).encode()
         while not self._stop.is_set():
+            if not self._on.is_set():
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                self._on.wait()
+                continue
             roll = rnd.random() * (self.mix.get + self.mix.slow + self.mix.post)
             if roll < self.mix.get:
                 method, path, payload = "GET", "/", None
