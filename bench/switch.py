@@ -5,6 +5,9 @@
   (a3) spare      (a) with app.spare: the canary is the spare interpreter, warmed with the venv's imports
                   while nobody was on; needs class breaks (--breaks, implied), since it warms only on a
                   green sample
+  (a4) two-start-spare  (a2) with app.spare: the canary starts cold (niced, as one that will not be
+                  promoted), the spare is the second start, on the shared socket (what an app with
+                  students' data gets: its canary runs on copies)
   (a2) two-start  the same with update.promote: never: the release starts again on the shared socket
                   after its canary (the handoff of every release before issue 12)
   (b) handoff     the same handoff with stock uvicorn shutdown (app.drain: sigterm)
@@ -60,6 +63,7 @@ from common import LoadSet, Target, fmt, lat_stats, log, md_table, percentile, s
 VARIANTS: dict[str, tuple[str, str]] = {
     "drain": ("a", "promotion in place + drain shim (as shipped)"),
     "spare": ("a3", "promotion in place + drain shim + app.spare (warmed in each class break)"),
+    "two-start-spare": ("a4", "two starts + app.spare (the spare is the start on the shared socket)"),
     "two-start": ("a2", "handoff + drain shim, two starts (update.promote: never)"),
     "handoff": ("b", "plain handoff (app.drain: sigterm)"),
     "stop-start": ("c", "stop-then-start (no {fd})"),
@@ -79,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=20, help="updates per variant and mix (default 20)")
     p.add_argument("--old-way-updates", type=int, metavar="N",
                    help="updates for (d) only (default: --updates; each costs a pip run of a few seconds)")
-    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "null"),
-                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in ("null", *SPARE_VARIANTS)),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all but null and the spare ones, "
+                        "which need class breaks)")
     p.add_argument("--mixes", default="normal,stress", help="comma-separated subset of normal,stress")
     p.add_argument("--uvicorn", default="0.54", choices=["0.54", "0.24", "both"],
                    help="the app's uvicorn line: 0.54 (the sample's pin, h11), 0.24 (uvicorn[standard]==0.24.0, "
@@ -131,6 +136,7 @@ def null_update(d: Any, window_s: float) -> tuple[str, float, dict[str, Any]]:
     return req_id, t, {"state": "done", "at": time.time()}
 
 
+SPARE_VARIANTS = ("spare", "two-start-spare")
 # Class breaks (--breaks): the daemon must see nobody on soon after the users leave.
 BREAK_ACTIVITY = {"interval_s": 1.0, "window_s": 2.0}
 BREAK_SETTLE_S = 2.0
@@ -138,11 +144,11 @@ BREAK_SETTLE_S = 2.0
 
 def daemon_overrides(variant: str, watch_s: float, breaks: bool = False) -> dict[str, Any]:
     over: dict[str, Any] = {"update": {"watch_s": watch_s}}
-    if breaks or variant == "spare":
+    if breaks or variant in SPARE_VARIANTS:
         over["activity"] = dict(BREAK_ACTIVITY)
-    if variant == "spare":
+    if variant in SPARE_VARIANTS:
         over["app"] = {"spare": True}
-    elif variant == "two-start":
+    if variant in ("two-start", "two-start-spare"):
         over["update"]["promote"] = "never"
     elif variant == "handoff":
         over["app"] = {"drain": "sigterm"}
@@ -171,17 +177,13 @@ class Version:
 
 
 def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.Namespace) -> dict[str, Any]:
-    breaks = args.breaks or variant == "spare"
+    breaks = args.breaks or variant in SPARE_VARIANTS
     d = common.new_daemon(base, origin, **daemon_overrides(variant, args.watch_s, breaks))
     versions = Version(origin)
     updates: list[dict[str, Any]] = []
     paired: list[tuple[float, float]] = []
     try:
         d.start(timeout=300)
-        if breaks:  # one update before the load, not measured: its canary tells the daemon what the app imports
-            versions.next()
-            req_id, _ = common.trigger_update(d, reason=f"bench {variant} {mix} priming")
-            common.wait_answer(d, req_id, timeout=180)
         drain = d.status()["app"].get("drain", "")
         load = LoadSet(d.port, common.MIXES[mix]).start()
         try:
@@ -192,7 +194,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
             break_s: list[float] = []
             for i in range(args.updates):
                 if breaks:
-                    break_s.append(class_break(d, load, want_spare=variant == "spare"))
+                    break_s.append(class_break(d, load, want_spare=variant in SPARE_VARIANTS))
                 versions.next()
                 pushed = time.time()
                 time.sleep(COMMIT_SETTLE_S)
@@ -739,7 +741,7 @@ def twins_note(t: dict[str, Any] | None) -> str:
 def targets(runs: list[dict[str, Any]]) -> list[Target]:
     out = []
     for r in runs:
-        if r["variant"] not in ("drain", "spare", "two-start", "null"):
+        if r["variant"] not in ("drain", "spare", "two-start", "two-start-spare", "null"):
             continue
         key = VARIANTS[r["variant"]][0]
         where = f"{r['mix']}, uvicorn {r['uvicorn']}"
@@ -827,7 +829,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      if br["spare_unused"] else ""))
     print("\nWhere the switch latency comes from, (a) and (b): fast requests by the update phase they completed in "
           "(p99 / max ms, n):\n")
-    print(phase_table([r for r in runs if r["variant"] in ("drain", "spare", "two-start", "handoff")]))
+    print(phase_table([r for r in runs if r["variant"] in ("drain", "spare", "two-start", "two-start-spare",
+                                                           "handoff")]))
     common.print_targets(tgts, path)
     return 0
 

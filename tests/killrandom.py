@@ -97,14 +97,15 @@ def tree_digest(root: Path) -> str:
 
 
 class KillRandom:
-    def __init__(self, base: Path, seed: int, log=print) -> None:
+    def __init__(self, base: Path, seed: int, log=print, spare: bool = False) -> None:
         self.rng = random.Random(seed)
         self.result = Result(seed)
         self.log = log
         self.origin = Origin(base)
         self.version = 1
         self.origin.commit("1")
-        self.d = Daemon(base, self.origin, update={"watch_s": 2, "drain_timeout_s": 5})
+        self.d = Daemon(base, self.origin, update={"watch_s": 2, "drain_timeout_s": 5},
+                        **({"app": {"spare": True}} if spare else {}))
         (self.d.root / "shared" / "data").mkdir(parents=True, exist_ok=True)
         (self.d.root / "shared" / "data" / "answers.db").write_bytes(os.urandom(4096))
         self.shared = tree_digest(self.d.root / "shared")
@@ -245,8 +246,13 @@ class KillRandom:
             wait_for(lambda: d.status().get("stage") is None and not (root / "state" / "stage.json").exists(), 30,
                      "the resumed stage discarded")
             assert not (root / "releases" / st["release"]).exists(), st
-        wait_for(lambda: d.app_pids() == [s["app"]["pid"]], 30,
-                 f"only the serving process {s['app']['pid']} (have {d.app_pids()})")
+        def only_the_serving_process() -> bool:  # and with app.spare, a spare the daemon knows
+            now = d.status()
+            spare = (now["app"].get("spare") or {}).get("pid")
+            return [p for p in d.app_pids() if p != spare] == [s["app"]["pid"]]
+
+        wait_for(only_the_serving_process, 30, f"only the serving process {s['app']['pid']} and the daemon's spare "
+                 f"(have {d.app_pids()})")
         assert not [p for p in self.releases_hidden()], f"half-built left: {self.releases_hidden()}"
         assert tree_digest(root / "shared") == self.shared, "shared/ changed"
         # a staged process ends with the daemon that staged it: the next one removes what it left
@@ -302,12 +308,14 @@ def main() -> int:
                     help="operations to kill (a quarter are killed a second time during their recovery)")
     ap.add_argument("seed", nargs="?", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--spare", action="store_true", help="app.spare on: kills also land while a spare warms, "
+                    "waits and becomes a release's process")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
     os.environ.setdefault("PROTO4D_ALLOW_ROOT", "1")  # as the test suite does: CI machines run as root
     base = Path(tempfile.mkdtemp(prefix="proto4d-killrandom-"))
-    kr = KillRandom(base, seed, log=lambda m: print(m, flush=True))
+    kr = KillRandom(base, seed, log=lambda m: print(m, flush=True), spare=args.spare)
     t = time.monotonic()
     try:
         result = kr.run(args.cycles)

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,10 @@ class AppProcess:
         # Started in the OS's background class (a canary that may be promoted: procs.to_foreground gives
         # it the normal class back before it serves production, or when its start drags on).
         self.background = False
+        # The daemon's end of the drain shim's control socket (`promote`, `modules`), for the process's
+        # life; and the child's end, closed here once the child has its copy.
+        self.control: socket.socket | None = None
+        self.close_after_start: list[socket.socket] = []
 
     @property
     def access_channel(self) -> bool:
@@ -175,6 +180,7 @@ class AppProcess:
             self._never_started(f"could not start {self.argv[0]} in {self.cwd}: {e.strerror or e}")
             return
         hold.spawned()
+        self._close_child_ends()
         self.pid = self.proc.pid
         if self.background:  # before the app's first instruction, so its threads are born in the class
             self.background = to_background(self.pid, fallback=False) != "none"
@@ -197,7 +203,20 @@ class AppProcess:
         self._reader = asyncio.create_task(self._read(), name=f"read-{self.pid}")
         self._waiter = asyncio.create_task(self._wait(), name=f"wait-{self.pid}")
 
+    def _close_child_ends(self) -> None:
+        for s in self.close_after_start:
+            with contextlib.suppress(OSError):
+                s.close()
+        self.close_after_start = []
+
+    def close_control(self) -> None:
+        if self.control is not None:
+            with contextlib.suppress(OSError):
+                self.control.close()
+
     def _never_started(self, why: str) -> None:
+        self._close_child_ends()
+        self.close_control()
         if self.access is not None:  # no child holds the record pipe: close our ends
             self.access.spawned()
             with contextlib.suppress(OSError):
@@ -251,6 +270,7 @@ class AppProcess:
         if self._access_reader is not None and not self._access_reader.done():
             self._access_reader.cancel()
         self.returncode = rc
+        self.close_control()
         # Whatever the app forked must not outlive it (a crashed master leaves workers behind).
         kill_group(self.pid, signal.SIGKILL)
         if self.registry is not None:

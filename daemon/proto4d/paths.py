@@ -66,11 +66,6 @@ class Paths:
         return self.state / "app.pids"
 
     @property
-    def spare_modules(self) -> Path:
-        """What each venv's app imported from it, for the spare interpreter (runner, spare.py)."""
-        return self.state / "spare-modules.json"
-
-    @property
     def lock(self) -> Path:
         return self.state / "daemon.lock"
 

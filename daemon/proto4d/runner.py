@@ -62,6 +62,32 @@ class PromotionFailed(Exception):
     """The verified canary could not take the shared socket; the old one still serves (start it again)."""
 
 
+async def ask(control: socket.socket, proc: AppProcess, what: str, timeout: float, limit: int = 4096) -> str:
+    """One line to the drain shim on its control socket, its one-line answer (or why there was none)."""
+    loop = asyncio.get_running_loop()
+    control.setblocking(False)
+    try:
+        await loop.sock_sendall(control, what.encode() + b"\n")
+    except OSError as e:
+        return f"the control socket is closed ({e.strerror or e})"
+    buf = b""
+    deadline = loop.time() + timeout
+    while b"\n" not in buf:
+        left = deadline - loop.time()
+        if left <= 0 or len(buf) > limit:
+            return f"no answer to {what} within {timeout:g} s"
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(control, 1 << 16), left)
+        except TimeoutError:
+            return f"no answer to {what} within {timeout:g} s"
+        except OSError as e:
+            return f"the control socket failed ({e.strerror or e})"
+        if not chunk:
+            return f"the control socket closed ({proc.exit_description()})"
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+
+
 @dataclass
 class Candidate:
     """A canary that passed its checks and may be promoted in place: it holds the shared socket unserved."""
@@ -79,29 +105,7 @@ class Candidate:
         return (await self.ask("promote", timeout))[:400]
 
     async def ask(self, what: str, timeout: float, limit: int = 4096) -> str:
-        """One line to the shim, its one-line answer (or why there was none)."""
-        loop = asyncio.get_running_loop()
-        self.control.setblocking(False)
-        try:
-            await loop.sock_sendall(self.control, what.encode() + b"\n")
-        except OSError as e:
-            return f"the control socket is closed ({e.strerror or e})"
-        buf = b""
-        deadline = loop.time() + timeout
-        while b"\n" not in buf:
-            left = deadline - loop.time()
-            if left <= 0 or len(buf) > limit:
-                return f"no answer to {what} within {timeout:g} s"
-            try:
-                chunk = await asyncio.wait_for(loop.sock_recv(self.control, 1 << 16), left)
-            except TimeoutError:
-                return f"no answer to {what} within {timeout:g} s"
-            except OSError as e:
-                return f"the control socket failed ({e.strerror or e})"
-            if not chunk:
-                return f"the control socket closed ({self.proc.exit_description()})"
-            buf += chunk
-        return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        return await ask(self.control, self.proc, what, timeout, limit)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -164,7 +168,6 @@ class Runner:
         self.spare: Spare | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self._spare_retry_at = 0.0  # monotonic: a spare that failed to warm is not tried again before
-        self.modules = spare.ModuleBook(deps.paths.spare_modules)
         self.configure()
 
     @property
@@ -179,6 +182,8 @@ class Runner:
         app = self.cfg.app
         self.backoff.stable_s = app.stable_s
         self.backoff.max_fast_failures = app.max_fast_failures
+        if self.spare is not None:  # a reload: it started with the old config (its environment, its user)
+            self._drop_spare("the configuration was reloaded")
 
     # -- building a process
 
@@ -201,14 +206,18 @@ class Runner:
     def build(self, release: Release, role: str, sock: socket.socket | None = None,
               port: int | None = None, host: str | None = None,
               promote: tuple[socket.socket, socket.socket] | None = None, *,
+              control: tuple[socket.socket, socket.socket] | None = None,
               spare_fds: list[int] | None = None, access: AccessChannel | None = None,
               ) -> tuple[AppProcess, drain.DrainPlan]:
         """One app process of `release`. `promote` (the shared listening socket, the shim's end of the
         control pair) makes a canary that can be promoted in place, when the drain shim runs it.
-        For a spare that becomes it: `spare_fds`, the numbers in the spare of sock, the shared socket
-        and the control end (in that order), and `access`, the spare's own record channel."""
-        number = dict(zip((s.fileno() for s in (sock, *(promote or ())) if s is not None), spare_fds or (),
-                          strict=False))
+        A production process (role "app") through the shim gets a control socket of its own (the
+        daemon asks it `modules` for the spare): `control` (the daemon's end, the shim's end), made
+        here when not given. For a spare that becomes the process: `spare_fds`, the numbers in the
+        spare of sock, then the shim's ends of `promote` or `control`, in that order; `access`, the
+        spare's own record channel."""
+        handed = [s for s in (sock, *(promote or ()), *(control[1:] if control else ())) if s is not None]
+        number = dict(zip((s.fileno() for s in handed), spare_fds or (), strict=False))
         cfg = self.cfg
         for rel in cfg.app.shared:  # what the app may print from its .env is masked (read now: it may have changed)
             if Path(rel).name.startswith(".env"):
@@ -231,13 +240,21 @@ class Runner:
         env.update(plan.env)
         blocked = self.as_user(user, cwd, python, plan) if user is not None else None
         fds = [sock.fileno()] if sock is not None else []
+        made = False
         if promote is not None and plan.kind == "shim":
-            shared, control = promote
+            shared, theirs = promote
             env.update({drain.SHARED_ENV: str(number.get(shared.fileno(), shared.fileno())),
-                        drain.CONTROL_ENV: str(number.get(control.fileno(), control.fileno()))})
-            fds += [shared.fileno(), control.fileno()]
-        else:
+                        drain.CONTROL_ENV: str(number.get(theirs.fileno(), theirs.fileno()))})
+            fds += [shared.fileno(), theirs.fileno()]
+            control = None
+        elif plan.kind == "shim" and role == "app":
             promote = None
+            made = control is None
+            control = control or socket.socketpair()
+            env[drain.CONTROL_ENV] = str(number.get(control[1].fileno(), control[1].fileno()))
+            fds.append(control[1].fileno())
+        else:
+            promote = control = None
         # records the app cannot forge (a canary that may be promoted has its channel from the start)
         if access is None and plan.kind == "shim" and (role in ("app", "spare") or promote is not None):
             access = AccessChannel()
@@ -247,6 +264,10 @@ class Runner:
                           env=env, pass_fds=tuple(fds), on_line=self.deps.on_line,
                           registry=self.deps.registry, ready_pattern=cfg.app.ready_pattern,
                           access=access, on_record=self.deps.on_record, user=user, blocked=blocked)
+        if control is not None:
+            proc.control = control[0]
+            if made:
+                proc.close_after_start = [control[1]]
         return proc, plan
 
     def app_user(self) -> appuser.AppUser | None:
@@ -474,9 +495,14 @@ class Runner:
             sock = await self.listen_production()
         except ListenError as e:
             raise SwitchFailed(f"the new process of {release.name} cannot have the socket: {e}") from None
-        proc, plan = self.build(release, "app", sock)
-        self.log.info("switch.start_new", release=release.name, argv=" ".join(proc.argv), drain=plan.description)
-        await proc.start()
+        # A warm spare is this start when it can stand in (app.spare): the canary before it was one
+        # that is not promoted (it ran on copies of the data), and this is the start beside production.
+        became = await self._spare_becomes(release, "app", sock, None, None, None)
+        proc, plan = became or self.build(release, "app", sock)
+        if became is None:
+            self.log.info("switch.start_new", release=release.name, argv=" ".join(proc.argv),
+                          drain=plan.description)
+            await proc.start()
         ok = await proc.wait_ready_line(cfg.health.start_timeout_s)
         if not ok:
             why = (f"{proc.exit_description()}: {proc.last_lines()}" if not proc.alive else
@@ -540,13 +566,14 @@ class Runner:
             cand.proc.background = False
         t = time.monotonic()
         answer = await cand.ask_promote(min(10.0, self.cfg.health.start_timeout_s))
-        cand.close()
         if answer != "promoted" or not cand.proc.alive:
+            cand.close()
             await cand.proc.stop(min(5.0, self.cfg.update.drain_timeout_s))
             raise PromotionFailed(answer if answer != "promoted" else
                                   f"the canary {cand.proc.exit_description()} as it was promoted")
         proc = cand.proc
         proc.role = "app"  # its output and access records are production's from here
+        proc.control = cand.control  # production's control socket from here (`modules`, for the spare)
         self.log.info("switch.promoted", release=release.name, pid=proc.pid, seconds=round(time.monotonic() - t, 3),
                       drain=cand.plan.description)
         await faults.point("new_started")
@@ -691,7 +718,7 @@ class Runner:
                     mine, theirs = socket.socketpair()
                     pair = (shared, theirs)
         env_started = self.env_now()
-        became = await self._spare_becomes(release, sock, port, host, pair) \
+        became = await self._spare_becomes(release, "canary", sock, port, host, pair) \
             if pair is not None and sock is not None else None
         proc, plan = became or self.build(release, "canary", sock, port, host=host, promote=pair)
         promotable = pair is not None and plan.kind == "shim"
@@ -716,8 +743,6 @@ class Runner:
             if report.ok and proc.alive and (promotable or stage is not None):
                 cand = Candidate(proc, plan, release, mine, env_started, pair[0]) \
                     if promotable and pair is not None else None
-                if cand is not None and cfg.app.spare:
-                    await self._learn_modules(cand)
                 if stage is not None:
                     self.staged = Staged(proc, release, cand, (probe, port))
                 else:
@@ -741,10 +766,12 @@ class Runner:
 
     # -- the spare (app.spare; spare.py)
 
-    async def _spare_becomes(self, release: Release, sock: socket.socket, port: int, host: str,
-                             pair: tuple[socket.socket, socket.socket]) -> tuple[AppProcess, drain.DrainPlan] | None:
-        """The warm spare becomes `release`'s canary, as build() + start() would have made it; None
-        (the spare stopped, the log saying why) when there is none or it cannot stand in."""
+    async def _spare_becomes(self, release: Release, role: str, sock: socket.socket, port: int | None, host: str | None,
+                             promote: tuple[socket.socket, socket.socket] | None,
+                             ) -> tuple[AppProcess, drain.DrainPlan] | None:
+        """The warm spare becomes `release`'s process in `role` ("canary": one that may be promoted, with
+        `promote`; "app": the handoff's new production process), as build() + start() would have made
+        it; None (the spare stopped, the log saying why) when there is none or it cannot stand in."""
         sp, self.spare = self.spare, None
         if sp is None:
             return None
@@ -754,13 +781,18 @@ class Runner:
             why = f"the spare {sp.proc.exit_description()}"
         elif sp.state != "warm":
             why = "the spare is still importing"
+        elif role == "app" and sp.proc.background:  # it serves production as soon as it runs
+            why = to_foreground(sp.proc.pid) or ""
+            sp.proc.background = bool(why)
         plan: drain.DrainPlan | None = None
         proc: AppProcess | None = None
         numbers: list[int] = []
+        control = socket.socketpair() if promote is None else None
         try:
             if not why:
-                numbers = await sp.send_fds([sock.fileno(), pair[0].fileno(), pair[1].fileno()])
-                proc, plan = self.build(release, "canary", sock, port, host=host, promote=pair,
+                handed = [sock, *(promote or ()), *(control[1:] if control else ())]
+                numbers = await sp.send_fds([s.fileno() for s in handed])
+                proc, plan = self.build(release, role, sock, port, host=host, promote=promote, control=control,
                                         spare_fds=numbers, access=sp.proc.access)
                 if plan.kind != "shim":
                     why = "the command does not run through the drain shim"
@@ -773,60 +805,56 @@ class Runner:
                     why = await sp.become(plan.argv[3:], proc.cwd, proc.env)
         except SpareError as e:
             why = str(e)
+        finally:
+            if control is not None:
+                with contextlib.suppress(OSError):
+                    control[1].close()  # the spare has its copy (or is stopped below)
         if why or proc is None or plan is None:
-            self.log.info("spare.unused", release=release.name, pid=sp.proc.pid, why=why, then="a cold start")
+            if control is not None:
+                with contextlib.suppress(OSError):
+                    control[0].close()
+            self.log.info("spare.unused", release=release.name, pid=sp.proc.pid, role=role, why=why,
+                          then="a cold start")
             await self._end_spare(sp)
             return None
         became = sp.proc
-        became.release, became.role, became.argv = release.name, "canary", list(plan.argv)
+        became.release, became.role, became.argv = release.name, role, list(plan.argv)
         became.cwd, became.env, became.ready_re = proc.cwd, proc.env, proc.ready_re
         # What it holds as inherited, as a cold start's pass_fds: the handoff skips these descriptors
         # when it asks whether the process still accepts (wait_stopped_accepting).
         became.pass_fds = tuple(numbers)
+        became.control = control[0] if control is not None else None
         became.started_at, became.started_mono = time.time(), time.monotonic()  # its run starts now
         sp.close()
         with contextlib.suppress(OSError):
-            self.deps.registry.add(became.pid, "canary", release=release.name)
-        self.log.info("spare.became", release=release.name, pid=became.pid, seconds=round(time.monotonic() - t, 3),
-                      imported=sp.imported)
+            self.deps.registry.add(became.pid, role, release=release.name)
+        self.log.info("spare.became", release=release.name, pid=became.pid, role=role,
+                      seconds=round(time.monotonic() - t, 3), imported=sp.imported)
         return became, plan
 
-    async def _learn_modules(self, cand: Candidate) -> None:
-        """What the verified canary imported from its venv: what the next spare imports ahead."""
-        answer = await cand.ask("modules", 5.0, limit=spare.MAX_LINE)
+    async def _modules_of_production(self) -> list[str]:
+        """What the serving process imported from its venv and the library: what a spare imports ahead."""
+        proc = self.proc
+        if proc is None or proc.control is None or not proc.alive:
+            return []
+        answer = await ask(proc.control, proc, "modules", 10.0, limit=spare.MAX_LINE)
         verb, _, rest = answer.partition(" ")
         try:
-            modules = spare.clean_modules(json.loads(rest)) if verb == "modules" else []
+            return spare.clean_modules(json.loads(rest)) if verb == "modules" else []
         except ValueError:
-            modules = []
-        if not modules:
-            self.log.warning("spare.no_modules", release=cand.release.name, answer=answer[:200])
-            return
-        try:
-            await asyncio.to_thread(self.modules.put, cand.release.venv, modules)
-        except OSError as e:
-            self.log.warning("spare.book_failed", path=str(self.modules.path), error=str(e))
+            return []
 
     def spare_tick(self, *, green: bool, updating: bool) -> None:
         """Called every sample: end a spare that no longer fits; warm one while nobody is on."""
         sp = self.spare
         cfg = self.cfg
         rel = self.release
-        if sp is not None and sp.state != "used":
+        if sp is not None:
             why = ("app.spare is off" if not cfg.app.spare else
                    f"it {sp.proc.exit_description()}" if not sp.proc.alive else
                    "the serving release has another venv" if rel is None or rel.venv != sp.venv else "")
             if why:
-                self.spare = None
-                if sp.proc.alive:
-                    self.log.info("spare.ended", pid=sp.proc.pid, why=why)
-                else:
-                    self.log.warning("spare.exited", pid=sp.proc.pid, how=sp.proc.exit_description(),
-                                     last_output=sp.proc.last_lines())
-                    self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
-                task = asyncio.create_task(self._end_spare(sp), name=f"spare-end-{sp.proc.pid}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._drop_spare(why)
         if (not cfg.app.spare or not green or updating or self.hold or self.spare is not None or rel is None
                 or self.state != RUNNING or self.proc is None or not self.proc.alive
                 or self.proc.ran_for < SPARE_AFTER_SAMPLES * cfg.activity.interval_s
@@ -834,13 +862,19 @@ class Runner:
                 or time.monotonic() < self._spare_retry_at or self.deps.stopping()
                 or (self._spare_task is not None and not self._spare_task.done())):
             return
-        modules = self.modules.get(rel.venv)
-        if not modules:
+        if self.proc.control is None:  # not through the drain shim, or its server could not be wrapped
             return
-        self._spare_task = asyncio.create_task(self._warm_spare(rel, modules), name="spare-warm")
+        self._spare_task = asyncio.create_task(self._warm_spare(rel), name="spare-warm")
 
-    async def _warm_spare(self, release: Release, modules: list[str]) -> None:
+    async def _warm_spare(self, release: Release) -> None:
         cfg = self.cfg
+        modules = await self._modules_of_production()
+        if not modules or self.release is not release:
+            if not modules:
+                self.log.warning("spare.no_modules", pid=self.proc.pid if self.proc else 0,
+                                 then=f"not tried again for {SPARE_RETRY_S:g} s")
+                self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
+            return
         python = python_for(self.deps.paths, release)
         proc, plan = self.build(release, "spare")
         if plan.kind != "shim":
@@ -862,6 +896,8 @@ class Runner:
                 lower_priority(proc.pid)
             await sp.warm(modules, max(30.0, cfg.health.start_timeout_s))
         except SpareError as e:
+            if sp.state == "ended":  # ended meanwhile on purpose (an update came, a reload): no failure
+                return
             self.log.warning("spare.failed", pid=proc.pid, error=str(e))
             self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
             if self.spare is sp:
@@ -874,7 +910,23 @@ class Runner:
         self.log.info("spare.warm", pid=proc.pid, venv=release.venv, imported=sp.imported, failed=sp.failed,
                       seconds=sp.warm_s)
 
+    def _drop_spare(self, why: str) -> None:
+        """End the spare, in the background (from a sample or a reload)."""
+        sp, self.spare = self.spare, None
+        if sp is None:
+            return
+        if sp.proc.alive:
+            self.log.info("spare.ended", pid=sp.proc.pid, why=why)
+        else:
+            self.log.warning("spare.exited", pid=sp.proc.pid, how=sp.proc.exit_description(),
+                             last_output=sp.proc.last_lines())
+            self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
+        task = asyncio.create_task(self._end_spare(sp), name=f"spare-end-{sp.proc.pid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _end_spare(self, sp: Spare) -> None:
+        sp.state = "ended"
         sp.close()
         await sp.proc.stop(5)
 

@@ -7,9 +7,9 @@ Why: on a small machine a canary's start is the update's largest burst of CPU be
 it on a green sample), then waits blocked on its socket, costing no CPU, until an update needs a canary.
 
 This module owns the protocol with the spare (the drain shim's `--proto4d-spare` mode, see its
-`_spare`), the decision whether a warm spare may stand in for a cold start (pure: `mismatch`), and
-the book of what each venv's app imported (`ModuleBook`, state/spare-modules.json). Starting,
-stopping and the lifecycle are the runner's.
+`_spare`) and the decision whether a warm spare may stand in for a cold start (pure: `mismatch`).
+What to import comes from the serving process (`modules` on its control socket) when the spare is
+started; starting, stopping and the lifecycle are the runner's.
 
 A spare stands in only when a cold start would run the same interpreter of the same venv, as the
 same user, with the same environment apart from the per-process values below; and the shim itself
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proto4d import accesschannel, drain, fsutil
+from proto4d import accesschannel, drain
 from proto4d.child import AppProcess
 
 FLAG = "--proto4d-spare"
@@ -39,7 +39,6 @@ ENV = "PROTO4D_SPARE_FD"
 VOLATILE_ENV = frozenset({"PROTO4D_RELEASE", drain.SHARED_ENV, drain.CONTROL_ENV, accesschannel.ENV, ENV})
 MAX_MODULES = 20_000
 MAX_LINE = 8 << 20
-KEEP_VENVS = 4
 
 
 @dataclass(frozen=True)
@@ -82,32 +81,6 @@ def clean_modules(raw: Any) -> list[str]:
     return out
 
 
-class ModuleBook:
-    """What the app imported from each venv (state/spare-modules.json): kept across daemon restarts so
-    that a spare can warm before the first update of the day, for the last few venvs only."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._book: dict[str, list[str]] | None = None
-
-    def _load(self) -> dict[str, list[str]]:
-        if self._book is None:
-            raw = fsutil.read_json(self.path, {})
-            self._book = {str(k): clean_modules(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-        return self._book
-
-    def get(self, venv: str) -> list[str]:
-        return list(self._load().get(venv, []))
-
-    def put(self, venv: str, modules: Sequence[str]) -> None:
-        book = self._load()
-        book.pop(venv, None)
-        book[venv] = list(modules)
-        while len(book) > KEEP_VENVS:
-            book.pop(next(iter(book)))
-        fsutil.atomic_write_json(self.path, book, durable=False)
-
-
 class SpareError(Exception):
     """The spare did not answer as the protocol says (it is stopped; the release starts cold)."""
 
@@ -120,7 +93,7 @@ class Spare:
         self.sock = sock
         self.key = key
         self.venv = venv
-        self.state = "warming"  # -> "warm" -> "used"
+        self.state = "warming"  # -> "warm" -> "used"; or "ended" (stopped by the daemon)
         self.imported = 0
         self.failed = 0
         self.warm_s: float | None = None

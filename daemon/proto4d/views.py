@@ -115,6 +115,13 @@ def render_status(status: dict[str, Any], problem: str) -> str:
         lines.append(f"drain    {app['drain']}")
     if app.get("access_records"):
         lines.append(f"access   records {app['access_records']}")
+    spare = app.get("spare")
+    if isinstance(spare, dict):
+        if spare.get("state") == "warm":
+            lines.append(f"spare    warm, pid {spare.get('pid')}: {spare.get('imported')} modules imported in "
+                         f"{spare.get('warm_s')} s at {spare.get('warm_at')}; the next canary starts from it")
+        else:
+            lines.append(f"spare    importing, pid {spare.get('pid')}")
     for change in app.get("env_changed") or []:
         lines.append(f"config   changed since the app started: {change} (`proto4d restart` applies it, no gap)")
     data = status.get("data") or {}

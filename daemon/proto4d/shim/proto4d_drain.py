@@ -51,6 +51,13 @@ daemon retires the old process only after `promoted`, so the shared socket alway
 acceptor. One line goes to stderr too: `proto4d-drain: promoted (shared socket fd N ...)`.
 When uvicorn's Server has no `startup` to wrap, the shim answers `unavailable <reason>` at once
 and the daemon starts the release again on the shared socket (the two-start path).
+A production process gets the control socket alone (no PROTO4D_SHARED_FD): it answers `modules`
+only (below), and `refused ...` to `promote`.
+
+The spare (proto4d's `app.spare`): `modules` on the control socket answers one line, `modules` and
+the JSON list of what this process imported from its interpreter's library and its venv (never the
+app's own code). proto4d then starts `python -m proto4d_drain --proto4d-spare`, which imports that
+list ahead and waits to become the next release's process (see `_spare`).
 
 Once the server has started (after the app's lifespan startup), the shim collects and freezes the
 heap built so far (`gc.freeze()`): full collections then skip the app's start-up objects instead of
@@ -456,7 +463,9 @@ class _Promoter:
         self.buffer += data
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
-            if line.strip() == b"promote" and self.task is None:
+            if line.strip() == b"promote" and self.shared_fd is None:
+                _say(self.control_fd, "refused this process holds no shared socket to promote onto")
+            elif line.strip() == b"promote" and self.task is None:
                 self.task = loop.create_task(self._promote())
             elif line.strip() == b"promote":
                 _say(self.control_fd, "promoted" if self.done else "refused a promotion is in progress")
@@ -511,13 +520,14 @@ class _Promoter:
 
 
 def _take_promotion():
-    """The canary's descriptors for promotion in place (taken before the app is imported)."""
+    """The control socket, and for a canary the shared socket for promotion in place (taken before the
+    app is imported). Production's process has a control socket alone: the daemon asks it `modules`."""
     control = os.environ.pop(CONTROL_FD_ENV, "")
     shared = os.environ.pop(SHARED_FD_ENV, "")
-    if not control or not shared:
+    if not control:
         return
     try:
-        control_fd, shared_fd = int(control), int(shared)
+        control_fd, shared_fd = int(control), (int(shared) if shared else None)
     except ValueError:
         return
     try:
@@ -527,7 +537,8 @@ def _take_promotion():
         if not inspect.iscoroutinefunction(original):
             raise AttributeError("Server.startup is not a coroutine function")
     except (ImportError, AttributeError) as exc:
-        _say(control_fd, f"unavailable uvicorn's Server cannot be wrapped ({exc})")
+        if shared_fd is not None:
+            _say(control_fd, f"unavailable uvicorn's Server cannot be wrapped ({exc})")
         return
 
     async def startup(self, *args, **kwargs):
@@ -745,7 +756,10 @@ def _shadowed(cwd):
     for name in {n.partition(".")[0] for n in list(sys.modules)}:
         if not name or name == "__main__":
             continue
-        if name in entries and os.path.isdir(os.path.join(cwd, name)):
+        # A directory shadows as a regular package only (one without __init__ is a namespace portion,
+        # which the import system passes over for a package found later on sys.path).
+        if name in entries and any(os.path.exists(os.path.join(cwd, name, "__init__" + suffix))
+                                   for suffix in suffixes):
             return f"the release's {name}/ would shadow the imported module {name}"
         for suffix in suffixes:
             if name + suffix in entries:
