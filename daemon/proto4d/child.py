@@ -107,6 +107,38 @@ class Backoff:
         self.failures = 0
 
 
+class NoLine(Exception):
+    """No line came on a socket: why, in words; `closed` when the other end closed it."""
+
+    def __init__(self, why: str, closed: bool = False) -> None:
+        super().__init__(why)
+        self.closed = closed
+
+
+async def recv_line(sock: socket.socket, buf: bytes, timeout: float, limit: int, what: str) -> tuple[str, bytes]:
+    """Read a non-blocking socket until a newline: (the line, what came after it). `buf` is what an
+    earlier read left; `what` names the awaited answer in the reason. Raises NoLine."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while b"\n" not in buf:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise NoLine(f"no answer to {what} within {timeout:g} s")
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), left)
+        except TimeoutError:
+            raise NoLine(f"no answer to {what} within {timeout:g} s") from None
+        except OSError as e:
+            raise NoLine(f"the socket failed ({e.strerror or e})") from None
+        if not chunk:
+            raise NoLine("closed", closed=True)
+        buf += chunk
+        if len(buf) > limit:
+            raise NoLine(f"an answer to {what} longer than {limit} bytes")
+    line, _, rest = buf.partition(b"\n")
+    return line.decode("utf-8", "replace").strip(), rest
+
+
 class AppProcess:
     """A running (or finished) app process of one release."""
 

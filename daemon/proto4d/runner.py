@@ -35,7 +35,7 @@ import psutil
 
 from proto4d import appenv, appuser, drain, envwatch, faults, log, procs, releases, spare, states
 from proto4d.accesschannel import AccessChannel
-from proto4d.child import AppProcess, Backoff, LineHandler, RecordHandler
+from proto4d.child import AppProcess, Backoff, LineHandler, NoLine, RecordHandler, recv_line
 from proto4d.config import Config, probe_host
 from proto4d.health import HealthReport, Prober
 from proto4d.listener import ListenError, free_port, open_listener, private_listener
@@ -64,28 +64,16 @@ class PromotionFailed(Exception):
 
 async def ask(control: socket.socket, proc: AppProcess, what: str, timeout: float, limit: int = 4096) -> str:
     """One line to the drain shim on its control socket, its one-line answer (or why there was none)."""
-    loop = asyncio.get_running_loop()
     control.setblocking(False)
     try:
-        await loop.sock_sendall(control, what.encode() + b"\n")
+        await asyncio.get_running_loop().sock_sendall(control, what.encode() + b"\n")
     except OSError as e:
         return f"the control socket is closed ({e.strerror or e})"
-    buf = b""
-    deadline = loop.time() + timeout
-    while b"\n" not in buf:
-        left = deadline - loop.time()
-        if left <= 0 or len(buf) > limit:
-            return f"no answer to {what} within {timeout:g} s"
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(control, 1 << 16), left)
-        except TimeoutError:
-            return f"no answer to {what} within {timeout:g} s"
-        except OSError as e:
-            return f"the control socket failed ({e.strerror or e})"
-        if not chunk:
-            return f"the control socket closed ({proc.exit_description()})"
-        buf += chunk
-    return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    try:
+        line, _ = await recv_line(control, b"", timeout, limit, what)
+    except NoLine as e:
+        return f"the control socket closed ({proc.exit_description()})" if e.closed else str(e)
+    return line
 
 
 @dataclass
@@ -885,13 +873,13 @@ class Runner:
         proc.cwd = python.parent.parent  # its venv: the release's tree may be pruned while it waits
         proc.env = {**proc.env, spare.ENV: str(theirs.fileno())}
         proc.pass_fds = (*proc.pass_fds, theirs.fileno())
+        proc.close_after_start = [theirs]
         proc.background = can_leave_background()
         sp = Spare(proc, mine, spare.Key.of(python, cfg.app.user, proc.env), release.venv)
         self.spare = sp
         self.log.info("spare.starting", venv=release.venv, modules=len(modules))
         try:
             await proc.start()
-            theirs.close()
             if not proc.background:
                 lower_priority(proc.pid)
             await sp.warm(modules, max(30.0, cfg.health.start_timeout_s))
@@ -904,9 +892,6 @@ class Runner:
                 self.spare = None
             await self._end_spare(sp)
             return
-        finally:
-            with contextlib.suppress(OSError):
-                theirs.close()
         self.log.info("spare.warm", pid=proc.pid, venv=release.venv, imported=sp.imported, failed=sp.failed,
                       seconds=sp.warm_s)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from proto4d import accesschannel, drain
-from proto4d.child import AppProcess
+from proto4d.child import AppProcess, NoLine, recv_line
 
 FLAG = "--proto4d-spare"
 ENV = "PROTO4D_SPARE_FD"
@@ -100,26 +100,15 @@ class Spare:
         self.warm_at: float | None = None  # wall clock
         self._buf = b""
 
-    async def _line(self, timeout: float) -> str:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise SpareError(f"no answer within {timeout:g} s")
-            try:
-                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), left)
-            except TimeoutError:
-                raise SpareError(f"no answer within {timeout:g} s") from None
-            except OSError as e:
-                raise SpareError(f"its socket failed ({e.strerror or e})") from None
-            if not chunk:
-                raise SpareError(f"it closed its socket ({self.proc.exit_description()}: {self.proc.last_lines(2)})")
-            self._buf += chunk
-            if len(self._buf) > MAX_LINE:
-                raise SpareError("an answer longer than any the shim sends")
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode("utf-8", "replace").strip()
+    async def _line(self, what: str, timeout: float) -> str:
+        try:
+            line, self._buf = await recv_line(self.sock, self._buf, timeout, MAX_LINE, what)
+        except NoLine as e:
+            if e.closed:
+                raise SpareError(f"it closed its socket ({self.proc.exit_description()}: "
+                                 f"{self.proc.last_lines(2)})") from None
+            raise SpareError(str(e)) from None
+        return line
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -132,7 +121,7 @@ class Spare:
         self.sock.setblocking(False)
         t = time.monotonic()
         await self._send(b"preload " + json.dumps(list(modules), separators=(",", ":")).encode() + b"\n")
-        verb, _, rest = (await self._line(timeout)).partition(" ")
+        verb, _, rest = (await self._line("preload", timeout)).partition(" ")
         parts = rest.split()
         if verb != "warm" or len(parts) != 3:
             raise SpareError(f"unexpected answer to preload: {verb[:40]!r}")
@@ -159,7 +148,7 @@ class Spare:
                 await asyncio.sleep(0.01)
             except OSError as e:
                 raise SpareError(f"the descriptors could not be handed over ({e.strerror or e})") from None
-        verb, _, rest = (await self._line(timeout)).partition(" ")
+        verb, _, rest = (await self._line("the descriptors", timeout)).partition(" ")
         try:
             numbers = [int(n) for n in rest.split()]
         except ValueError:
@@ -172,7 +161,7 @@ class Spare:
         """Tell it to run as this release's process; "" once it has, else why it refused."""
         order = {"argv": list(argv), "cwd": str(cwd), "env": dict(env)}
         await self._send(b"become " + json.dumps(order, separators=(",", ":")).encode() + b"\n")
-        answer = await self._line(timeout)
+        answer = await self._line("become", timeout)
         if answer == "became":
             self.state = "used"
             return ""

@@ -119,7 +119,7 @@ def render_status(status: dict[str, Any], problem: str) -> str:
     if isinstance(spare, dict):
         if spare.get("state") == "warm":
             lines.append(f"spare    warm, pid {spare.get('pid')}: {spare.get('imported')} modules imported in "
-                         f"{spare.get('warm_s')} s at {spare.get('warm_at')}; the next canary starts from it")
+                         f"{spare.get('warm_s')} s at {spare.get('warm_at')}; the next update's start is this process")
         else:
             lines.append(f"spare    importing, pid {spare.get('pid')}")
     for change in app.get("env_changed") or []:
