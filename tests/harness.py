@@ -327,8 +327,10 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(10)
 
-    def app_pids(self) -> list[int]:
-        """Every live process whose command line runs a release of this root."""
+    def app_pids(self, spare: bool = False) -> list[int]:
+        """Every live process whose command line runs a release of this root; but for `spare`, not the
+        running daemon's spare interpreter (app.spare) that its status names. A spare whose daemon
+        died is its own parent's no longer, and counts: a leaked one fails the tests."""
         out = []
         marker = str(self.root)
         for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
@@ -339,14 +341,24 @@ class Daemon:
                     out.append(p.pid)
             except psutil.Error:
                 continue
-        return out
+        theirs = self._spare_pid() if not spare and out else None
+        return [p for p in out if p != theirs]
+
+    def _spare_pid(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            pid = ((self.status().get("app") or {}).get("spare") or {}).get("pid")
+            return pid if isinstance(pid, int) and psutil.Process(pid).ppid() == self.proc.pid else None
+        except (OSError, ValueError, psutil.Error):
+            return None
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-        for pid in self.app_pids():
+        for pid in self.app_pids(spare=True):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Daemon, Origin, wait_for
+from harness import Daemon, Origin, events, wait_for
 
 SERVE_BOUND_S = 30.0  # from the restart to the app answering healthy again
 SETTLE_BOUND_S = 90.0  # until every invariant holds (a resumed update may run to its end first)
@@ -247,9 +247,7 @@ class KillRandom:
                      "the resumed stage discarded")
             assert not (root / "releases" / st["release"]).exists(), st
         def only_the_serving_process() -> bool:  # and with app.spare, a spare the daemon knows
-            now = d.status()
-            spare = (now["app"].get("spare") or {}).get("pid")
-            return [p for p in d.app_pids() if p != spare] == [s["app"]["pid"]]
+            return d.app_pids() == [s["app"]["pid"]]
 
         wait_for(only_the_serving_process, 30, f"only the serving process {s['app']['pid']} and the daemon's spare "
                  f"(have {d.app_pids()})")
@@ -317,13 +315,17 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="proto4d-killrandom-"))
     kr = KillRandom(base, seed, log=lambda m: print(m, flush=True), spare=args.spare)
     t = time.monotonic()
+    spares = ""
     try:
         result = kr.run(args.cycles)
+        if args.spare:  # that the kills met spares at all: what they did, from the daemon's log
+            spares = "; spare " + ", ".join(f"{what} {len(events(kr.d, 'spare.' + what))}"
+                                            for what in ("warm", "became", "unused", "ended", "exited", "failed"))
     finally:
         kr.close()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(result.summary() + f"; {time.monotonic() - t:.0f} s in all")
+    print(result.summary() + spares + f"; {time.monotonic() - t:.0f} s in all")
     return 1 if result.failures else 0
 
 
