@@ -38,7 +38,8 @@ def test_kill_between_fork_and_record_in_a_switch(make_daemon, origin, promote, 
     """The found outage: the daemon dies right after forking the new release's process, which holds the
     shared socket. The held child never runs the app, so nothing holds the port and the restart serves
     at once."""
-    d = make_daemon(update={"promote": promote}).start(env=FAULTS_ENV)
+    # A cold start's window: a spare (app.spare) is not forked in the switch (spare_handed, below)
+    d = make_daemon(update={"promote": promote}, app={"spare": False}).start(env=FAULTS_ENV)
     shared = tree_digest(d.root / "shared")
     old_pid = d.status()["app"]["pid"]
     origin.commit("2")
@@ -125,3 +126,28 @@ def test_a_failed_listen_ends_a_stale_process_of_ours_and_binds(make_daemon, ori
     finally:
         stray.kill()
         stray.wait(10)
+
+
+@pytest.mark.parametrize(("promote", "outcome"), [
+    ("auto", "aborted"),  # the spare became the canary, holding the shared socket for its promotion
+    ("never", "rolled_back"),  # the spare became the handoff's process, serving the shared socket
+])
+def test_kill_after_the_spare_became_a_release_before_it_is_recorded(make_daemon, origin, promote, outcome):
+    """app.spare's own window: the spare already serves the release while the registry still calls it
+    a spare. The restarted daemon ends it and serves one release; nothing else is left."""
+    d = make_daemon(update={"promote": promote}, app={"spare": True}).start(env=FAULTS_ENV)
+    shared = tree_digest(d.root / "shared")
+    sp = d.wait_status(lambda s: (s["app"].get("spare") or {}).get("state") == "warm", 60,
+                       "a warm spare")["app"]["spare"]
+    origin.commit("2")
+    (d.root / "state" / "pause-at").write_text("spare_became")
+    rid = request(d, "update")
+    marker = d.root / "state" / "paused-at-spare_became"
+    wait_for(marker.exists, 60, "the spare becoming the release")
+    assert not gone(sp["pid"])
+    d.kill()
+    (d.root / "state" / "pause-at").unlink()
+    marker.unlink()
+    settle_and_check(d, rid, outcome, "1", shared)  # only the serving process (and the new daemon's spare)
+    assert gone(sp["pid"])
+    assert not [e for e in d.log_events() if e.get("event") == "listen.failed"]

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from proto4d.procs import Cancel
 
 POINTS = ("consumed", "fetch", "export", "venv", "canary_done", "snapshot_taken", "migrated", "new_started",
-          "current_renamed", "verify", "watch", "rollback_started", "rollback_renamed", "forked_app", "forked_canary")
+          "current_renamed", "verify", "watch", "rollback_started", "rollback_renamed", "forked_app", "forked_canary",
+          "spare_became")
 
 _state_dir: Path | None = None
 

@@ -156,6 +156,7 @@ class Runner:
         self.spare: Spare | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self._spare_retry_at = 0.0  # monotonic: a spare that failed to warm is not tried again before
+        self._starts = 0  # release starts begun (canaries, stages, handoffs): a spare's warming sees one
         self.configure()
 
     @property
@@ -485,6 +486,7 @@ class Runner:
             raise SwitchFailed(f"the new process of {release.name} cannot have the socket: {e}") from None
         # A warm spare is this start when it can stand in (app.spare): the canary before it was one
         # that is not promoted (it ran on copies of the data), and this is the start beside production.
+        self._starts += 1
         became = await self._spare_becomes(release, "app", sock, None, None, None)
         proc, plan = became or self.build(release, "app", sock)
         if became is None:
@@ -686,6 +688,7 @@ class Runner:
         kept as `self.staged` (promotable or not) until promoted or discarded. Raises ListenError when
         that address cannot be bound."""
         cfg = self.cfg
+        self._starts += 1
         await self.discard_candidate()
         if stage is not None:
             host, port = stage
@@ -814,6 +817,9 @@ class Runner:
         became.control = control[0] if control is not None else None
         became.started_at, became.started_mono = time.time(), time.monotonic()  # its run starts now
         sp.close()
+        # The spare's crash window: it serves the release (and holds the shared socket) while the registry
+        # still names it a spare; a restarted daemon ends every registered process that is not production.
+        await faults.point("spare_became")
         with contextlib.suppress(OSError):
             self.deps.registry.add(became.pid, role, release=release.name)
         self.log.info("spare.became", release=release.name, pid=became.pid, role=role,
@@ -855,13 +861,17 @@ class Runner:
         self._spare_task = asyncio.create_task(self._warm_spare(rel), name="spare-warm")
 
     async def _warm_spare(self, release: Release) -> None:
+        starts = self._starts
         cfg = self.cfg
         modules = await self._modules_of_production()
-        if not modules or self.release is not release:
-            if not modules:
-                self.log.warning("spare.no_modules", pid=self.proc.pid if self.proc else 0,
-                                 then=f"not tried again for {SPARE_RETRY_S:g} s")
-                self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
+        # A start (an update's canary, a stage, the handoff's) that began while the serving process
+        # answered went on without a spare: this one would warm beside it, so it is not started.
+        if self.release is not release or starts != self._starts or self.spare is not None:
+            return
+        if not modules:
+            self.log.warning("spare.no_modules", pid=self.proc.pid if self.proc else 0,
+                             then=f"not tried again for {SPARE_RETRY_S:g} s")
+            self._spare_retry_at = time.monotonic() + SPARE_RETRY_S
             return
         python = python_for(self.deps.paths, release)
         proc, plan = self.build(release, "spare")
