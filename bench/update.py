@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="update.promote for the daemon: auto = the verified canary is promoted in place (one start, "
                         "as shipped); never = every release starts twice; both = never, then auto, in one run "
                         "(default auto)")
+    p.add_argument("--spare", choices=["off", "on", "both"], default="off",
+                   help="app.spare: on = each update first waits until the daemon's spare interpreter is warm (a "
+                        "quiet moment between updates; not in the +load block, where users are always on), so the "
+                        "start is that process; both = off, then on, in one run (default off)")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 20 --repeat 3 --app-starts 10")
     common.add_run_args(p, "each part")
     args = p.parse_args(argv)
@@ -176,10 +180,11 @@ def requirements_for(block: str, base_req: str, i: int) -> str | None:
     return f"{base_req}{extra}# bench build {i} {time.time():.0f}\n"
 
 
-def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto") -> dict[str, Any]:
+def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto", spare: bool = False) -> dict[str, Any]:
     origin = common.make_origin(base / "origin", args.uvicorn)
     base_req = common.UVICORN_REQUIREMENTS[args.uvicorn]
-    d = common.new_daemon(base / "daemon", origin, update={"watch_s": 0, "promote": promote})
+    d = common.new_daemon(base / "daemon", origin, update={"watch_s": 0, "promote": promote},
+                          app={"spare": spare})
     blocks: dict[str, dict[str, Any]] = {}
     n = 0
     try:
@@ -189,6 +194,7 @@ def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto") -> 
             log(f"updates: {block} ({args.updates} + 1 warm-up)")
             t_block = time.time()
             block_meter = common.BusyMeter()
+            became_before = len(common.harness.events(d, "spare.became"))
             load = LoadSet(d.port, common.MIXES["normal"]).start() if block.endswith("+load") else None
             rows: list[dict[str, Any]] = []
             warmup: dict[str, Any] = {}
@@ -203,6 +209,9 @@ def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto") -> 
                         sample = (common.harness.SAMPLE / "main.py").read_text()
                         files = {"main.py": HEAVY_IMPORTS + sample}
                         requirements = PROTO4_REQUIREMENTS
+                    if spare and load is None:
+                        d.wait_status(lambda s: (s["app"].get("spare") or {}).get("state") == "warm", 180,
+                                      "a warm spare")
                     row = one_update(d, origin, f"u{n}", requirements, files, args.trigger, staged=block == "staged")
                     if i == 0:
                         warmup = row
@@ -223,6 +232,7 @@ def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto") -> 
             in_log = [(role, secs) for role, at, secs in common.app_log_start_times(d.root / "logs" / "app.log")
                       if at >= t_block]
             blocks[block] = {"rows": rows, "warmup": warmup, "app_start_spawn_s": spawns,
+                             "spare_became": len(common.harness.events(d, "spare.became")) - became_before,
                              "machine_load": block_meter.read(),
                              "app_start_log_s": {role: [s for r, s in in_log if r == role]
                                                  for role in sorted({r for r, _ in in_log})}}
@@ -355,16 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine()
     base, cleanup = common.workdir(args.keep, "update")
     started = time.time()
-    part1s: dict[str, dict[str, Any]] = {}  # update.promote -> part 1's blocks
+    part1s: dict[str, dict[str, Any]] = {}  # "update.promote[ + app.spare]" -> part 1's blocks
     part2: list[dict[str, Any]] = []
     meter = common.BusyMeter()
     try:
         if not args.skip_updates:
             if args.quiet_wait:
                 common.wait_quiet(args.quiet_wait)
-            for mode in (["never", "auto"] if args.promote == "both" else [args.promote]):
-                log(f"updates with update.promote: {mode}")
-                part1s[mode] = run_updates(args, base / f"updates-{mode}", mode)
+            for promote in (["never", "auto"] if args.promote == "both" else [args.promote]):
+                for spare in ([False, True] if args.spare == "both" else [args.spare == "on"]):
+                    mode = promote + (" + app.spare" if spare else "")
+                    log(f"updates with update.promote: {mode}")
+                    part1s[mode] = run_updates(args, base / ("updates-" + promote + ("-spare" if spare else "")),
+                                               promote, spare)
         if not args.skip_venv:
             if args.quiet_wait:
                 common.wait_quiet(args.quiet_wait)
@@ -401,8 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode, part1 in part1s.items():
         print(f"Trigger -> verified by step, seconds (median of {args.updates} updates per block; update.watch_s 0, "
               "so the watch is excluded; uvicorn " + common.UVICORN_LABEL[args.uvicorn] + f"; update.promote {mode}: "
-              + ("one start, the canary promoted in place" if mode == "auto" else "two starts") + "):\n")
-        print(update_table(part1))
+              + ("one start, the canary promoted in place" if mode.startswith("auto") else "two starts")
+              + ("; the spare interpreter became the start in " + ", ".join(
+                  f"{b['spare_became']} of {len(b['rows']) + 1} ({block})" for block, b in part1["blocks"].items())
+                 if mode.endswith("app.spare") else "") + "):\n")
+        print(update_table(part1) + "\n")
     if part1s:
         print("\npickup = trigger -> the daemon took the request (a dropped file waits for the 1 s poll; "
               "`proto4d update` wakes the daemon at once); fetch is done before preparing; export, venv, "
