@@ -196,7 +196,11 @@ class Daemon:
             "app": {"repo": str(origin.bare), "branch": "main", "subdir": origin.subdir,
                     "requirements": "requirements.txt",
                     "command": ["{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"],
-                    "shared": [".env", "data"], "stable_s": 30, "max_fast_failures": 3},
+                    "shared": [".env", "data"], "stable_s": 30, "max_fast_failures": 3,
+                    # app.spare (on by default) warms one more interpreter at every idle moment: the
+                    # suite keeps it to the tests about it, for its time on 2 cores;
+                    # PROTO4D_TEST_SPARE=1 runs every test with it (./dev proofs does).
+                    "spare": os.environ.get("PROTO4D_TEST_SPARE", "0") == "1"},
             "listen": {"host": "127.0.0.1", "port": self.port},
             "health": {"checks": [{"path": "/health", "status": [200]}, {"path": "/", "status": [200]}],
                        "start_timeout_s": 20, "interval_s": 0.5, "timeout_s": 3},

@@ -164,7 +164,7 @@ def test_every_omitted_key_has_its_default(tmp_path: Path) -> None:
         command=("{python}", "-m", "uvicorn", "main:app", "--fd", "{fd}"), env=(), shared=(),
         ready_pattern=r"Uvicorn running on|Listening at:", access_log_regex="", drain="auto",
         drain_grace_s=1.0, stable_s=60.0, max_fast_failures=5, log_max_bytes=10 << 20, log_backups=5,
-        databases=(), migrate=(), spare=False, user="")
+        databases=(), migrate=(), spare=True, user="")
     assert cfg.listen == config.ListenConfig("0.0.0.0", 8000, 2048)
     assert cfg.health == config.HealthConfig(checks=(Check("/health", (200,)),), external_url="",
                                              start_timeout_s=60.0, timeout_s=5.0, interval_s=10.0)

@@ -213,9 +213,10 @@ class AppConfig:
     migrate: tuple[str, ...] = setting(NEXT_UPDATE, [], read("migrate"),
                                        "argv run in the release's venv and workdir: on the canary's copy, "
                                        "then live at the switch")
-    spare: bool = setting(NOW, False, read("boolean"),
+    spare: bool = setting(NOW, True, read("boolean"),
                           "keep one spare interpreter with the venv's imports done, warmed while nobody is on, "
-                          "that becomes the next release's canary (its start then imports only the app's code)")
+                          "that becomes the next release's start (which then imports only the app's own code; "
+                          "false: no idle process, every start is cold)")
     user: str = setting(NEXT_START, "", read("app_user"),
                         "run the app, its canary and its migrations as this user (needs a daemon run as root; "
                         "\"\" = the daemon's user)")
