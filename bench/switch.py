@@ -1,10 +1,11 @@
 """Switch under load: failed requests and latency while the app is updated, four ways, in one run.
 
-  (a) drain       proto4d as shipped: the verified canary is promoted in place onto the shared socket
+  (a) drain       proto4d as shipped when users have been on since the last update (app.spare off here:
+                  no spare warms then): the verified canary is promoted in place onto the shared socket
                   (one start per release), the old process drains through the drain shim
-  (a3) spare      (a) with app.spare: the canary is the spare interpreter, warmed with the venv's imports
-                  while nobody was on; needs class breaks (--breaks, implied), since it warms only on a
-                  green sample
+  (a3) spare      proto4d as shipped (app.spare on) after a quiet moment: the canary is the spare
+                  interpreter, warmed with the venv's imports while nobody was on; needs class breaks
+                  (--breaks, implied), since it warms only on a green sample
   (a4) two-start-spare  (a2) with app.spare: the canary starts cold (niced, as one that will not be
                   promoted), the spare is the second start, on the shared socket (what an app with
                   students' data gets: its canary runs on copies)
@@ -61,8 +62,8 @@ import common
 from common import LoadSet, Target, fmt, lat_stats, log, md_table, percentile, sign_test
 
 VARIANTS: dict[str, tuple[str, str]] = {
-    "drain": ("a", "promotion in place + drain shim (as shipped)"),
-    "spare": ("a3", "promotion in place + drain shim + app.spare (warmed in each class break)"),
+    "drain": ("a", "promotion in place + drain shim (as shipped, no spare: users on since the last update)"),
+    "spare": ("a3", "promotion in place + drain shim + app.spare (as shipped; warmed in each class break)"),
     "two-start-spare": ("a4", "two starts + app.spare (the spare is the start on the shared socket)"),
     "two-start": ("a2", "handoff + drain shim, two starts (update.promote: never)"),
     "handoff": ("b", "plain handoff (app.drain: sigterm)"),
