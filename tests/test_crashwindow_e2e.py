@@ -17,6 +17,7 @@ import pytest
 
 from harness import free_port, wait_for
 from test_killpoints_e2e import FAULTS_ENV, request, settle_and_check, tree_digest
+from test_spare_e2e import warm_spare
 
 pytestmark = pytest.mark.e2e
 
@@ -137,8 +138,7 @@ def test_kill_after_the_spare_became_a_release_before_it_is_recorded(make_daemon
     a spare. The restarted daemon ends it and serves one release; nothing else is left."""
     d = make_daemon(update={"promote": promote}, app={"spare": True}).start(env=FAULTS_ENV)
     shared = tree_digest(d.root / "shared")
-    sp = d.wait_status(lambda s: (s["app"].get("spare") or {}).get("state") == "warm", 60,
-                       "a warm spare")["app"]["spare"]
+    sp = warm_spare(d)
     origin.commit("2")
     (d.root / "state" / "pause-at").write_text("spare_became")
     rid = request(d, "update")

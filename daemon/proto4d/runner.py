@@ -90,10 +90,7 @@ class Candidate:
     async def ask_promote(self, timeout: float) -> str:
         """Send `promote`; return the shim's answer line (`promoted`, `refused ...`, `unavailable ...`) or
         why there was none."""
-        return (await self.ask("promote", timeout))[:400]
-
-    async def ask(self, what: str, timeout: float, limit: int = 4096) -> str:
-        return await ask(self.control, self.proc, what, timeout, limit)
+        return (await ask(self.control, self.proc, "promote", timeout))[:400]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
