@@ -115,6 +115,28 @@ class NoLine(Exception):
         self.closed = closed
 
 
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket the event loop may be waiting to read (a `recv_line` in another task).
+
+    A socket closed under a pending loop.sock_recv leaves its descriptor number registered with the
+    loop while epoll forgets it: the next socket that gets the same number (a control socket pair made
+    a moment later) is then never polled, and its answer never arrives (a staged release's `promoted`
+    was lost this way, after a spare still warming was ended by a reload). Unregistering first keeps
+    the loop's map and the kernel's in step; the pending read then ends at its own deadline."""
+    with contextlib.suppress(OSError, ValueError):
+        fd = sock.fileno()
+        if fd >= 0:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 async def recv_line(sock: socket.socket, buf: bytes, timeout: float, limit: int, what: str) -> tuple[str, bytes]:
     """Read a non-blocking socket until a newline: (the line, what came after it). `buf` is what an
     earlier read left; `what` names the awaited answer in the reason. Raises NoLine."""
@@ -243,8 +265,7 @@ class AppProcess:
 
     def close_control(self) -> None:
         if self.control is not None:
-            with contextlib.suppress(OSError):
-                self.control.close()
+            close_socket(self.control)
 
     def _never_started(self, why: str) -> None:
         self._close_child_ends()

@@ -35,7 +35,7 @@ import psutil
 
 from proto4d import appenv, appuser, drain, envwatch, faults, log, procs, releases, spare, states
 from proto4d.accesschannel import AccessChannel
-from proto4d.child import AppProcess, Backoff, LineHandler, NoLine, RecordHandler, recv_line
+from proto4d.child import AppProcess, Backoff, LineHandler, NoLine, RecordHandler, close_socket, recv_line
 from proto4d.config import Config, probe_host
 from proto4d.health import HealthReport, Prober
 from proto4d.listener import ListenError, free_port, open_listener, private_listener
@@ -93,8 +93,7 @@ class Candidate:
         return (await ask(self.control, self.proc, "promote", timeout))[:400]
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.control.close()
+        close_socket(self.control)
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import json
 import socket
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from proto4d import accesschannel, drain
-from proto4d.child import AppProcess, NoLine, recv_line
+from proto4d.child import AppProcess, NoLine, close_socket, recv_line
 
 FLAG = "--proto4d-spare"
 ENV = "PROTO4D_SPARE_FD"
@@ -168,8 +167,7 @@ class Spare:
         return answer.removeprefix("refused ").strip()[:300] or answer[:300]
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        close_socket(self.sock)
 
     def status(self) -> dict[str, Any]:
         return {"pid": self.proc.pid, "state": self.state, "venv": self.venv, "imported": self.imported,
