@@ -206,7 +206,10 @@ class Daemon:
                        "start_timeout_s": 20, "interval_s": 0.5, "timeout_s": 3},
             "activity": {"interval_s": 0.5, "window_s": 5, "tunnel_process": ""},
             "safety": {"quiet_for_s": 0, "red_rpm": 0},
-            "update": {"notice_grace_s": 1, "watch_s": 2, "drain_timeout_s": 15, "min_free_mb": 1},
+            # update.prepare_ahead_s (on by default) fetches and prepares a new head at idle moments: kept to
+            # the tests about it, like the spare; PROTO4D_TEST_AHEAD=1 runs every test with it (./dev proofs).
+            "update": {"notice_grace_s": 1, "watch_s": 2, "drain_timeout_s": 15, "min_free_mb": 1,
+                       "prepare_ahead_s": 1 if os.environ.get("PROTO4D_TEST_AHEAD", "0") == "1" else 0},
             "schedule": {"timezone": "UTC"},
         }
         deep_update(self.cfg, overrides)

@@ -176,7 +176,7 @@ def test_every_omitted_key_has_its_default(tmp_path: Path) -> None:
                                              keep_days=7.0, keep_min=3, max_5xx_ratio=0.2, min_free_mb=200,
                                              installer="auto", canary=True, migrate_timeout_s=300.0,
                                              allow_incompatible=False, min_5xx_count=5, min_5xx_clients=2,
-                                             promote="auto")
+                                             prepare_ahead_s=600.0, promote="auto")
     assert cfg.notify == config.NotifyConfig(notice_file="notice.json", webhook_url="", webhook_timeout_s=3.0)
     assert cfg.web == config.WebConfig(host="127.0.0.1", port=8099, token="")
     assert cfg.stage == config.StageConfig(host="127.0.0.1", port=8001, ttl_s=28800.0)

@@ -88,8 +88,11 @@ def settle_and_check(d, rid: str, outcome: str, version: str, shared_before: str
     wait_for(lambda: json.loads(answer_path.read_text())["final"], 90, f"a final answer for {rid}")
     answer = json.loads(answer_path.read_text())
     assert answer["state"] == outcome, answer
-    s = d.wait_status(lambda s: s["app"]["healthy"] and s["update"]["state"] == "idle" and not s["app"]["draining"],
-                      60, "one healthy release and no update running")
+    # (with update.prepare_ahead_s, PROTO4D_TEST_AHEAD=1: no preparation of the branch head in progress,
+    # whose temp dir is work going on, not left behind)
+    s = d.wait_status(lambda s: s["app"]["healthy"] and s["update"]["state"] == "idle" and not s["app"]["draining"]
+                      and s["ahead"]["state"] not in ("looking", "preparing"),
+                      60, "one healthy release, no update running, nothing being prepared ahead")
     # Exactly one release serving, and `current` is it.
     assert (d.root / "current").resolve().name == s["app"]["release"]
     assert d.get()["version"] == version

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                         "faults", "inbox", "notifier", "host", "snapshots", "migrate", "envwatch", "exporttree", "lean",
                         "accesschannel", "appuser", "outbound"}),
     ("releases and the app process", {"releases", "runner", "prune", "canarydata", "datasteps", "staging",
-                                      "spare"}),
+                                      "spare", "ahead"}),
     ("the update", {"update"}),
     ("the daemon", {"supervisor", "service", "configwait"}),
     # demo/ (proto4d demo, the load generator) and web/ (the status page, a process of its own) are

@@ -328,6 +328,10 @@ class UpdateConfig:
                                  "the ratio rolls back only with at least this many 5xx answers")
     min_5xx_clients: int = setting(NOW, 2, read("number", 1, 1 << 20, integer=True),
                                    "to at least this many distinct clients")
+    prepare_ahead_s: float = setting(NOW, 600, read("number", 0, 86400, **_NUM_S),
+                                     "while nobody is on, look for a new head of app.branch this often and prepare "
+                                     "its release ahead (export, venv, checks), so that its update only checks it "
+                                     "and switches; 0 = never")
     promote: str = setting(NOW, "auto", read("one_of", *PROMOTE_MODES),
                            "one start per release: `auto` promotes the verified canary in place when the app has no "
                            "database or migration; `live` also with a database when no migration is pending "

@@ -13,8 +13,11 @@ real blocking work there does: a paused daemon still answers SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 
 POINTS = ("consumed", "fetch", "export", "venv", "canary_done", "snapshot_taken", "migrated", "new_started",
           "current_renamed", "verify", "watch", "rollback_started", "rollback_renamed", "forked_app", "forked_canary",
-          "spare_became")
+          "spare_became", "ahead_fetch", "ahead_export", "ahead_venv")
 
 _state_dir: Path | None = None
 
@@ -49,8 +52,26 @@ def _mark(name: str) -> Path:
     return marker
 
 
+# A context variable, not a thread-local: asyncio.to_thread runs its function in a copy of the calling
+# task's context, so a scope set in a task reaches its worker threads and no other task.
+_scope: contextvars.ContextVar[str] = contextvars.ContextVar("proto4d_fault_scope", default="")
+
+
+@contextlib.contextmanager
+def scoped(prefix: str) -> Iterator[None]:
+    """The points passed inside (in this task and the worker threads it starts) are named
+    `<prefix><point>`: the same fetch and export run for an update and, while nobody is on, for a
+    release prepared ahead (`ahead_fetch`), and a test pauses the one it means."""
+    token = _scope.set(prefix)
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
 def point_sync(name: str, cancel: Cancel | None = None) -> None:
     """For worker threads (git, export, venv build)."""
+    name = _scope.get() + name
     if _armed(name):
         marker = _mark(name)
         while marker.exists() and not (cancel is not None and cancel.cancelled):

@@ -52,6 +52,7 @@ class Pending:
     env_keys_missing: list[str] = field(default_factory=list)
     migrations: list[str] = field(default_factory=list)
     staged: dict[str, Any] | None = None
+    ahead: str = ""  # the head's release, prepared ahead while nobody was on (update.prepare_ahead_s)
 
     @property
     def up_to_date(self) -> bool:
@@ -155,6 +156,9 @@ def collect(cfg: configmod.Config, paths: Paths, running: str | None) -> Pending
     p.staged = status.get("stage") or None
     if running == head:
         return p
+    ahead = status.get("ahead") or {}
+    if ahead.get("state") == "ready" and ahead.get("commit") == head:
+        p.ahead = str(ahead.get("release") or "")
     sub = cfg.app.subdir
 
     def in_app(rel: str) -> str:
@@ -220,6 +224,8 @@ def render(p: Pending) -> str:
         if p.migrations:
             lines.append("migrations added (run on a copy first, then at the switch):")
             lines += [f"  {m}" for m in p.migrations]
+        if p.ahead:
+            lines.append(f"prepared ahead: {p.ahead} (while nobody was on; the update only checks it and switches)")
     lines.append(f"staged: {p.staged.get('release')} at {p.staged.get('url')}" if p.staged else "staged: none")
     return "\n".join(lines)
 

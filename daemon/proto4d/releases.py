@@ -858,8 +858,10 @@ class Prepared:
 
 def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: str, *, progress: Progress,
                     cancel: Cancel | None = None, registry: PidRegistry | None = None,
-                    timings: dict[str, float] | None = None) -> Prepared:
+                    timings: dict[str, float] | None = None, extra: dict[str, object] | None = None) -> Prepared:
     """Export `sha`, build or reuse its venv, link shared paths, preflight; rename into releases/.
+
+    `extra`: more facts for its release.json (ahead.py's record of a release prepared ahead).
 
     On any failure nothing is left behind: the temp dir goes and the live tree is untouched.
     """
@@ -906,7 +908,7 @@ def prepare_release(cfg: Config, paths: Paths, mirror: Mirror, sha: str, ref: st
             "created_at": time.time(), "venv": venv.key, "requirements_sha256":
                 hashlib.sha256(req_file.read_bytes()).hexdigest() if req_file else "",
             "python": py_real, "python_version": py_version, "outcome": "prepared",
-            "history": [{"at": time.time(), "outcome": "prepared"}],
+            "history": [{"at": time.time(), "outcome": "prepared"}], **(extra or {}),
         }
         fsutil.atomic_write_json(tmp / "release.json", info)
         final = paths.release(name)

@@ -330,6 +330,8 @@ class Daemon:
         else:
             self.green_since = None
         runner.spare_tick(green=act["verdict"] == "green", updating=self.updates.run is not None)
+        self.updates.ahead.tick(green=act["verdict"] == "green" and runner.state == states.RUNNING,
+                                busy=self.updates.run is not None or self.updates.queued is not None)
         with contextlib.suppress(OSError):
             self.history.append(act)
         self.write_status()
@@ -545,6 +547,7 @@ class Daemon:
                                               "sampled_at": None},
             "update": self.updates.status(),
             "stage": self.updates.stage.status(self.cfg),
+            "ahead": self.updates.ahead.status(),
             "health": self._health_doc(),
             "data": self._data_status(),
             "written_at": iso(time.time()),

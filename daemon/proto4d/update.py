@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from proto4d import accesslog, datasteps, faults, fsutil, log, notices, policy, releases, staging, states
+from proto4d import accesslog, ahead, datasteps, faults, fsutil, log, notices, policy, releases, staging, states
 from proto4d.activity import Sampler, iso
 from proto4d.config import Config
 from proto4d.health import Prober
@@ -169,6 +169,11 @@ class UpdateManager:
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.stage = staging.StageBook(deps.paths, deps.runner, deps.mirror, deps.status_changed)
+        self.ahead = ahead.Ahead(
+            config=deps.config, paths=deps.paths, mirror=deps.mirror, registry=deps.registry,
+            running_commit=lambda: deps.runner.release.commit if deps.runner.release else None,
+            staged_release=lambda: self.stage.record.release if self.stage.record else None,
+            status_changed=deps.status_changed, prepare=deps.prepare_release)
         self._discards: set[asyncio.Task[None]] = set()
 
     @property
@@ -285,7 +290,7 @@ class UpdateManager:
             while self.queued is not None and not self.deps.stopping():
                 req, self.queued = self.queued, None
                 try:
-                    run = UpdateRun(self.deps, req, self.stage)
+                    run = UpdateRun(self.deps, req, self.stage, self.ahead)
                 except OSError as e:  # cannot even open its log (disk full): nothing was touched
                     self.log.error("update.cannot_start", id=req.id, error=str(e))
                     self.last = {"id": req.id, "state": ABORTED, "message": f"could not start: {e}"}
@@ -315,6 +320,7 @@ class UpdateManager:
         run = self.run
         if run is not None:
             run.cancel_for_stop()
+        await self.ahead.stop()
         for task in (self._task, self._expiry, *self._discards):
             if task is not None:
                 task.cancel()
@@ -386,8 +392,10 @@ class UpdateManager:
 
 
 class UpdateRun:
-    def __init__(self, deps: UpdateDeps, req: Request, stage: staging.StageBook | None = None) -> None:
+    def __init__(self, deps: UpdateDeps, req: Request, stage: staging.StageBook | None = None,
+                 prepared_ahead: ahead.Ahead | None = None) -> None:
         self.deps = deps
+        self.ahead = prepared_ahead
         self.stage = stage if stage is not None else staging.StageBook(deps.paths, deps.runner, deps.mirror,
                                                                         deps.status_changed)
         self.promoting: staging.StageRecord | None = None  # the staged release this run moves to production
@@ -501,6 +509,8 @@ class UpdateRun:
         self._answer("accepted", f"{r.describe()} accepted{self.stage.note_for(r.action)}")
         self.deps.webhook().send(REQUESTED, self._event())
         try:
+            if self.ahead is not None:  # nothing of a look for a new head runs beside an update
+                await self.ahead.settle(wait=r.action in ("update", "stage"), say=self.ulog.line)
             await self._resolve()
             if r.action == "stage":
                 # production is not touched: no quiet moment to wait for, no notice
@@ -843,6 +853,12 @@ class UpdateRun:
             await self.stage.discard(f"{self.req.describe()} ({self.req.id}) prepares {self.target_commit[:7]}")
             self.ulog.line(f"  discarded the staged release {rec.release} ({rec.commit[:7]}): this "
                            f"{self.req.action} prepares {self.target_commit[:7]}")
+        if self.ahead is not None:
+            taken = await asyncio.to_thread(self.ahead.take, cfg, self.target_commit, self.ulog.line)
+            if taken is not None:
+                self.new = taken
+                self.journal.note(new_release=taken.name, new_commit=self.target_commit, prepared_ahead=True)
+                return
         try:
             prepared = await asyncio.to_thread(
                 self.deps.prepare_release, cfg, paths, self.deps.mirror, self.target_commit,

@@ -172,6 +172,15 @@ def render_status(status: dict[str, Any], problem: str) -> str:
         else:
             lines.append(f"staged   {st.get('release')} ({str(st.get('commit', ''))[:7]}) has EXITED "
                          f"({st.get('exited')}): `proto4d discard`, or `proto4d stage` again")
+    ah = status.get("ahead") or {}
+    sha7 = str(ah.get("commit") or "")[:7]
+    if ah.get("state") == "ready":
+        lines.append(f"ahead    {ah.get('release')} ({sha7}) prepared while nobody was on: the next update to it "
+                     "only checks it and switches")
+    elif ah.get("state") in ("looking", "preparing"):
+        lines.append(f"ahead    {ah.get('state')} {sha7}".rstrip() + " (the branch head, while nobody is on)")
+    elif ah.get("state") == "failed":
+        lines.append(f"ahead    preparing {sha7} failed: {ah.get('note')}; an update prepares it again")
     if upd.get("queued"):
         q = upd["queued"]
         lines.append(f"queued   {q.get('id')} ({q.get('action')} {q.get('ref') or q.get('release') or ''})")
