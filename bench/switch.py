@@ -3,12 +3,15 @@
   (a) drain       proto4d as shipped when users have been on since the last update (app.spare off here:
                   no spare warms then): the verified canary is promoted in place onto the shared socket
                   (one start per release), the old process drains through the drain shim
-  (a3) spare      proto4d as shipped (app.spare on) after a quiet moment: the canary is the spare
-                  interpreter, warmed with the venv's imports while nobody was on; needs class breaks
-                  (--breaks, implied), since it warms only on a green sample
-  (a4) two-start-spare  (a2) with app.spare: the canary starts cold (niced, as one that will not be
-                  promoted), the spare is the second start, on the shared socket (what an app with
-                  students' data gets: its canary runs on copies)
+  (a3) spare      proto4d as shipped after a quiet moment: the new head was pushed before it, so the
+                  release was prepared ahead (update.prepare_ahead_s) and the canary is the spare
+                  interpreter (app.spare), both while nobody was on; needs class breaks (--breaks,
+                  implied), since both happen only on a green sample
+  (a5) spare-late (a3) with the head pushed after the quiet moment (update.prepare_ahead_s off here): the
+                  canary is the spare, the release is prepared in the update, beside the serving app
+  (a4) two-start-spare  (a2) with app.spare and the release prepared ahead: the canary starts cold
+                  (niced, as one that will not be promoted), the spare is the second start, on the shared
+                  socket (what an app with students' data gets: its canary runs on copies)
   (a2) two-start  the same with update.promote: never: the release starts again on the shared socket
                   after its canary (the handoff of every release before issue 12)
   (b) handoff     the same handoff with stock uvicorn shutdown (app.drain: sigterm)
@@ -63,8 +66,11 @@ from common import LoadSet, Target, fmt, lat_stats, log, md_table, percentile, s
 
 VARIANTS: dict[str, tuple[str, str]] = {
     "drain": ("a", "promotion in place + drain shim (as shipped, no spare: users on since the last update)"),
-    "spare": ("a3", "promotion in place + drain shim + app.spare (as shipped; warmed in each class break)"),
-    "two-start-spare": ("a4", "two starts + app.spare (the spare is the start on the shared socket)"),
+    "spare": ("a3", "promotion in place + drain shim + app.spare + the release prepared ahead (as shipped, "
+                    "after a class break)"),
+    "spare-late": ("a5", "(a3) with the release prepared in the update (the head pushed after the break)"),
+    "two-start-spare": ("a4", "two starts + app.spare + prepared ahead (the spare is the start on the shared "
+                              "socket)"),
     "two-start": ("a2", "handoff + drain shim, two starts (update.promote: never)"),
     "handoff": ("b", "plain handoff (app.drain: sigterm)"),
     "stop-start": ("c", "stop-then-start (no {fd})"),
@@ -137,14 +143,18 @@ def null_update(d: Any, window_s: float) -> tuple[str, float, dict[str, Any]]:
     return req_id, t, {"state": "done", "at": time.time()}
 
 
-SPARE_VARIANTS = ("spare", "two-start-spare")
+SPARE_VARIANTS = ("spare", "spare-late", "two-start-spare")
+# The head is pushed before the class break, and the break lasts until its release is prepared ahead.
+AHEAD_VARIANTS = ("spare", "two-start-spare")
 # Class breaks (--breaks): the daemon must see nobody on soon after the users leave.
 BREAK_ACTIVITY = {"interval_s": 1.0, "window_s": 2.0}
 BREAK_SETTLE_S = 2.0
 
 
 def daemon_overrides(variant: str, watch_s: float, breaks: bool = False) -> dict[str, Any]:
-    over: dict[str, Any] = {"update": {"watch_s": watch_s}}
+    # update.prepare_ahead_s: every green sample looks (the break is short); 0 for the variants that stand
+    # for users on since the last update, or for the daemon before the release was prepared ahead.
+    over: dict[str, Any] = {"update": {"watch_s": watch_s, "prepare_ahead_s": 1 if variant in AHEAD_VARIANTS else 0}}
     if breaks or variant in SPARE_VARIANTS:
         over["activity"] = dict(BREAK_ACTIVITY)
     if variant in SPARE_VARIANTS:
@@ -194,10 +204,15 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
             rest = (rest[0], time.time())
             break_s: list[float] = []
             for i in range(args.updates):
+                if variant in AHEAD_VARIANTS:  # pushed while users are on; prepared in the break that follows
+                    sha = versions.next()
+                    pushed = time.time()
                 if breaks:
-                    break_s.append(class_break(d, load, want_spare=variant in SPARE_VARIANTS))
-                versions.next()
-                pushed = time.time()
+                    break_s.append(class_break(d, load, want_spare=variant in SPARE_VARIANTS,
+                                               want_ahead=sha if variant in AHEAD_VARIANTS else ""))
+                if variant not in AHEAD_VARIANTS:
+                    versions.next()
+                    pushed = time.time()
                 time.sleep(COMMIT_SETTLE_S)
                 old_pid = d.status()["app"]["pid"]
                 if variant == "null":
@@ -207,12 +222,14 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
                     req_id, t_trigger = common.trigger_update(d, reason=f"bench {variant} {mix} {i + 1}")
                     answer = common.wait_answer(d, req_id, timeout=180)
                 t_final = time.time()
-                steps = {} if variant == "null" else common.step_times(common.journal_for(d, req_id))
+                journal = {} if variant == "null" else common.journal_for(d, req_id)
+                steps = common.step_times(journal) if journal else {}
                 verified = steps.get("watching", answer.get("at", t_final))
                 updates.append({
                     "i": i + 1, "id": req_id, "outcome": answer.get("state"), "trigger": t_trigger, "pushed": pushed,
                     "verified": verified, "final": t_final, "switching": steps.get("switching", t_trigger),
                     "steps": {k: round(v - t_trigger, 3) for k, v in steps.items()},
+                    "prepared_ahead": bool(journal.get("prepared_ahead")),
                     "message": answer.get("message", "")[:200]})
                 if answer.get("state") != "done":
                     log(f"  update {i + 1}: {answer.get('state')}: {answer.get('message', '')[:200]}")
@@ -233,6 +250,7 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
             extra["breaks"] = {"n": len(break_s), "mean_s": round(statistics.mean(break_s), 2) if break_s else None,
                                "max_s": round(max(break_s), 2) if break_s else None,
                                "spare_became": sum(1 for e in events if e.get("event") == "spare.became"),
+                               "prepared_ahead": sum(1 for u in updates if u.get("prepared_ahead")),
                                "spare_unused": [e.get("why") for e in events if e.get("event") == "spare.unused"][:5]}
         return analyse(variant, mix, load, rest, updates, extra, paired)
     finally:
@@ -241,17 +259,22 @@ def run_proto4d(variant: str, mix: str, origin: Any, base: Path, args: argparse.
         d.cleanup()
 
 
-def class_break(d: Any, load: LoadSet, want_spare: bool, timeout: float = 90.0) -> float:
-    """Every user leaves until the daemon sees nobody on (and has its spare warm, for (a3)); then they
-    come back and the load settles. Returns how long the users were away."""
+def class_break(d: Any, load: LoadSet, want_spare: bool, want_ahead: str = "", timeout: float = 90.0) -> float:
+    """Every user leaves until the daemon sees nobody on (and has its spare warm, and the release of
+    `want_ahead` prepared ahead, for (a3)); then they come back and the load settles. Returns how long the
+    users were away."""
     t = time.time()
     load.pause()
     try:
         def ready(s: dict[str, Any]) -> bool:
             if (s.get("activity") or {}).get("verdict") != "green":
                 return False
+            ahead = s.get("ahead") or {}
+            if want_ahead and not (ahead.get("state") == "ready" and ahead.get("commit") == want_ahead):
+                return False
             return not want_spare or ((s.get("app") or {}).get("spare") or {}).get("state") == "warm"
-        d.wait_status(ready, timeout, "a green verdict" + (" and a warm spare" if want_spare else ""))
+        d.wait_status(ready, timeout, "a green verdict" + (" and a warm spare" if want_spare else "")
+                      + (f" and {want_ahead[:7]} prepared ahead" if want_ahead else ""))
     finally:
         load.resume()
     away = time.time() - t
@@ -742,7 +765,7 @@ def twins_note(t: dict[str, Any] | None) -> str:
 def targets(runs: list[dict[str, Any]]) -> list[Target]:
     out = []
     for r in runs:
-        if r["variant"] not in ("drain", "spare", "two-start", "two-start-spare", "null"):
+        if r["variant"] not in ("drain", "spare", "spare-late", "two-start", "two-start-spare", "null"):
             continue
         key = VARIANTS[r["variant"]][0]
         where = f"{r['mix']}, uvicorn {r['uvicorn']}"
@@ -826,12 +849,12 @@ def main(argv: list[str] | None = None) -> int:
         if br:
             print(f"\nClass breaks, ({VARIANTS[r['variant']][0]}) {r['mix']}: {br['n']}, the users away "
                   f"{fmt(br['mean_s'])} s on average (at most {fmt(br['max_s'])} s); the spare became the canary in "
-                  f"{br['spare_became']} updates" + (f"; not used: {'; '.join(br['spare_unused'])}"
-                                                     if br["spare_unused"] else ""))
+                  f"{br['spare_became']} updates, the release was prepared ahead in {br.get('prepared_ahead', 0)}"
+                  + (f"; spare not used: {'; '.join(br['spare_unused'])}" if br["spare_unused"] else ""))
     print("\nWhere the switch latency comes from, (a) and (b): fast requests by the update phase they completed in "
           "(p99 / max ms, n):\n")
-    print(phase_table([r for r in runs if r["variant"] in ("drain", "spare", "two-start", "two-start-spare",
-                                                           "handoff")]))
+    print(phase_table([r for r in runs if r["variant"] in ("drain", "spare", "spare-late", "two-start",
+                                                           "two-start-spare", "handoff")]))
     common.print_targets(tgts, path)
     return 0
 
