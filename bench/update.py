@@ -108,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="app.spare: on = each update first waits until the daemon's spare interpreter is warm (a "
                         "quiet moment between updates; not in the +load block, where users are always on), so the "
                         "start is that process; both = off, then on, in one run (default off)")
+    p.add_argument("--ahead", choices=["off", "on", "both"], default="off",
+                   help="update.prepare_ahead_s: on = each update's commit is pushed, then the bench waits until the "
+                        "daemon has prepared its release ahead (nobody on; not in the +load block), and the update "
+                        "takes it; both = off, then on, in one run (default off: the release is prepared in the "
+                        "update)")
     p.add_argument("--readme", action="store_true", help="the README run: --updates 20 --repeat 3 --app-starts 10")
     common.add_run_args(p, "each part")
     args = p.parse_args(argv)
@@ -138,8 +143,12 @@ def read_timings(d: Any, answer: dict[str, Any]) -> dict[str, float]:
 
 
 def one_update(d: Any, origin: Any, version: str, requirements: str | None,
-               files: dict[str, str] | None = None, trigger: str = "cli", staged: bool = False) -> dict[str, Any]:
-    origin.commit(version, requirements=requirements, files=files)
+               files: dict[str, str] | None = None, trigger: str = "cli", staged: bool = False,
+               ahead: bool = False) -> dict[str, Any]:
+    sha = origin.commit(version, requirements=requirements, files=files)
+    if ahead:  # pushed while nobody is on: the daemon prepares it before anyone asks for it (not timed)
+        d.wait_status(lambda s: (s.get("ahead") or {}).get("state") == "ready" and s["ahead"]["commit"] == sha,
+                      600, f"{sha[:7]} prepared ahead")
     if staged:  # `proto4d stage` first (not timed), then the promotion is the update that is timed
         stage_id, _ = common.trigger_update(d, reason="bench stage", wake=True, action="stage")
         staged_answer = common.wait_answer(d, stage_id, timeout=600)
@@ -152,6 +161,7 @@ def one_update(d: Any, origin: Any, version: str, requirements: str | None,
     timings = read_timings(d, answer)
     verified = steps.get("watching", answer.get("at", time.time()))
     row = {"outcome": answer.get("state"), "trigger_to_verified": verified - t0,
+           "prepared_ahead": bool(common.journal_for(d, req_id).get("prepared_ahead")),
            "pickup": steps.get("requested", t0) - t0, **timings,
            "steps": {k: round(v - t0, 3) for k, v in steps.items()}}
     if answer.get("state") != "done":
@@ -180,11 +190,12 @@ def requirements_for(block: str, base_req: str, i: int) -> str | None:
     return f"{base_req}{extra}# bench build {i} {time.time():.0f}\n"
 
 
-def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto", spare: bool = False) -> dict[str, Any]:
+def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto", spare: bool = False,
+                ahead: bool = False) -> dict[str, Any]:
     origin = common.make_origin(base / "origin", args.uvicorn)
     base_req = common.UVICORN_REQUIREMENTS[args.uvicorn]
-    d = common.new_daemon(base / "daemon", origin, update={"watch_s": 0, "promote": promote},
-                          app={"spare": spare})
+    d = common.new_daemon(base / "daemon", origin, app={"spare": spare},
+                          update={"watch_s": 0, "promote": promote, "prepare_ahead_s": 1 if ahead else 0})
     blocks: dict[str, dict[str, Any]] = {}
     n = 0
     try:
@@ -212,7 +223,8 @@ def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto", spa
                     if spare and load is None:
                         d.wait_status(lambda s: (s["app"].get("spare") or {}).get("state") == "warm", 180,
                                       "a warm spare")
-                    row = one_update(d, origin, f"u{n}", requirements, files, args.trigger, staged=block == "staged")
+                    row = one_update(d, origin, f"u{n}", requirements, files, args.trigger, staged=block == "staged",
+                                     ahead=ahead and load is None and block != "staged")
                     if i == 0:
                         warmup = row
                     else:
@@ -233,6 +245,7 @@ def run_updates(args: argparse.Namespace, base: Path, promote: str = "auto", spa
                       if at >= t_block]
             blocks[block] = {"rows": rows, "warmup": warmup, "app_start_spawn_s": spawns,
                              "spare_became": len(common.harness.events(d, "spare.became")) - became_before,
+                             "prepared_ahead": sum(1 for r in rows if r.get("prepared_ahead")),
                              "machine_load": block_meter.read(),
                              "app_start_log_s": {role: [s for r, s in in_log if r == role]
                                                  for role in sorted({r for r, _ in in_log})}}
@@ -374,10 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                 common.wait_quiet(args.quiet_wait)
             for promote in (["never", "auto"] if args.promote == "both" else [args.promote]):
                 for spare in ([False, True] if args.spare == "both" else [args.spare == "on"]):
-                    mode = promote + (" + app.spare" if spare else "")
-                    log(f"updates with update.promote: {mode}")
-                    part1s[mode] = run_updates(args, base / ("updates-" + promote + ("-spare" if spare else "")),
-                                               promote, spare)
+                    for ahead in ([False, True] if args.ahead == "both" else [args.ahead == "on"]):
+                        mode = promote + (" + app.spare" if spare else "") + (" + prepared ahead" if ahead else "")
+                        log(f"updates with update.promote: {mode}")
+                        sub = "updates-" + promote + ("-spare" if spare else "") + ("-ahead" if ahead else "")
+                        part1s[mode] = run_updates(args, base / sub, promote, spare, ahead)
         if not args.skip_venv:
             if args.quiet_wait:
                 common.wait_quiet(args.quiet_wait)
@@ -417,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
               + ("one start, the canary promoted in place" if mode.startswith("auto") else "two starts")
               + ("; the spare interpreter became the start in " + ", ".join(
                   f"{b['spare_became']} of {len(b['rows']) + 1} ({block})" for block, b in part1["blocks"].items())
-                 if mode.endswith("app.spare") else "") + "):\n")
+                 if "app.spare" in mode else "")
+              + ("; the release prepared ahead in " + ", ".join(
+                  f"{b['prepared_ahead']} of {len(b['rows'])} ({block})" for block, b in part1["blocks"].items())
+                 if "prepared ahead" in mode else "") + "):\n")
         print(update_table(part1) + "\n")
     if part1s:
         print("\npickup = trigger -> the daemon took the request (a dropped file waits for the 1 s poll; "

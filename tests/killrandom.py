@@ -45,7 +45,9 @@ FINAL = ("done", "aborted", "rolled_back", "rejected", "superseded", "staged")
 # (about the operation's own length here, so most kills land inside it, some just after)
 WINDOWS = {"update": 5.0, "crashing_update": 7.0, "rollback": 4.0, "first_start": 3.5,
            # `proto4d stage`; and `promote` of a release staged just before (the kill lands in the promotion)
-           "stage": 3.0, "stage_promote": 4.0}
+           "stage": 3.0, "stage_promote": 4.0,
+           # a push alone: the next look (1 s apart while nobody is on) fetches and prepares it in ~0.5 s
+           "ahead": 2.0}
 
 
 @dataclass
@@ -97,14 +99,16 @@ def tree_digest(root: Path) -> str:
 
 
 class KillRandom:
-    def __init__(self, base: Path, seed: int, log=print, spare: bool = False) -> None:
+    def __init__(self, base: Path, seed: int, log=print, spare: bool = False, ahead: bool = False) -> None:
         self.rng = random.Random(seed)
         self.result = Result(seed)
         self.log = log
         self.origin = Origin(base)
         self.version = 1
         self.origin.commit("1")
-        self.d = Daemon(base, self.origin, update={"watch_s": 2, "drain_timeout_s": 5},
+        self.ahead = ahead
+        self.d = Daemon(base, self.origin, update={"watch_s": 2, "drain_timeout_s": 5,
+                                                   **({"prepare_ahead_s": 1} if ahead else {})},
                         **({"app": {"spare": True}} if spare else {}))
         (self.d.root / "shared" / "data").mkdir(parents=True, exist_ok=True)
         (self.d.root / "shared" / "data" / "answers.db").write_bytes(os.urandom(4096))
@@ -151,6 +155,10 @@ class KillRandom:
         if op == "rollback":
             self.request("rollback")
             return
+        if op == "ahead":  # a push and no request: killed while the daemon prepares the new head ahead
+            self.version += 1
+            self.origin.commit(str(self.version))
+            return
         if op in ("stage", "stage_promote"):
             self.version += 1
             self.origin.commit(str(self.version))
@@ -166,7 +174,7 @@ class KillRandom:
 
     def cycle(self, n: int) -> Cycle:
         op = self.rng.choice(["update", "update", "crashing_update", "rollback", "first_start", "stage",
-                              "stage_promote"])
+                              "stage_promote", *(["ahead", "ahead"] if self.ahead else [])])
         if op == "rollback" and not self.previous():
             op = "update"
         c = Cycle(n, op, round(self.rng.uniform(0, WINDOWS[op]), 3))
@@ -217,6 +225,8 @@ class KillRandom:
                 return None
             if not (s["app"]["healthy"] and s["app"]["state"] == "running") or s["app"]["draining"]:
                 return None
+            if (s.get("ahead") or {}).get("state") in ("looking", "preparing"):
+                return None  # its temp dir is work going on, not left behind
             rel = s["app"]["release"]
             info = json.loads((root / "releases" / rel / "release.json").read_text())
             if info.get("outcome") != "verified":
@@ -308,12 +318,14 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--spare", action="store_true", help="app.spare on: kills also land while a spare warms, "
                     "waits and becomes a release's process")
+    ap.add_argument("--ahead", action="store_true", help="update.prepare_ahead_s 1: kills also land while the "
+                    "daemon prepares a pushed head ahead (a cycle that only pushes), and updates take those releases")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
     os.environ.setdefault("PROTO4D_ALLOW_ROOT", "1")  # as the test suite does: CI machines run as root
     base = Path(tempfile.mkdtemp(prefix="proto4d-killrandom-"))
-    kr = KillRandom(base, seed, log=lambda m: print(m, flush=True), spare=args.spare)
+    kr = KillRandom(base, seed, log=lambda m: print(m, flush=True), spare=args.spare, ahead=args.ahead)
     t = time.monotonic()
     spares = ""
     try:
@@ -321,6 +333,9 @@ def main() -> int:
         if args.spare:  # that the kills met spares at all: what they did, from the daemon's log
             spares = "; spare " + ", ".join(f"{what} {len(events(kr.d, 'spare.' + what))}"
                                             for what in ("warm", "became", "unused", "ended", "exited", "failed"))
+        if args.ahead:
+            spares += "; ahead " + ", ".join(f"{what} {len(events(kr.d, 'ahead.' + what))}"
+                                             for what in ("preparing", "ready", "removed", "stopped", "failed"))
     finally:
         kr.close()
         if not args.keep:
