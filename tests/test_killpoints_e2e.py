@@ -88,20 +88,23 @@ def settle_and_check(d, rid: str, outcome: str, version: str, shared_before: str
     wait_for(lambda: json.loads(answer_path.read_text())["final"], 90, f"a final answer for {rid}")
     answer = json.loads(answer_path.read_text())
     assert answer["state"] == outcome, answer
-    # (with update.prepare_ahead_s, PROTO4D_TEST_AHEAD=1: no preparation of the branch head in progress,
-    # whose temp dir is work going on, not left behind)
-    s = d.wait_status(lambda s: s["app"]["healthy"] and s["update"]["state"] == "idle" and not s["app"]["draining"]
-                      and s["ahead"]["state"] not in ("looking", "preparing"),
-                      60, "one healthy release, no update running, nothing being prepared ahead")
+    s = d.wait_status(lambda s: s["app"]["healthy"] and s["update"]["state"] == "idle" and not s["app"]["draining"],
+                      60, "one healthy release and no update running")
     # Exactly one release serving, and `current` is it.
     assert (d.root / "current").resolve().name == s["app"]["release"]
     assert d.get()["version"] == version
     info = json.loads((d.root / "releases" / s["app"]["release"] / "release.json").read_text())
     assert info["commit"] == s["app"]["commit"]
     wait_for(lambda: d.app_pids() == [s["app"]["pid"]], 30, f"only the serving process (have {d.app_pids()})")
-    # Nothing half-built left behind.
-    assert not [p.name for p in (d.root / "releases").iterdir() if p.name.startswith(".")]
-    assert not [p.name for p in (d.root / "venvs").iterdir() if p.name.startswith(".")]
+    # Nothing half-built left behind. (With update.prepare_ahead_s, PROTO4D_TEST_AHEAD=1, a look that
+    # began since may be preparing the branch head: its temp dir is work going on, renamed when done;
+    # a leftover stays, and fails this.)
+    def hidden() -> list[str]:
+        return [f"{sub}/{p.name}" for sub in ("releases", "venvs") for p in (d.root / sub).iterdir()
+                if p.name.startswith(".")]
+
+    wait_for(lambda: not hidden() and d.status()["ahead"]["state"] not in ("looking", "preparing"), 30,
+             "nothing half-built (and nothing being prepared ahead)")
     assert tree_digest(d.root / "shared") == shared_before
     # The journal, the answer and the status tell the same story.
     j = d.journal()
@@ -121,7 +124,10 @@ def request(d, action: str) -> str:
 @pytest.mark.parametrize("attempt", range(REPEAT))
 @pytest.mark.parametrize("point", points(UPDATE_POINTS))
 def test_kill_during_update(make_daemon, origin, point, attempt):
-    d = make_daemon().start(env=FAULTS_ENV)
+    # The update's own preparation points: a release prepared ahead (update.prepare_ahead_s, on with
+    # PROTO4D_TEST_AHEAD=1) would take that work out of the update; its points are test_ahead_e2e's.
+    pin = {"update": {"prepare_ahead_s": 0}} if point in ("fetch", "export", "venv") else {}
+    d = make_daemon(**pin).start(env=FAULTS_ENV)
     (d.root / "shared" / "data" / "answers.db").write_bytes(os.urandom(4096))
     shared = tree_digest(d.root / "shared")
     if point == "venv":
