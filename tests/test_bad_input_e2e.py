@@ -557,7 +557,12 @@ def stop_with(d, sig: int) -> None:
 
 @pytest.mark.parametrize("state", rows(list(SIGNAL_TABLE), ["noticed", "switching"]))
 def test_term_and_int_during_an_update(make_daemon, origin, state):
-    d = signal_daemon(make_daemon).start(env=FAULTS_ENV)
+    d = signal_daemon(make_daemon)
+    # About the update's own steps (paused in its own export): no release prepared ahead
+    # (update.prepare_ahead_s, on with PROTO4D_TEST_AHEAD=1) takes that work away or adds a temp dir of its own.
+    d.cfg["update"]["prepare_ahead_s"] = 0
+    d.write_config()
+    d.start(env=FAULTS_ENV)
     old = d.status()["app"]
     origin.commit("2")
     with users_for(state, d):

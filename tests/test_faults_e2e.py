@@ -372,7 +372,8 @@ def fill(root: Path, leave: int) -> Path:
 
 @pytest.mark.parametrize("stage", rows(["export", "venv"], ["export"]))
 def test_disk_full_while_preparing_aborts_and_leaves_nothing(small_disk, make_daemon, origin, tmp_path, stage):
-    d = make_daemon().start()
+    # the update's own preparation: nothing prepared ahead (update.prepare_ahead_s) while the disk fills
+    d = make_daemon(update={"prepare_ahead_s": 0}).start()
     assert d.root == small_disk
     before = serving(d)
     commit_big(origin, stage, tmp_path)
