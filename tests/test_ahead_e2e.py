@@ -36,6 +36,15 @@ def pinned(d, name: str) -> bool:
     return r.returncode == 0
 
 
+def paused_in_a_preparation(make_daemon, origin):
+    """A daemon whose preparation ahead of a pushed v2 is paused in its export: (daemon, v2's commit)."""
+    d = make_daemon(**AHEAD).start(env=FAULTS_ENV)
+    (d.root / "state" / "pause-at").write_text("ahead_export")
+    sha = origin.commit("2")
+    wait_for((d.root / "state" / "paused-at-ahead_export").exists, 60, "the preparation paused in its export")
+    return d, sha
+
+
 def test_a_new_head_is_prepared_while_nobody_is_on_and_its_update_takes_it(make_daemon, origin):
     d = make_daemon(**AHEAD).start()
     serving = d.status()["app"]["release"]
@@ -128,11 +137,8 @@ def test_a_failed_preparation_is_not_tried_again_until_the_config_changes(make_d
 
 
 def test_an_update_during_a_preparation_waits_for_it_and_takes_it(make_daemon, origin):
-    d = make_daemon(**AHEAD).start(env=FAULTS_ENV)
+    d, sha = paused_in_a_preparation(make_daemon, origin)
     state = d.root / "state"
-    (state / "pause-at").write_text("ahead_export")
-    sha = origin.commit("2")
-    wait_for((state / "paused-at-ahead_export").exists, 60, "the preparation paused in its export")
     rid = request(d, "update")
     wait_for(lambda: "waiting for the release of" in (d.root / d.journal()["log"]).read_text()
              if d.journal().get("id") == rid else False, 30, "the update waiting for the preparation")
@@ -146,11 +152,8 @@ def test_an_update_during_a_preparation_waits_for_it_and_takes_it(make_daemon, o
 
 
 def test_a_daemon_killed_inside_a_preparation_leaves_nothing_behind(make_daemon, origin):
-    d = make_daemon(**AHEAD).start(env=FAULTS_ENV)
+    d, sha = paused_in_a_preparation(make_daemon, origin)
     state = d.root / "state"
-    (state / "pause-at").write_text("ahead_export")
-    sha = origin.commit("2")
-    wait_for((state / "paused-at-ahead_export").exists, 60, "the preparation paused in its export")
     assert [p for p in (d.root / "releases").iterdir() if p.name.startswith(".tmp-")], "its temp dir exists"
     d.kill()
     (state / "pause-at").unlink()
