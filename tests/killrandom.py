@@ -327,20 +327,20 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="proto4d-killrandom-"))
     kr = KillRandom(base, seed, log=lambda m: print(m, flush=True), spare=args.spare, ahead=args.ahead)
     t = time.monotonic()
-    spares = ""
+    seen = ""  # what the kills met: spares, preparations ahead (from the daemon's log)
     try:
         result = kr.run(args.cycles)
         if args.spare:  # that the kills met spares at all: what they did, from the daemon's log
-            spares = "; spare " + ", ".join(f"{what} {len(events(kr.d, 'spare.' + what))}"
+            seen = "; spare " + ", ".join(f"{what} {len(events(kr.d, 'spare.' + what))}"
                                             for what in ("warm", "became", "unused", "ended", "exited", "failed"))
         if args.ahead:
-            spares += "; ahead " + ", ".join(f"{what} {len(events(kr.d, 'ahead.' + what))}"
+            seen += "; ahead " + ", ".join(f"{what} {len(events(kr.d, 'ahead.' + what))}"
                                              for what in ("preparing", "ready", "removed", "stopped", "failed"))
     finally:
         kr.close()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(result.summary() + spares + f"; {time.monotonic() - t:.0f} s in all")
+    print(result.summary() + seen + f"; {time.monotonic() - t:.0f} s in all")
     return 1 if result.failures else 0
 
 

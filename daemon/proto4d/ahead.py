@@ -159,47 +159,43 @@ class Ahead:
         cancel = self._cancel = Cancel()
         self.looked_at = time.time()
         head = ""
-        try:
-            self._set(LOOKING)
-            with faults.scoped("ahead_"):
+        with faults.scoped("ahead_"):  # this task's fetch and export (its worker threads), no other task's
+            try:
+                self._set(LOOKING)
                 await asyncio.to_thread(self.mirror.fetch, cancel)
-            head = await asyncio.to_thread(self.mirror.branch_head, cfg.app.branch) or ""
-            why_not = await asyncio.to_thread(self._why_not, cfg, head)
-            if why_not:
-                await asyncio.to_thread(self._clear, "")
-                self._set(IDLE, note=why_not)
-                return
-            found = await asyncio.to_thread(self._find, cfg, head)
-            await asyncio.to_thread(self._clear, found)
-            if found:
-                self._set(READY, commit=head, release=found, note="prepared ahead at an earlier look")
-                return
-            self._set(PREPARING, commit=head)
-            self.log.info("ahead.preparing", commit=head[:12])
-            t = time.monotonic()
-            with faults.scoped("ahead_"):
+                head = await asyncio.to_thread(self.mirror.branch_head, cfg.app.branch) or ""
+                why_not = await asyncio.to_thread(self._why_not, cfg, head)
+                found = await asyncio.to_thread(self._keep_only, cfg, "" if why_not else head)
+                if why_not:
+                    self._set(IDLE, note=why_not)
+                    return
+                if found:
+                    self._set(READY, commit=head, release=found, note="prepared ahead at an earlier look")
+                    return
+                self._set(PREPARING, commit=head)
+                self.log.info("ahead.preparing", commit=head[:12])
+                t = time.monotonic()
                 prepared = await asyncio.to_thread(
                     self.prepare, cfg, self.paths, self.mirror, head, cfg.app.branch, progress=self._progress,
-                    cancel=cancel, registry=self.registry,
-                    extra={AHEAD: {"at": time.time(), "inputs": inputs(cfg)}})
-            seconds = round(time.monotonic() - t, 2)
-            self._set(READY, commit=head, release=prepared.release.name, note=f"prepared in {seconds} s")
-            self.log.info("ahead.ready", release=prepared.release.name, commit=head[:12], seconds=seconds)
-        except Cancelled:
-            self._set(IDLE, note="stopped: a rollback, a restart or the daemon's stop came first")
-            self.log.info("ahead.stopped", commit=head[:12])
-        except (releases.ReleaseError, OSError) as e:
-            why = str(e) if isinstance(e, releases.ReleaseError) else f"{e.strerror or e} ({e.filename or ''})"
-            if head:
-                self._failed[head] = (inputs(cfg), why)
-            self._set(FAILED, commit=head, note=why)
-            self.log.warning("ahead.failed", commit=head[:12], error=why,
-                             then="the update prepares it again; not tried ahead again until the config changes")
-        except Exception:  # a bug here must not stop the sampling that started it
-            self.log.exception("ahead.crashed")
-            self._set(FAILED, commit=head, note="internal error (see the daemon's log)")
-        finally:
-            self._cancel = None
+                    cancel=cancel, registry=self.registry, extra={AHEAD: {"at": time.time(), "inputs": inputs(cfg)}})
+                seconds = round(time.monotonic() - t, 2)
+                self._set(READY, commit=head, release=prepared.release.name, note=f"prepared in {seconds} s")
+                self.log.info("ahead.ready", release=prepared.release.name, commit=head[:12], seconds=seconds)
+            except Cancelled:
+                self._set(IDLE, note="stopped: a rollback, a restart or the daemon's stop came first")
+                self.log.info("ahead.stopped", commit=head[:12])
+            except (releases.ReleaseError, OSError) as e:
+                why = str(e) if isinstance(e, releases.ReleaseError) else f"{e.strerror or e} ({e.filename or ''})"
+                if head:
+                    self._failed[head] = (inputs(cfg), why)
+                self._set(FAILED, commit=head, note=why)
+                self.log.warning("ahead.failed", commit=head[:12], error=why,
+                                 then="the update prepares it again; not tried ahead again until the config changes")
+            except Exception:  # a bug here must not stop the sampling that started it
+                self.log.exception("ahead.crashed")
+                self._set(FAILED, commit=head, note="internal error (see the daemon's log)")
+            finally:
+                self._cancel = None
 
     def _why_not(self, cfg: Config, head: str) -> str:
         """Why the head is not prepared ahead ("" = it is to be)."""
@@ -221,11 +217,6 @@ class Ahead:
             return f"preparing {head[:7]} ahead failed: {failed[1]}"
         return ""
 
-    def _find(self, cfg: Config, commit: str) -> str:
-        for rel in releases.list_releases(self.paths):
-            if is_ahead(rel) and rel.commit == commit and not self._unfit(cfg, rel, commit):
-                return rel.name
-        return ""
 
     def _unfit(self, cfg: Config, rel: releases.Release, commit: str) -> str:
         try:
@@ -237,12 +228,20 @@ class Ahead:
             why = f"its venv {rel.venv} is gone"
         return why
 
-    def _clear(self, keep: str) -> None:
-        """Remove the releases prepared ahead that nothing will use (a head the branch moved past)."""
+    def _keep_only(self, cfg: Config, head: str) -> str:
+        """The release prepared ahead for `head` that still fits ("" = none, or no head to prepare); every
+        other release prepared ahead that nothing will use (a head the branch moved past) is removed."""
         current, staged = self.paths.current_release(), self.staged_release()
+        found = ""
         for rel in releases.list_releases(self.paths):
-            if is_ahead(rel) and rel.name not in (keep, current, staged):
-                self._remove(rel, "the branch head moved on" if keep else "no longer the branch head")
+            if not is_ahead(rel) or rel.name in (current, staged):
+                continue
+            why = self._unfit(cfg, rel, head) if head and rel.commit == head else "no longer the branch head"
+            if why or found:
+                self._remove(rel, why or "a second one for the same head")
+            else:
+                found = rel.name
+        return found
 
     def _remove(self, rel: releases.Release, why: str) -> None:
         with contextlib.suppress(OSError):

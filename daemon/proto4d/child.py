@@ -123,16 +123,11 @@ def close_socket(sock: socket.socket) -> None:
     a moment later) is then never polled, and its answer never arrives (a staged release's `promoted`
     was lost this way, after a spare still warming was ended by a reload). Unregistering first keeps
     the loop's map and the kernel's in step; the pending read then ends at its own deadline."""
-    with contextlib.suppress(OSError, ValueError):
-        fd = sock.fileno()
+    with contextlib.suppress(RuntimeError, OSError, ValueError):  # no running loop; closed already
+        loop, fd = asyncio.get_running_loop(), sock.fileno()
         if fd >= 0:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is not None:
-                loop.remove_reader(fd)
-                loop.remove_writer(fd)
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
     with contextlib.suppress(OSError):
         sock.close()
 
